@@ -1,0 +1,1 @@
+"""Data: sources, tokenizer, packing, SFT formatting and the stateful streaming loader (next-token pretraining)."""
