@@ -1,0 +1,181 @@
+"""DeepSeekMoE (SPEC §3): fp32 softmax router, greedy or group-limited top-k, stacked routed experts computed with a
+grouped GEMM, shared experts as one fused MLP, and explicit routing statistics for the balance losses.
+
+Shape legend: B batch, S sequence, T = B*S tokens, D model width, E routed experts, K experts per token,
+G routing groups, I expert width, N = T*K token copies.
+
+The MoE layer hands `(tokens, expert ids, weights)` to a pluggable token dispatcher. `LocalDispatcher` (here)
+sorts copies by expert and runs the experts in one process; the expert-parallel all-to-all dispatcher lives in
+`trainer/`, so this file never touches torch.distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import MLP
+
+
+@dataclass
+class RoutingStats:
+    """What one MoE layer reports about routing one micro-batch. Balance losses are pure functions of this record
+    and the static group layout (model/balance.py), so they read the same at any parallel layout."""
+
+    expert_counts: torch.Tensor
+    """(B, E) float: token copies sent to each expert, per sequence. No gradient."""
+    expert_probs: torch.Tensor
+    """(B, E) fp32: router probability of each expert averaged over the sequence's tokens. Carries the gradient."""
+    group_tokens: torch.Tensor
+    """(B, G) float: tokens of each sequence with at least one copy in routing group g. No gradient."""
+
+    @property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """(E,) token copies per expert over the micro-batch."""
+        return self.expert_counts.sum(0)
+
+
+class MoEGate(nn.Module):
+    """The router: logits and softmax in fp32 (paper Eq. 22), then greedy or group-limited top-k (SPEC §3.2)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.n_group, self.topk_group = config.n_group, config.topk_group
+        self.group_limited = config.topk_method == "group_limited_greedy"
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, D) -> expert ids (T, K) int64, gate weights (T, K) fp32, scores (T, E) fp32."""
+        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # (T, E)
+        if self.group_limited:
+            # Device-limited routing (paper §2.2.2): score each group by its best expert, keep topk_group groups.
+            group_scores = scores.view(-1, self.n_group, self.n_experts // self.n_group).amax(dim=-1)  # (T, G)
+            keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices  # (T, topk_group)
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            expert_mask = group_mask.repeat_interleave(self.n_experts // self.n_group, dim=1)  # (T, E)
+            weights, ids = scores.masked_fill(~expert_mask, 0.0).topk(self.top_k, dim=-1, sorted=False)
+        else:
+            weights, ids = scores.topk(self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        else:
+            weights = weights * self.scaling
+        return ids, weights, scores
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) with gate rows first, down_proj (E, D, I).
+
+    `forward` takes token copies already sorted by expert plus per-expert counts, and runs one grouped GEMM per
+    projection; `forward_loop` is the readable per-expert reference it is tested against. `expert_offset` is the
+    global id of local expert 0 (non-zero when experts are sharded for expert parallelism).
+    """
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, expert_offset: int = 0):
+        super().__init__()
+        self.n_experts, self.intermediate_size, self.expert_offset = n_experts, intermediate_size, expert_offset
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, D) sorted by expert, counts (E,) -> (N, D)."""
+        if not _grouped_mm_supported(x):
+            return self.forward_loop(x, counts)
+        offsets = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
+        h = F.grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offsets)  # (N, 2I)
+        gate, up = h.split(self.intermediate_size, dim=-1)
+        h = F.silu(gate) * up  # (N, I)
+        return F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)  # (N, D)
+
+    def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Reference: one plain matmul chain per expert over its slice of the sorted copies."""
+        outputs = []
+        for e, chunk in enumerate(x.split(counts.tolist())):
+            gate, up = (chunk @ self.gate_up_proj[e].T).split(self.intermediate_size, dim=-1)
+            outputs.append((F.silu(gate) * up) @ self.down_proj[e].T)
+        return torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
+
+
+def _grouped_mm_supported(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM runs on CPU (any float dtype) and on CUDA for bf16 on sm80+."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        return True
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    return False
+
+
+class TokenDispatcher(Protocol):
+    """Sends token copies to their experts and combines the results: the seam between model/ and trainer/."""
+
+    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                 experts: RoutedExperts) -> torch.Tensor:
+        """x (T, D), expert_ids (T, K) global ids, weights (T, K) fp32 -> weighted sum of expert outputs (T, D)."""
+        ...
+
+
+class LocalDispatcher:
+    """All experts in this process: sort copies by expert, grouped GEMM (or the reference loop), weighted combine."""
+
+    def __init__(self, grouped: bool = True):
+        self.grouped = grouped
+
+    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+                 experts: RoutedExperts) -> torch.Tensor:
+        K = expert_ids.shape[1]
+        order = expert_ids.reshape(-1).argsort(stable=True)  # (N,) copies sorted by expert
+        counts = torch.bincount(expert_ids.reshape(-1), minlength=experts.n_experts)  # (E,)
+        token_of_copy = order // K  # (N,)
+        run = experts.forward if self.grouped else experts.forward_loop
+        y_sorted = run(x.index_select(0, token_of_copy), counts)  # (N, D)
+        return combine(y_sorted, weights.reshape(-1)[order], token_of_copy, x.shape[0]).to(x.dtype)
+
+
+def combine(expert_out: torch.Tensor, weights: torch.Tensor, token_of_copy: torch.Tensor, n_tokens: int
+            ) -> torch.Tensor:
+    """Sum each token's weighted expert outputs: (N, D) x (N,) scattered onto (T, D), in fp32 as the released
+    router weights are (SPEC §5 pitfall 1: the caller casts back to the activation dtype)."""
+    weighted = expert_out.float() * weights.unsqueeze(-1)  # (N, D)
+    return weighted.new_zeros(n_tokens, expert_out.shape[-1]).index_add_(0, token_of_copy, weighted)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE layer: y = sum_k g_k Expert_k(u) + SharedExperts(u) (paper Eq. 20), plus its routing stats."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts, self.n_group = config.n_routed_experts, config.n_group
+        self.gate = MoEGate(config)
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.shared_intermediate_size) if config.shared_intermediate_size else None
+        )
+        self.dispatcher: TokenDispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
+        B, S, D = x.shape
+        tokens = x.reshape(-1, D)  # (T, D)
+        expert_ids, weights, scores = self.gate(tokens)
+        y = self.dispatcher(tokens, expert_ids, weights, self.experts).view(B, S, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y, self.routing_stats(expert_ids.view(B, -1), scores.view(B, S, -1))
+
+    def routing_stats(self, expert_ids: torch.Tensor, scores: torch.Tensor) -> RoutingStats:
+        """expert_ids (B, S*K), scores (B, S, E) -> per-sequence counts, mean probabilities and group hits."""
+        B = expert_ids.shape[0]
+        with torch.no_grad():
+            counts = scores.new_zeros(B, self.n_experts).scatter_add_(
+                1, expert_ids, torch.ones_like(expert_ids, dtype=scores.dtype))  # (B, E)
+            groups = (expert_ids // (self.n_experts // self.n_group)).view(B, scores.shape[1], -1)  # (B, S, K)
+            hit = scores.new_zeros(*groups.shape[:2], self.n_group).scatter_(2, groups, 1.0)  # (B, S, G)
+        return RoutingStats(expert_counts=counts, expert_probs=scores.mean(dim=1), group_tokens=hit.sum(dim=1))

@@ -1,0 +1,141 @@
+"""The DeepSeek-V2 causal LM: embeddings, decoder layers (attention + dense MLP or MoE), final norm, untied head.
+
+Module names equal the Hugging Face checkpoint names (`model.layers.N.self_attn.kv_b_proj`, `lm_head`, ...), so
+`model/hf.py` is a table plus the per-expert stacking.
+
+Shape legend: B batch, S sequence, D model width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .attention import build_attention, rope_dim
+from .balance import BALANCE_TERMS, balance_coefficients, balance_losses
+from .config import ModelConfig
+from .layers import MLP, RMSNorm
+from .loss import IGNORE_INDEX, cross_entropy
+from .moe import MoE, MoEGate, RoutedExperts, RoutingStats
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    """(B, S, V) in the activation dtype."""
+    loss: torch.Tensor | None = None
+    """Mean next-token cross-entropy in fp32 over labels != -100 (only when labels are given). Excludes aux_loss."""
+    aux_loss: torch.Tensor | None = None
+    """Sum over MoE layers of coefficient * balance term, for the terms whose coefficient is > 0 (training only)."""
+    balance: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Unweighted balance terms summed over MoE layers, detached, for metrics (training only)."""
+    routing: list[RoutingStats] = field(default_factory=list)
+    """One record per MoE layer, in layer order."""
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = build_attention(config)
+        if config.is_moe_layer(layer_idx):
+            self.mlp: nn.Module = MoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.mlp, MoE)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, RoutingStats | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            h, stats = self.mlp(h)
+        else:
+            h, stats = self.mlp(h), None
+        return x + h, stats
+
+
+class Decoder(nn.Module):
+    """`model.*` of the checkpoint: embed_tokens, layers, norm (and the rotary frequencies, which are not saved)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(rope_dim(config), config)
+
+
+class CausalLM(nn.Module):
+    """DeepSeek-V2 (and the MHA/GQA ablation variants) as a next-token language model."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, std) for every matrix (std defaults to `initializer_range`), ones for norms."""
+        std = self.config.initializer_range if std is None else std
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, 0.0, std)
+                elif isinstance(module, RoutedExperts):
+                    nn.init.normal_(module.gate_up_proj, 0.0, std)
+                    nn.init.normal_(module.down_proj, 0.0, std)
+                elif isinstance(module, MoEGate):
+                    nn.init.normal_(module.weight, 0.0, std)
+                elif isinstance(module, RMSNorm):
+                    module.reset_parameters()
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids (B, S); position_ids (B, S) default 0..S-1; labels (B, S) are the *targets* of each position
+        (the next token, already shifted, -100 where no loss is taken)."""
+        B, S = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+        x = self.model.embed_tokens(input_ids)  # (B, S, D)
+        cos, sin = self.model.rotary_emb(position_ids)  # (B, S, rope/2) each
+        routing = []
+        for layer in self.model.layers:
+            x, stats = layer(x, cos, sin)
+            if stats is not None:
+                routing.append(stats)
+        logits = self.lm_head(self.model.norm(x))  # (B, S, V)
+        out = CausalLMOutput(logits=logits, routing=routing)
+        if labels is not None:
+            out.loss = cross_entropy(logits.flatten(0, 1), labels.flatten())
+        if self.training and routing:
+            out.aux_loss, out.balance = self._balance(routing)
+        return out
+
+    def _balance(self, routing: list[RoutingStats]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        coeffs = balance_coefficients(self.config)
+        totals = {name: torch.zeros((), device=routing[0].expert_probs.device) for name in BALANCE_TERMS}
+        for stats in routing:
+            for name, value in balance_losses(stats, self.config).items():
+                totals[name] = totals[name] + value
+        aux = sum((coeffs[n] * totals[n] for n in BALANCE_TERMS if coeffs[n] > 0), torch.zeros_like(totals["expert"]))
+        return aux, {name: value.detach() for name, value in totals.items()}
+
+
+def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
+    """Targets for plain language modelling on a batch: labels[t] = input_ids[t + 1], last position ignored."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    return labels
