@@ -1,0 +1,308 @@
+"""Hugging Face checkpoint I/O: the released DeepSeek-V2 directory layout (SPEC §4), safetensors only.
+
+Our module names are the checkpoint's names except for the routed experts, which we keep stacked:
+
+    model.layers.N.mlp.experts.gate_up_proj [E, 2I, D]  <->  model.layers.N.mlp.experts.{e}.gate_proj.weight [I, D]
+                                                              model.layers.N.mlp.experts.{e}.up_proj.weight   [I, D]
+    model.layers.N.mlp.experts.down_proj    [E, D, I]   <->  model.layers.N.mlp.experts.{e}.down_proj.weight [D, I]
+
+Loading builds the model on the meta device, allocates it once in the target dtype, validates every shard's header
+(names, shapes, offsets) before reading any data, then copies one tensor at a time from the memory-mapped shards into
+place, so the checkpoint is never held twice. No pickle is ever read and no remote code is run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .moe import RoutedExperts
+from .transformer import CausalLM
+
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # non-persistent in the released code; some old exports hold it
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be loaded as-is; the message names the file and/or tensor."""
+
+
+# ---------------------------------------------------------------------------------------------------- name mapping
+def _hf_slots(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF tensor name, view of our parameter that holds it), in checkpoint order, for the experts this model owns."""
+    experts = {name: module for name, module in model.named_modules() if isinstance(module, RoutedExperts)}
+    for name, param in model.state_dict(keep_vars=True).items():
+        tensor = param.detach()
+        prefix, _, leaf = name.rpartition(".")
+        module = experts.get(prefix)
+        if module is None:
+            yield name, tensor
+            continue
+        inter = module.intermediate_size
+        for local in range(module.n_experts):
+            e = module.expert_offset + local
+            if leaf == "gate_up_proj":
+                yield f"{prefix}.{e}.gate_proj.weight", tensor[local, :inter]
+                yield f"{prefix}.{e}.up_proj.weight", tensor[local, inter:]
+            else:
+                yield f"{prefix}.{e}.down_proj.weight", tensor[local]
+
+
+_EXPERT_NAME = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(?:gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _owned_elsewhere(name: str, expert_layers: set[str], n_experts: int | None) -> bool:
+    """A valid expert tensor of a layer this model holds only a shard of (expert parallelism): skip, not an error."""
+    match = _EXPERT_NAME.match(name)
+    return match is not None and match.group(1) in expert_layers and int(match.group(2)) < (n_experts or 0)
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Parse and check a safetensors header without reading tensor data: {name: {dtype, shape, data_offsets}}.
+
+    Catches truncated and padded files, absurd header lengths, bad JSON, byte counts that disagree with dtype and
+    shape, offsets outside the data region and overlapping tensors, each reported with the file name.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes; the 8-byte header length is missing)")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header length {header_len} bytes, "
+                                  f"file has {size - 8} bytes after the length field)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header, not UTF-8 JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_len = size - 8 - header_len
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            itemsize = _DTYPE_BYTES[dtype]
+            numel = math.prod(int(s) for s in shape)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
+        if any(int(s) < 0 for s in shape) or not 0 <= begin <= end:
+            raise CheckpointError(f"{path}: tensor {name!r} has invalid shape {shape} or offsets [{begin}, {end})")
+        if end - begin != numel * itemsize:
+            raise CheckpointError(f"{path}: tensor {name!r} ({dtype}, shape {shape}) needs {numel * itemsize} bytes "
+                                  f"but its offsets span {end - begin}")
+        if end > data_len:
+            raise CheckpointError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {end} of the "
+                                  f"data region, which holds only {data_len} bytes")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: corrupt safetensors file: tensors {n0!r} and {n1!r} overlap")
+    covered = spans[-1][1] if spans else 0
+    if covered != data_len:
+        raise CheckpointError(f"{path}: corrupt safetensors file: {data_len - covered} bytes after the last tensor")
+    return header
+
+
+def _shard_map(directory: Path) -> dict[Path, list[str]]:
+    """{shard file: tensor names it should hold}, from the index or the single-file layout."""
+    index_path = directory / INDEX_FILE
+    if index_path.exists():
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: has no 'weight_map' object")
+        shards: dict[Path, list[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(directory / shard, []).append(name)
+        for shard, names in shards.items():
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: shard listed in {INDEX_FILE} (for {len(names)} tensors, e.g. "
+                                      f"{names[0]!r}) is missing")
+        return shards
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        return {single: list(read_safetensors_header(single))}
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
+        raise CheckpointError(f"{directory}: only pickle weights (.bin/.pt) found; they are never loaded. "
+                              "Convert them to safetensors first.")
+    raise CheckpointError(f"{directory}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+
+
+def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+    """The ModelConfig of a Hugging Face checkpoint directory."""
+    return ModelConfig.from_hf_config(_read_json(Path(path) / CONFIG_NAME), **overrides)
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    check_finite: bool = True, model: CausalLM | None = None, **config_overrides) -> CausalLM:
+    """Load a released-layout DeepSeek-V2 directory (config.json + safetensors shards) into a CausalLM.
+
+    `dtype` defaults to the config's `torch_dtype` (bf16 for the released weights). `model` may be given to load into
+    an already built (e.g. expert-sharded) model; then only the tensors it owns are read. Raises CheckpointError
+    naming the file or tensor for any missing, unexpected, mis-shaped, truncated, corrupt or non-finite tensor.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    if model is None:
+        config = load_config(directory, **config_overrides)
+        if dtype is None:
+            dtype = getattr(torch, config.torch_dtype or "float32")
+        with torch.device("meta"):
+            model = CausalLM(config)
+        model = model.to(dtype).to_empty(device=device)
+    config = model.config
+    shards = _shard_map(directory)
+
+    # Pass 1: headers only. Every naming and shape problem is reported before any tensor data is read.
+    plan = dict(_hf_slots(model))
+    expert_layers = {n for n, m in model.named_modules() if isinstance(m, RoutedExperts)}
+    located: dict[str, Path] = {}
+    for shard, names in shards.items():
+        header = read_safetensors_header(shard)
+        for name in names:
+            if name not in header:
+                raise CheckpointError(f"{shard}: tensor {name!r} is listed in {INDEX_FILE} but absent from the shard")
+            if _IGNORED.match(name):
+                continue
+            if name not in plan:
+                if _owned_elsewhere(name, expert_layers, config.n_routed_experts):
+                    continue
+                raise CheckpointError(f"{shard}: unexpected tensor {name!r} (no such parameter in a "
+                                      f"{config.attention_type} model with this config.json)")
+            expected, found = tuple(plan[name].shape), tuple(header[name]["shape"])
+            if expected != found:
+                raise CheckpointError(f"{shard}: tensor {name!r} has shape {list(found)}, the model expects "
+                                      f"{list(expected)}")
+            located[name] = shard
+    missing = [name for name in plan if name not in located]
+    if missing:
+        raise CheckpointError(f"{directory}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}")
+
+    # Pass 2: copy one tensor at a time into place.
+    with torch.no_grad():
+        for shard, names in shards.items():
+            try:
+                with safe_open(str(shard), framework="pt", device="cpu") as f:
+                    for name in names:
+                        if name not in located:
+                            continue
+                        tensor = f.get_tensor(name)
+                        if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                            raise CheckpointError(f"{shard}: tensor {name!r} contains NaN or Inf")
+                        plan[name].copy_(tensor)
+            except CheckpointError:
+                raise
+            except Exception as e:  # safetensors raises its own error types for damaged files
+                raise CheckpointError(f"{shard}: cannot read safetensors data ({type(e).__name__}: {e})") from e
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '5GB' / '500MiB'")
+    unit = (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(match.group(1)) * base ** power)
+
+
+def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write the released layout: per-expert tensor names, `model-0000i-of-0000n.safetensors` shards plus
+    `model.safetensors.index.json` (or one `model.safetensors`), and `config.json`.
+
+    Shards are written under temporary names and renamed when all are complete; the index and config come last, so an
+    interrupted save never looks like a complete checkpoint. Stale shards of an earlier save are removed.
+    """
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    limit = _parse_size(max_shard_size)
+    dtype = dtype or next(model.parameters()).dtype
+
+    tmp_files: list[Path] = []
+    current: dict[str, torch.Tensor] = {}
+    current_bytes = total = 0
+    weight_map: dict[str, int] = {}  # tensor name -> shard number
+
+    def flush() -> None:
+        tmp = directory / f".tmp-shard-{len(tmp_files):05d}.safetensors"
+        save_file(current, str(tmp), metadata={"format": "pt"})
+        tmp_files.append(tmp)
+        current.clear()
+
+    for name, tensor in _hf_slots(model):
+        t = tensor.to(device="cpu", dtype=dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if current and current_bytes + nbytes > limit:
+            flush()
+            current_bytes = 0
+        current[name] = t
+        current_bytes += nbytes
+        total += nbytes
+        weight_map[name] = len(tmp_files)
+    flush()
+
+    for stale in list(directory.glob("model-*-of-*.safetensors")) + [directory / SINGLE_FILE, directory / INDEX_FILE]:
+        if stale.exists():
+            stale.unlink()
+    n = len(tmp_files)
+    if n == 1:
+        final_names = [SINGLE_FILE]
+    else:
+        final_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for tmp, final in zip(tmp_files, final_names):
+        os.replace(tmp, directory / final)
+    if n > 1:
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {name: final_names[i] for name, i in weight_map.items()}}
+        _write_json(directory / INDEX_FILE, index)
+
+    hf_config = model.config.to_hf_config()
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    _write_json(directory / "generation_config.json",
+                {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id})
+    _write_json(directory / CONFIG_NAME, hf_config)
+    return directory
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
