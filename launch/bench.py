@@ -1,0 +1,214 @@
+"""Benchmark one training step (forward + backward + AdamW step) of latentmoe against transformers'
+DeepseekV2ForCausalLM, same config, same weights, same batch, one process, one after the other.
+
+    python launch/bench.py                                  # tiny preset on CPU
+    python launch/bench.py --preset v2_lite --layers 4 --batch 4 --seq 2048      # on a GPU: V2-Lite shape, depth 4
+
+Prints step time, tokens/s and MFU for both and the throughput ratio. MFU = model FLOPs per token
+(model/flops.py: activated parameters plus causal attention) x tokens/s / peak, where the peak is given with
+--peak-tflops or measured in the same run with a large matmul in the benchmark dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from model import CausalLM, ModelConfig, next_token_labels  # noqa: E402
+from model.flops import parameter_counts, training_flops_per_token  # noqa: E402
+from trainer.presets import available_model_presets, model_preset  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=available_model_presets())
+    p.add_argument("--layers", type=int, default=None, help="reduce depth to this many layers (keeps the dense prefix)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per implementation")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="on CPU, alternate the implementations in this many blocks of timed steps")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="parameter and activation dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--peak-tflops", type=float, default=None, help="hardware peak for MFU; default: measure it")
+    p.add_argument("--no-hf", action="store_true", help="benchmark latentmoe only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """Achieved TFLOP/s of a large square matmul in `dtype`: the practical peak for MFU."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    seconds = (time.perf_counter() - start) / reps
+    return 2 * n ** 3 / seconds / 1e12, f"measured, {n}x{n} {str(dtype).removeprefix('torch.')} matmul"
+
+
+class Trainee:
+    """One implementation under test: its model, an AdamW optimizer and a loss closure; `step()` times one step."""
+
+    def __init__(self, name: str, model: torch.nn.Module, loss_fn, device: torch.device):
+        self.name, self.model, self.loss_fn, self.device = name, model, loss_fn, device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        self.times: list[float] = []
+        self.loss = float("nan")
+
+    def step(self, timed: bool) -> None:
+        _sync(self.device)
+        start = time.perf_counter()
+        loss = self.loss_fn()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(self.device)
+        if timed:
+            self.times.append(time.perf_counter() - start)
+        self.loss = float(loss.detach())
+
+    def result(self, args: argparse.Namespace, peak_mem_gib: float | None) -> dict:
+        step = statistics.median(self.times)
+        return {"step_s": step, "tokens_per_s": args.batch * args.seq / step, "peak_mem_gib": peak_mem_gib,
+                "last_loss": self.loss, "timed_steps": len(self.times)}
+
+
+def run_alone(trainee: Trainee, args: argparse.Namespace) -> dict:
+    """Warm-up then all timed steps with nothing else on the device: the peak memory is this implementation's."""
+    if trainee.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(trainee.device)
+    for i in range(args.warmup + args.steps):
+        trainee.step(timed=i >= args.warmup)
+    peak = torch.cuda.max_memory_allocated(trainee.device) / 2**30 if trainee.device.type == "cuda" else None
+    return trainee.result(args, peak)
+
+
+def run_interleaved(trainees: list[Trainee], args: argparse.Namespace) -> dict[str, dict]:
+    """Alternate blocks of steps between implementations so that drift in machine speed (a shared CPU) hits both."""
+    for trainee in trainees:
+        for _ in range(args.warmup):
+            trainee.step(timed=False)
+    rounds = max(1, min(args.rounds, args.steps))
+    for r in range(rounds):
+        for trainee in trainees:
+            for _ in range(args.steps // rounds + (r < args.steps % rounds)):
+                trainee.step(timed=True)
+    return {t.name: t.result(args, None) for t in trainees}
+
+
+def build_config(args: argparse.Namespace) -> ModelConfig:
+    overrides = {}
+    if args.layers is not None:
+        overrides["num_hidden_layers"] = args.layers
+        base = model_preset(args.preset)
+        overrides["first_k_dense_replace"] = min(base.first_k_dense_replace, args.layers)
+    return model_preset(args.preset, **overrides)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    config = build_config(args)
+    if args.seq > config.max_position_embeddings:
+        raise SystemExit(f"--seq {args.seq} exceeds max_position_embeddings={config.max_position_embeddings}")
+    torch.manual_seed(args.seed)
+    input_ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+    labels = next_token_labels(input_ids)
+
+    counts = parameter_counts(config)
+    flops_per_token = training_flops_per_token(config, args.seq)
+    if args.peak_tflops is not None:
+        peak, peak_source = args.peak_tflops, "given"
+    else:
+        peak, peak_source = measure_peak_tflops(device, dtype)
+    print(f"config: {args.preset} ({config.num_hidden_layers} layers, {counts.total / 1e6:.1f}M params, "
+          f"{counts.active / 1e6:.1f}M activated) | {device} {str(dtype).removeprefix('torch.')} | "
+          f"batch {args.batch} x {args.seq} tokens | median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"model FLOPs/token: {flops_per_token / 1e6:.1f} MFLOP | peak {peak:.2f} TFLOP/s ({peak_source})")
+
+    with torch.device(device):
+        ours = CausalLM(config).to(dtype)
+    ours.train()
+
+    def ours_loss():
+        out = ours(input_ids, labels=labels)
+        return out.loss + out.aux_loss
+
+    def build_theirs():
+        """transformers' model with our weights (both sides name the experts gate_up_proj / down_proj, stacked)."""
+        hf_config = DeepseekV2Config(**config.to_hf_config())
+        hf_config._attn_implementation = "sdpa"
+        with torch.device(device):
+            model = DeepseekV2ForCausalLM(hf_config).to(dtype)
+        model.load_state_dict(initial, strict=True)
+        model.train()
+        return Trainee("transformers", model, lambda: model(input_ids, labels=input_ids).loss, device)
+
+    results = {"config": args.preset, "layers": config.num_hidden_layers, "device": str(device),
+               "dtype": str(dtype), "batch": args.batch, "seq": args.seq, "peak_tflops": peak,
+               "flops_per_token": flops_per_token}
+    have_hf = False
+    if not args.no_hf:
+        try:
+            from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+            have_hf = True
+        except ImportError:
+            print("transformers is not installed (pip install -e '.[test]'); benchmarking latentmoe only")
+    initial = {k: v.detach().clone() for k, v in ours.state_dict().items()} if have_hf else {}
+    mine = Trainee("latentmoe", ours, ours_loss, device)
+    if device.type == "cuda":  # one at a time, so each peak memory is its own
+        results["latentmoe"] = run_alone(mine, args)
+        del mine, ours
+        gc.collect()
+        torch.cuda.empty_cache()
+        if have_hf:
+            results["transformers"] = run_alone(build_theirs(), args)
+    else:
+        results.update(run_interleaved([mine] + ([build_theirs()] if have_hf else []), args))
+
+    print(f"{'':14s}{'step ms':>10s}{'tokens/s':>12s}{'MFU':>8s}{'peak mem':>10s}")
+    for name in ("latentmoe", "transformers"):
+        if name not in results:
+            continue
+        r = results[name]
+        r["mfu"] = flops_per_token * r["tokens_per_s"] / (peak * 1e12)
+        mem = f"{r['peak_mem_gib']:.2f}G" if r["peak_mem_gib"] is not None else "n/a"
+        print(f"{name:14s}{r['step_s'] * 1e3:10.1f}{r['tokens_per_s']:12.0f}{r['mfu'] * 100:7.2f}%{mem:>10s}")
+    if "transformers" in results:
+        ratio = results["latentmoe"]["tokens_per_s"] / results["transformers"]["tokens_per_s"]
+        results["ratio"] = ratio
+        print(f"ratio latentmoe / transformers tokens/s: {ratio:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
