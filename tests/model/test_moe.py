@@ -1,0 +1,160 @@
+"""DeepSeekMoE: router semantics (SPEC §3.2), grouped GEMM vs the per-expert loop, the dispatcher seam, stats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_hf_config
+from model import LocalDispatcher, ModelConfig, MoE
+from model.moe import MoEGate, RoutedExperts
+
+
+def _config(**changes) -> ModelConfig:
+    return ModelConfig.from_hf_config(tiny_hf_config(**changes))
+
+
+def _moe(seed: int = 0, **changes) -> MoE:
+    torch.manual_seed(seed)
+    moe = MoE(_config(**changes))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    return moe
+
+
+def _dense_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, masked by the router's choice: no sorting, no grouped GEMM."""
+    tokens = x.reshape(-1, x.shape[-1])
+    ids, weights, _ = moe.gate(tokens)
+    out = torch.zeros_like(tokens)
+    e = moe.experts
+    for k in range(ids.shape[1]):
+        for expert in range(e.n_experts):
+            gate, up = (tokens @ e.gate_up_proj[expert].T).split(e.intermediate_size, -1)
+            y = (F.silu(gate) * up) @ e.down_proj[expert].T
+            out = out + y * (weights[:, k] * (ids[:, k] == expert)).unsqueeze(-1)
+    return (out + moe.shared_experts(tokens)).view_as(x)
+
+
+def test_moe_equals_dense_reference():
+    moe = _moe()
+    x = torch.randn(3, 7, 64)
+    y, _ = moe(x)
+    torch.testing.assert_close(y, _dense_reference(moe, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("counts", [[5, 0, 3, 0, 1, 7, 0, 2], [18, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0]])
+def test_grouped_gemm_matches_per_expert_loop_forward_and_backward(counts):
+    torch.manual_seed(0)
+    experts = RoutedExperts(8, 16, 12)
+    torch.nn.init.normal_(experts.gate_up_proj, 0, 0.3)
+    torch.nn.init.normal_(experts.down_proj, 0, 0.3)
+    counts = torch.tensor(counts)
+    x = torch.randn(int(counts.sum()), 16, requires_grad=True)
+    grad_out = torch.randn(int(counts.sum()), 16)
+    results = []
+    for run in (experts.forward, experts.forward_loop):
+        experts.zero_grad()
+        x.grad = None
+        y = run(x, counts)
+        y.backward(grad_out)
+        results.append((y.detach(), x.grad.clone(), experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()))
+    for grouped, loop in zip(*results):
+        torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-6)
+
+
+def test_local_dispatcher_grouped_and_loop_agree_through_the_layer():
+    moe = _moe()
+    x = torch.randn(2, 11, 64, requires_grad=True)
+    outs = []
+    for grouped in (True, False):
+        moe.dispatcher = LocalDispatcher(grouped=grouped)
+        moe.zero_grad()
+        x.grad = None
+        y, _ = moe(x)
+        (y * torch.linspace(-1, 1, 64)).sum().backward()
+        outs.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in moe.parameters()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatcher_is_a_plug_in():
+    """The MoE layer hands (tokens, ids, weights, experts) to whatever dispatcher it holds: the EP seam."""
+    moe = _moe()
+    calls = []
+
+    class Recording(LocalDispatcher):
+        def __call__(self, x, expert_ids, weights, experts):
+            calls.append((x.shape, expert_ids.shape, weights.dtype))
+            return super().__call__(x, expert_ids, weights, experts)
+
+    reference, _ = moe(torch.ones(1, 4, 64))
+    moe.dispatcher = Recording()
+    y, _ = moe(torch.ones(1, 4, 64))
+    assert calls == [((4, 64), (4, 3), torch.float32)]
+    torch.testing.assert_close(y, reference)
+
+
+def test_group_limited_routing_stays_within_topk_group_groups():
+    moe = _moe(topk_method="group_limited_greedy", n_group=4, topk_group=2)
+    tokens = torch.randn(200, 64)
+    ids, weights, scores = moe.gate(tokens)
+    groups = ids // 2  # 4 groups of 2 consecutive experts
+    assert max(len(set(row.tolist())) for row in groups) <= 2
+    # Kept groups are those with the highest *max* expert score (SPEC §3.2), and top-k is taken inside them.
+    group_best = scores.view(200, 4, 2).amax(-1)
+    kept = group_best.topk(2, dim=-1).indices.sort(-1).values
+    for t in range(200):
+        assert set(groups[t].tolist()) <= set(kept[t].tolist())
+        allowed = scores[t].view(4, 2)[kept[t]].flatten()
+        torch.testing.assert_close(weights[t].sort().values / 2.5, allowed.topk(3).values.sort().values)
+
+
+def test_greedy_routing_weights_are_scaled_raw_probabilities():
+    moe = _moe(topk_method="greedy", routed_scaling_factor=16.0)
+    tokens = torch.randn(50, 64)
+    ids, weights, scores = moe.gate(tokens)
+    ref_w, ref_ids = scores.topk(3, dim=-1)
+    torch.testing.assert_close(weights.sort(-1).values, (16.0 * ref_w).sort(-1).values)
+    assert torch.equal(ids.sort(-1).values, ref_ids.sort(-1).values)
+    assert torch.allclose(scores.sum(-1), torch.ones(50))
+
+
+def test_norm_topk_prob_renormalises_and_skips_the_scaling_factor():
+    """transformers ignores norm_topk_prob; the remote code (and we) divide by the top-k sum instead of scaling."""
+    moe = _moe(topk_method="greedy", routed_scaling_factor=16.0, norm_topk_prob=True)
+    ids, weights, scores = moe.gate(torch.randn(50, 64))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(50))
+    raw = scores.gather(1, ids)
+    torch.testing.assert_close(weights, raw / raw.sum(-1, keepdim=True))
+
+
+def test_router_runs_in_fp32_and_the_layer_returns_the_activation_dtype():
+    """SPEC §5 pitfall 1: fp32 gate weights must not leak an fp32 residual stream into a bf16 model."""
+    moe = _moe().to(torch.bfloat16)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    ids, weights, scores = moe.gate(x.view(-1, 64))
+    assert weights.dtype == torch.float32 and scores.dtype == torch.float32
+    y, stats = moe(x)
+    assert y.dtype == torch.bfloat16 and stats.expert_probs.dtype == torch.float32
+
+
+def test_routing_stats_count_every_copy():
+    moe = _moe()
+    x = torch.randn(3, 10, 64)
+    _, stats = moe(x)
+    ids, _, scores = moe.gate(x.view(-1, 64))
+    assert stats.expert_counts.shape == (3, 8) and stats.expert_counts.sum() == 3 * 10 * 3
+    assert torch.equal(stats.tokens_per_expert, torch.bincount(ids.flatten(), minlength=8).float())
+    torch.testing.assert_close(stats.expert_probs, scores.view(3, 10, 8).mean(1))
+    groups_hit = torch.zeros(30, 4).scatter_(1, ids // 2, 1.0).view(3, 10, 4).sum(1)
+    assert torch.equal(stats.group_tokens, groups_hit)
+    assert stats.expert_probs.requires_grad and not stats.expert_counts.requires_grad
+
+
+def test_router_gets_gradient_through_the_gate_weights():
+    moe = _moe()
+    y, _ = moe(torch.randn(2, 6, 64))
+    y.sum().backward()
+    assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0

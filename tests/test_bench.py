@@ -1,0 +1,30 @@
+"""The benchmark entry point (the README's main command) runs end to end on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_lite"])
+def test_bench_prints_both_throughputs_and_the_ratio(tmp_path, preset, transformers_ds):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench.py"), "--preset", preset, "--steps", "2", "--warmup", "1",
+         "--batch", "2", "--seq", "32", "--rounds", "2", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    assert "latentmoe" in proc.stdout and "transformers" in proc.stdout and "ratio" in proc.stdout
+    results = json.loads(out.read_text())
+    for name in ("latentmoe", "transformers"):
+        assert results[name]["tokens_per_s"] > 0 and results[name]["timed_steps"] == 2
+        assert 0 < results[name]["mfu"] < 1
+    assert results["ratio"] == pytest.approx(
+        results["latentmoe"]["tokens_per_s"] / results["transformers"]["tokens_per_s"])
