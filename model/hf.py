@@ -7,8 +7,10 @@ Our module names are the checkpoint's names except for the routed experts, which
     model.layers.N.mlp.experts.down_proj    [E, D, I]   <->  model.layers.N.mlp.experts.{e}.down_proj.weight [D, I]
 
 Loading builds the model on the meta device, allocates it once in the target dtype, validates every shard's header
-(names, shapes, offsets) before reading any data, then copies one tensor at a time from the memory-mapped shards into
-place, so the checkpoint is never held twice. No pickle is ever read and no remote code is run.
+(names, shapes, offsets) before reading any data, then reads one tensor at a time with plain file reads straight into
+its parameter (through one temporary only when the dtype differs), so the checkpoint is never held twice: a memory
+map would keep every touched page of a shard resident beside the model. No pickle is ever read and no remote code
+is run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
@@ -33,8 +34,10 @@ CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+           "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64,
+           "U64": torch.uint64, "F64": torch.float64}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # non-persistent in the released code; some old exports hold it
 
 
@@ -83,8 +86,9 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """Parse and check a safetensors header without reading tensor data: {name: {dtype, shape, data_offsets}}.
+def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """Parse and check a safetensors header without reading tensor data: ({name: {dtype, shape, data_offsets}},
+    byte position where the data region starts).
 
     Catches truncated and padded files, absurd header lengths, bad JSON, byte counts that disagree with dtype and
     shape, offsets outside the data region and overlapping tensors, each reported with the file name.
@@ -110,7 +114,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     for name, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            itemsize = _DTYPE_BYTES[dtype]
+            itemsize = _DTYPES[dtype].itemsize
             numel = math.prod(int(s) for s in shape)
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name!r}: {info!r}") from None
@@ -130,7 +134,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     covered = spans[-1][1] if spans else 0
     if covered != data_len:
         raise CheckpointError(f"{path}: corrupt safetensors file: {data_len - covered} bytes after the last tensor")
-    return header
+    return header, 8 + header_len
 
 
 def _shard_map(directory: Path) -> dict[Path, list[str]]:
@@ -151,7 +155,7 @@ def _shard_map(directory: Path) -> dict[Path, list[str]]:
         return shards
     single = directory / SINGLE_FILE
     if single.is_file():
-        return {single: list(read_safetensors_header(single))}
+        return {single: list(read_safetensors_header(single)[0])}
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")) or any(directory.glob("*.pth")):
         raise CheckpointError(f"{directory}: only pickle weights (.bin/.pt) found; they are never loaded. "
                               "Convert them to safetensors first.")
@@ -188,8 +192,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     plan = dict(_hf_slots(model))
     expert_layers = {n for n, m in model.named_modules() if isinstance(m, RoutedExperts)}
     located: dict[str, Path] = {}
+    headers: dict[Path, tuple[dict[str, dict], int]] = {}
     for shard, names in shards.items():
-        header = read_safetensors_header(shard)
+        header, _ = headers[shard] = read_safetensors_header(shard)
         for name in names:
             if name not in header:
                 raise CheckpointError(f"{shard}: tensor {name!r} is listed in {INDEX_FILE} but absent from the shard")
@@ -209,23 +214,33 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     if missing:
         raise CheckpointError(f"{directory}: {len(missing)} tensors missing from the checkpoint, e.g. {missing[:5]}")
 
-    # Pass 2: copy one tensor at a time into place.
+    # Pass 2: the data, one tensor at a time.
     with torch.no_grad():
         for shard, names in shards.items():
-            try:
-                with safe_open(str(shard), framework="pt", device="cpu") as f:
-                    for name in names:
-                        if name not in located:
-                            continue
-                        tensor = f.get_tensor(name)
-                        if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                            raise CheckpointError(f"{shard}: tensor {name!r} contains NaN or Inf")
-                        plan[name].copy_(tensor)
-            except CheckpointError:
-                raise
-            except Exception as e:  # safetensors raises its own error types for damaged files
-                raise CheckpointError(f"{shard}: cannot read safetensors data ({type(e).__name__}: {e})") from e
+            header, data_start = headers[shard]
+            with open(shard, "rb") as f:
+                for name in names:
+                    if name in located:
+                        _read_into(f, shard, name, header[name], data_start, plan[name], check_finite)
     return model
+
+
+def _read_into(f, shard: Path, name: str, info: dict, data_start: int, target: torch.Tensor,
+               check_finite: bool) -> None:
+    """Read one tensor's bytes straight into `target` when dtype and device allow, else through one temporary."""
+    begin, end = info["data_offsets"]
+    dtype = _DTYPES[info["dtype"]]
+    if end == begin:
+        return
+    direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+    tensor = target if direct else torch.empty(info["shape"], dtype=dtype)
+    f.seek(data_start + begin)
+    if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+        raise CheckpointError(f"{shard}: truncated while reading tensor {name!r}")
+    if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise CheckpointError(f"{shard}: tensor {name!r} contains NaN or Inf")
+    if not direct:
+        target.copy_(tensor)
 
 
 # ---------------------------------------------------------------------------------------------------- writing

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +253,41 @@ def test_nothing_to_load_is_named(tmp_path, single):
         load_pretrained(single)
     with pytest.raises(CheckpointError, match="not a directory"):
         load_pretrained(tmp_path / "nowhere")
+
+
+def test_loading_never_holds_the_checkpoint_twice(tmp_path):
+    """Peak resident memory of a fresh process loading a ~160 MB single-file checkpoint stays near one model copy."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc to read the peak resident memory")
+    import subprocess
+    import sys
+    from conftest import ROOT
+
+    config = ModelConfig.from_hf_config(tiny_hf_config(
+        vocab_size=4096, hidden_size=256, num_hidden_layers=4, n_routed_experts=32, moe_intermediate_size=512,
+        n_group=1, topk_group=1, topk_method="greedy"))
+    torch.manual_seed(0)
+    directory = save_pretrained(CausalLM(config), tmp_path / "big", max_shard_size="10GB")
+    script = (
+        "import json, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from model import CausalLM\n"
+        "from model.hf import load_config, load_pretrained\n"
+        "with torch.device('meta'):  # warm up torch's lazily imported machinery, which is not checkpoint memory\n"
+        f"    CausalLM(load_config({str(directory)!r}))\n"
+        "def status(key):\n"
+        "    line = next(l for l in open('/proc/self/status') if l.startswith(key))\n"
+        "    return int(line.split()[1]) * 1024\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS\n"
+        "base = status('VmRSS')\n"
+        f"model = load_pretrained({str(directory)!r})\n"
+        "size = sum(p.numel() * p.element_size() for p in model.parameters())\n"
+        "print(json.dumps({'base': base, 'peak': status('VmHWM'), 'model_bytes': size}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = figures["peak"] - figures["base"]
+    print(f"model {figures['model_bytes'] / 2**20:.0f} MiB, peak RSS growth while loading {growth / 2**20:.0f} MiB")
+    assert figures["model_bytes"] > 100 * 2**20
+    assert growth < 1.15 * figures["model_bytes"] + 16 * 2**20
