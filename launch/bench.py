@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"config: {args.preset} ({config.num_hidden_layers} layers, {counts.total / 1e6:.1f}M params, "
           f"{counts.active / 1e6:.1f}M activated) | {device} {str(dtype).removeprefix('torch.')} | "
           f"batch {args.batch} x {args.seq} tokens | median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"model FLOPs/token: {flops_per_token / 1e6:.1f} MFLOP | peak {peak:.2f} TFLOP/s ({peak_source})")
+    print(f"model FLOPs/token: {flops_per_token / 1e6:.1f} MFLOP | peak {peak:.2f} TFLOP/s ({peak_source}) | "
+          f"KV cache {config.kv_cache_elements_per_token()} elements/token ({config.attention_type})")
 
     with torch.device(device):
         ours = CausalLM(config).to(dtype)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def ours_loss():
         out = ours(input_ids, labels=labels)
-        return out.loss + out.aux_loss
+        return out.loss if out.aux_loss is None else out.loss + out.aux_loss
 
     def build_theirs():
         """transformers' model with our weights (both sides name the experts gate_up_proj / down_proj, stacked)."""
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = {"config": args.preset, "layers": config.num_hidden_layers, "device": str(device),
                "dtype": str(dtype), "batch": args.batch, "seq": args.seq, "peak_tflops": peak,
-               "flops_per_token": flops_per_token}
+               "flops_per_token": flops_per_token, "kv_cache_elements_per_token": config.kv_cache_elements_per_token()}
     have_hf = False
     if not args.no_hf:
         try:
@@ -181,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
             have_hf = True
         except ImportError:
             print("transformers is not installed (pip install -e '.[test]'); benchmarking latentmoe only")
-    initial = {k: v.detach().clone() for k, v in ours.state_dict().items()} if have_hf else {}
+    # A CPU copy, so the device's peak memory holds only the model being timed.
+    initial = {k: v.detach().cpu().clone() for k, v in ours.state_dict().items()} if have_hf else {}
     mine = Trainee("latentmoe", ours, ours_loss, device)
     if device.type == "cuda":  # one at a time, so each peak memory is its own
         results["latentmoe"] = run_alone(mine, args)

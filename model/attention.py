@@ -16,8 +16,9 @@ from .rope import apply_rope, softmax_scale
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      enable_gqa: bool = False) -> torch.Tensor:
+                      mask: torch.Tensor | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """Causal SDPA; the fused kernels accumulate the softmax in fp32 for bf16 inputs, as the eager reference does.
+    `mask` (B, 1, S, S) bool, True = may attend, replaces the plain causal mask (packed documents).
 
     When v is narrower than q/k (MLA: 128 vs 192) it is zero-padded to the q/k width and the output sliced back, as
     the released FlashAttention-2 path does (SPEC §2.2): flash kernels need equal head widths, and on CPU the flash
@@ -26,8 +27,17 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     v_dim = v.shape[-1]
     if v_dim < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                         enable_gqa=enable_gqa)
     return out[..., :v_dim]
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, S) document ids -> (B, 1, S, S) bool: attend to earlier positions of the same document only."""
+    S = document_ids.shape[1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, S, S)
+    causal = torch.ones(S, S, dtype=torch.bool, device=document_ids.device).tril()
+    return (same & causal).unsqueeze(1)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -56,7 +66,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, d, bias=False)
         self.scale = softmax_scale(qk_dim, config.rope_scaling)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -75,7 +86,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, H, S, dn + dr)
         k = torch.cat((k_nope, k_pe.expand(-1, self.n_heads, -1, -1)), dim=-1)  # (B, H, S, dn + dr)
 
-        out = _causal_attention(q, k, v, self.scale)  # (B, H, S, dv)
+        out = _causal_attention(q, k, v, self.scale, mask)  # (B, H, S, dv)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim))
 
 
@@ -94,13 +105,14 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
         self.scale = softmax_scale(self.head_dim, config.rope_scaling)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, dh)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, dh)
         v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, dh)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = _causal_attention(q, k, v, self.scale, enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, S, dh)
+        out = _causal_attention(q, k, v, self.scale, mask, enable_gqa=self.n_kv_heads != self.n_heads)  # (B,H,S,dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 

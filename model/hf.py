@@ -38,6 +38,7 @@ _DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": t
            "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
            "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64,
            "U64": torch.uint64, "F64": torch.float64}
+_WEIGHT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # non-persistent in the released code; some old exports hold it
 
 
@@ -195,6 +196,10 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     headers: dict[Path, tuple[dict[str, dict], int]] = {}
     for shard, names in shards.items():
         header, _ = headers[shard] = read_safetensors_header(shard)
+        unlisted = sorted(set(header) - set(names))
+        if unlisted:  # the index must account for every tensor of its shards
+            raise CheckpointError(f"{shard}: unexpected tensor {unlisted[0]!r} (in the shard but not in {INDEX_FILE}"
+                                  f"{f', and {len(unlisted) - 1} more' if len(unlisted) > 1 else ''})")
         for name in names:
             if name not in header:
                 raise CheckpointError(f"{shard}: tensor {name!r} is listed in {INDEX_FILE} but absent from the shard")
@@ -209,6 +214,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
             if expected != found:
                 raise CheckpointError(f"{shard}: tensor {name!r} has shape {list(found)}, the model expects "
                                       f"{list(expected)}")
+            if header[name]["dtype"] not in _WEIGHT_DTYPES:
+                raise CheckpointError(f"{shard}: tensor {name!r} has dtype {header[name]['dtype']}; weights must be "
+                                      f"one of {sorted(_WEIGHT_DTYPES)} (quantized checkpoints are not supported)")
             located[name] = shard
     missing = [name for name in plan if name not in located]
     if missing:
@@ -237,13 +245,25 @@ def _read_into(f, shard: Path, name: str, info: dict, data_start: int, target: t
     f.seek(data_start + begin)
     if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
         raise CheckpointError(f"{shard}: truncated while reading tensor {name!r}")
-    if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise CheckpointError(f"{shard}: tensor {name!r} contains NaN or Inf")
     if not direct:
         target.copy_(tensor)
+    # Checked after the cast, so a value that overflows the target dtype (fp32 -> fp16) is caught too.
+    if check_finite and not torch.isfinite(target).all():
+        raise CheckpointError(f"{shard}: tensor {name!r} contains NaN or Inf"
+                              f"{'' if direct else f' after conversion to {target.dtype}'}")
 
 
 # ---------------------------------------------------------------------------------------------------- writing
+def unwrap(model: torch.nn.Module) -> CausalLM:
+    """The CausalLM inside DDP / DeepSpeed (`.module`) or torch.compile (`._orig_mod`) wrappers."""
+    while not isinstance(model, CausalLM):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"expected a CausalLM (possibly wrapped), got {type(model).__name__}")
+        model = inner
+    return model
+
+
 def _parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
@@ -264,6 +284,11 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: in
     Shards are written under temporary names and renamed when all are complete; the index and config come last, so an
     interrupted save never looks like a complete checkpoint. Stale shards of an earlier save are removed.
     """
+    model = unwrap(model)
+    partial = [n for n, m in model.named_modules() if isinstance(m, RoutedExperts) and m.n_experts != m.n_total]
+    if partial:
+        raise ValueError(f"save_pretrained: {partial[0]} holds {model.get_submodule(partial[0]).n_experts} of "
+                         f"{model.config.n_routed_experts} experts; gather the expert shards before exporting")
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)

@@ -27,6 +27,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         chunk = _rows_per_chunk(logits)
         valid = targets != IGNORE_INDEX
+        in_range = (targets < logits.shape[-1]) & ((targets >= 0) | ~valid)
+        torch._assert_async(in_range.all(), "cross_entropy: every target must be in [0, vocab) or -100")
         safe_targets = targets.clamp(min=0)
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (N,)
         for start in range(0, logits.shape[0], chunk):

@@ -53,7 +53,8 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, D) -> expert ids (T, K) int64, gate weights (T, K) fp32, scores (T, E) fp32."""
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # (T, E)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
+            scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # (T, E)
         if self.group_limited:
             # Device-limited routing (paper §2.2.2): score each group by its best expert, keep topk_group groups.
             group_scores = scores.view(-1, self.n_group, self.n_experts // self.n_group).amax(dim=-1)  # (T, G)
@@ -73,44 +74,57 @@ class MoEGate(nn.Module):
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored stacked: gate_up_proj (E, 2I, D) with gate rows first, down_proj (E, D, I).
 
-    `forward` takes token copies already sorted by expert plus per-expert counts, and runs one grouped GEMM per
-    projection; `forward_loop` is the readable per-expert reference it is tested against. `expert_offset` is the
-    global id of local expert 0 (non-zero when experts are sharded for expert parallelism).
+    Called with token copies already sorted by expert plus per-expert counts. `impl="grouped"` runs one grouped GEMM
+    per projection; `impl="loop"` is the readable per-expert reference it is tested against (and the fallback where
+    no grouped GEMM kernel exists). Calls go through the module (`experts(x, counts)`), so hooks that gather
+    partitioned parameters (ZeRO-3, FSDP) see them. `expert_offset` is the global id of local expert 0 (non-zero
+    when experts are sharded for expert parallelism); counts are always per *local* expert.
     """
 
-    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, expert_offset: int = 0):
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, expert_offset: int = 0,
+                 n_total: int | None = None):
         super().__init__()
         self.n_experts, self.intermediate_size, self.expert_offset = n_experts, intermediate_size, expert_offset
+        self.n_total = n_experts if n_total is None else n_total  # experts of the layer over all shards
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+        self.impl = "grouped"
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (N, D) sorted by expert, counts (E,) -> (N, D)."""
-        if not _grouped_mm_supported(x):
-            return self.forward_loop(x, counts)
+        """x (N, D) sorted by expert, counts (E,) -> (N, D) in the compute dtype (the autocast dtype if enabled)."""
+        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast like F.linear would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w_gate_up, w_down = x.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+        if self.impl == "loop" or _GROUPED_MM is None or not _grouped_mm_supported(x, self.intermediate_size):
+            return _experts_loop(x, counts, w_gate_up, w_down, self.intermediate_size)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
-        h = F.grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offsets)  # (N, 2I)
+        h = _GROUPED_MM(x, w_gate_up.transpose(-2, -1), offs=offsets)  # (N, 2I)
         gate, up = h.split(self.intermediate_size, dim=-1)
         h = F.silu(gate) * up  # (N, I)
-        return F.grouped_mm(h, self.down_proj.transpose(-2, -1), offs=offsets)  # (N, D)
-
-    def forward_loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Reference: one plain matmul chain per expert over its slice of the sorted copies."""
-        outputs = []
-        for e, chunk in enumerate(x.split(counts.tolist())):
-            gate, up = (chunk @ self.gate_up_proj[e].T).split(self.intermediate_size, dim=-1)
-            outputs.append((F.silu(gate) * up) @ self.down_proj[e].T)
-        return torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
+        return _GROUPED_MM(h, w_down.transpose(-2, -1), offs=offsets)  # (N, D)
 
 
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    """torch's grouped GEMM runs on CPU (any float dtype) and on CUDA for bf16 on sm80+."""
-    if not hasattr(F, "grouped_mm"):
-        return False
+def _experts_loop(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                  inter: int) -> torch.Tensor:
+    """Reference: one plain matmul chain per expert over its slice of the sorted copies."""
+    outputs = []
+    for e, chunk in enumerate(x.split(counts.tolist())):
+        gate, up = (chunk @ w_gate_up[e].T).split(inter, dim=-1)
+        outputs.append((F.silu(gate) * up) @ w_down[e].T)
+    return torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
+
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_supported(x: torch.Tensor, intermediate_size: int) -> bool:
+    """torch's grouped GEMM runs on CPU (any float dtype) and on CUDA for bf16 on sm80+ with 16-byte-aligned rows."""
     if x.device.type == "cpu":
         return True
     if x.device.type == "cuda":
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        aligned = x.shape[-1] % 8 == 0 and intermediate_size % 8 == 0
+        return x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(x.device) >= (8, 0)
     return False
 
 
@@ -124,28 +138,45 @@ class TokenDispatcher(Protocol):
 
 
 class LocalDispatcher:
-    """All experts in this process: sort copies by expert, grouped GEMM (or the reference loop), weighted combine."""
-
-    def __init__(self, grouped: bool = True):
-        self.grouped = grouped
+    """All experts in this process: sort copies by expert, run the experts, weighted combine."""
 
     def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
                  experts: RoutedExperts) -> torch.Tensor:
+        if experts.n_experts != experts.n_total:
+            raise ValueError("LocalDispatcher needs the layer's full expert set; this layer holds a shard (expert "
+                             "parallelism needs its all-to-all dispatcher)")
         K = expert_ids.shape[1]
         order = expert_ids.reshape(-1).argsort(stable=True)  # (N,) copies sorted by expert
         counts = torch.bincount(expert_ids.reshape(-1), minlength=experts.n_experts)  # (E,)
         token_of_copy = order // K  # (N,)
-        run = experts.forward if self.grouped else experts.forward_loop
-        y_sorted = run(x.index_select(0, token_of_copy), counts)  # (N, D)
+        y_sorted = experts(x.index_select(0, token_of_copy), counts)  # (N, D)
         return combine(y_sorted, weights.reshape(-1)[order], token_of_copy, x.shape[0]).to(x.dtype)
+
+
+class _WeightedCombine(torch.autograd.Function):
+    """out[t] = sum over copies c of token t of weight[c] * y[c], computed in fp32 while saving y in its own dtype
+    (autograd would save an fp32 copy of y: 4 bytes per element of the largest MoE activation)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weights: torch.Tensor, token_of_copy: torch.Tensor, n_tokens: int):
+        ctx.save_for_backward(y, weights, token_of_copy)
+        weighted = y.float() * weights.unsqueeze(-1)  # (N, D) fp32, freed after the scatter
+        return weighted.new_zeros(n_tokens, y.shape[-1]).index_add_(0, token_of_copy, weighted)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        y, weights, token_of_copy = ctx.saved_tensors
+        grad_copy = grad_out.index_select(0, token_of_copy)  # (N, D) fp32
+        grad_y = (grad_copy * weights.unsqueeze(-1)).to(y.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad_copy * y.float()).sum(-1) if ctx.needs_input_grad[1] else None
+        return grad_y, grad_w, None, None
 
 
 def combine(expert_out: torch.Tensor, weights: torch.Tensor, token_of_copy: torch.Tensor, n_tokens: int
             ) -> torch.Tensor:
     """Sum each token's weighted expert outputs: (N, D) x (N,) scattered onto (T, D), in fp32 as the released
     router weights are (SPEC §5 pitfall 1: the caller casts back to the activation dtype)."""
-    weighted = expert_out.float() * weights.unsqueeze(-1)  # (N, D)
-    return weighted.new_zeros(n_tokens, expert_out.shape[-1]).index_add_(0, token_of_copy, weighted)
+    return _WeightedCombine.apply(expert_out, weights, token_of_copy, n_tokens)
 
 
 class MoE(nn.Module):

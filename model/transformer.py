@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attention import build_attention, rope_dim
+from .attention import build_attention, document_causal_mask, rope_dim
 from .balance import BALANCE_TERMS, balance_coefficients, balance_losses
 from .config import ModelConfig
 from .layers import MLP, RMSNorm
@@ -51,9 +51,9 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, RoutingStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             h, stats = self.mlp(h)
@@ -103,17 +103,19 @@ class CausalLM(nn.Module):
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> CausalLMOutput:
+                labels: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids (B, S); position_ids (B, S) default 0..S-1; labels (B, S) are the *targets* of each position
-        (the next token, already shifted, -100 where no loss is taken)."""
+        (the next token, already shifted, -100 where no loss is taken); document_ids (B, S), when given, keep
+        attention inside each packed document (SFT packing); without them attention is plainly causal."""
         B, S = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+        mask = document_causal_mask(document_ids) if document_ids is not None else None
         x = self.model.embed_tokens(input_ids)  # (B, S, D)
         cos, sin = self.model.rotary_emb(position_ids)  # (B, S, rope/2) each
         routing = []
         for layer in self.model.layers:
-            x, stats = layer(x, cos, sin)
+            x, stats = layer(x, cos, sin, mask)
             if stats is not None:
                 routing.append(stats)
         logits = self.lm_head(self.model.norm(x))  # (B, S, V)

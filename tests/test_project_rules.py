@@ -13,8 +13,12 @@ FORBIDDEN_IN_MODEL = ("torch.distributed", "deepspeed", "hydra", "omegaconf", "t
 
 
 def _imports(path: Path) -> list[str]:
+    """Absolute imports of a file, plus `torch.distributed` reached as an attribute of an imported torch."""
     names = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Attribute) and node.attr == "distributed" and \
+                getattr(node.value, "id", None) == "torch":
+            names.append("torch.distributed")
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -32,8 +36,10 @@ def test_model_package_is_pure_pytorch(path):
 
 def test_the_purity_check_catches_a_forbidden_import(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("from torch import distributed\nimport torch.distributed as dist\n")
-    assert "torch.distributed" in _imports(probe)
+    for source in ("from torch import distributed\n", "import torch.distributed as dist\n",
+                   "import torch\ntorch.distributed.all_reduce(x)\n"):
+        probe.write_text(source)
+        assert "torch.distributed" in _imports(probe), source
 
 
 def test_no_pickle_loading_in_project_code():

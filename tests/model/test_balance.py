@@ -10,12 +10,12 @@ from model import CausalLM, ModelConfig, MoE
 from model.balance import balance_losses, comm_balance_loss, device_balance_loss, expert_balance_loss
 
 
-def _four_expert_moe(weight: torch.Tensor) -> MoE:
-    """4 experts in 2 routing groups, top-2, device-limited to 1 group; router weights set by hand."""
+def _four_expert_moe(weight: torch.Tensor, top_k: int = 2) -> MoE:
+    """4 experts in 2 routing groups, top-k, device-limited to 1 group; router weights set by hand."""
     config = ModelConfig(vocab_size=8, hidden_size=4, intermediate_size=8, moe_intermediate_size=4,
                          num_hidden_layers=2, num_attention_heads=1, kv_lora_rank=4, qk_nope_head_dim=2,
                          qk_rope_head_dim=2, v_head_dim=2, n_routed_experts=4, n_shared_experts=1,
-                         num_experts_per_tok=2, n_group=2, topk_group=1, topk_method="group_limited_greedy")
+                         num_experts_per_tok=top_k, n_group=2, topk_group=1, topk_method="group_limited_greedy")
     moe = MoE(config)
     with torch.no_grad():
         moe.gate.weight.copy_(weight)
@@ -24,12 +24,12 @@ def _four_expert_moe(weight: torch.Tensor) -> MoE:
     return moe
 
 
-def _losses(moe: MoE, x: torch.Tensor, per_sequence: bool = True) -> dict[str, torch.Tensor]:
+def _losses(moe: MoE, x: torch.Tensor, per_sequence: bool = True, top_k: int = 2) -> dict[str, torch.Tensor]:
     _, stats = moe(x)
     return {
-        "expert": expert_balance_loss(stats, 2, per_sequence),
-        "device": device_balance_loss(stats, 2, 2, per_sequence),
-        "comm": comm_balance_loss(stats, 2, 2, 1, per_sequence),
+        "expert": expert_balance_loss(stats, top_k, per_sequence),
+        "device": device_balance_loss(stats, top_k, 2, per_sequence),
+        "comm": comm_balance_loss(stats, top_k, 2, 1, per_sequence),
     }
 
 
@@ -47,6 +47,24 @@ def test_all_tokens_on_two_experts_of_one_group(per_sequence):
         assert losses[name].item() == pytest.approx(2 * (a + b), rel=1e-6), name
         losses[name].backward(retain_graph=True)
         assert torch.isfinite(moe.gate.weight.grad).all()
+
+
+@pytest.mark.parametrize("per_sequence", [True, False])
+def test_all_tokens_on_one_expert(per_sequence):
+    """Top-1, every token picks expert 0 with probability a: f = [4, 0, 0, 0] so L_expert = 4a;
+    f' = [2, 0] and P' = [a + b, c + d] so L_device = 2(a + b); f'' = [2, 0] so L_comm = 2(a + b)."""
+    logits = torch.tensor([3.0, 2.0, 0.0, -1.0])
+    moe = _four_expert_moe(torch.stack([logits, torch.zeros(4), torch.zeros(4), torch.zeros(4)], dim=1), top_k=1)
+    x = torch.zeros(2, 6, 4)
+    x[..., 0] = 1.0
+    a, b = logits.softmax(-1)[:2].tolist()
+    losses = _losses(moe, x, per_sequence, top_k=1)
+    assert losses["expert"].item() == pytest.approx(4 * a, rel=1e-6)
+    assert losses["device"].item() == pytest.approx(2 * (a + b), rel=1e-6)
+    assert losses["comm"].item() == pytest.approx(2 * (a + b), rel=1e-6)
+    for value in losses.values():
+        value.backward(retain_graph=True)
+    assert torch.isfinite(moe.gate.weight.grad).all()
 
 
 @pytest.mark.parametrize("per_sequence", [True, False])
@@ -114,3 +132,19 @@ def test_aux_loss_only_in_training_and_zero_when_all_coefficients_are_zero():
     model = _model(aux_loss_alpha=0.01).eval()
     out = model(ids)
     assert out.aux_loss is None and len(out.routing) == 2
+
+
+def test_each_term_and_each_granularity_against_hand_values():
+    """Two sequences of 2 tokens, K=2, 4 experts in 2 groups, M=2 (copies spread across groups):
+    seq 0 routes a->{0,2}, b->{0,1}; seq 1 routes c->{2,3}, d->{3,1}.
+    per sequence: expert 1.3, device 1.2, comm 0.85; per batch: expert 1.0, device 1.0, comm 0.75."""
+    from model.moe import RoutingStats
+    stats = RoutingStats(
+        expert_counts=torch.tensor([[2.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 2.0]]),
+        expert_probs=torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]),
+        group_tokens=torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
+    expected = {True: (1.3, 1.2, 0.85), False: (1.0, 1.0, 0.75)}
+    for per_sequence, (expert, device, comm) in expected.items():
+        assert expert_balance_loss(stats, 2, per_sequence).item() == pytest.approx(expert)
+        assert device_balance_loss(stats, 2, 2, per_sequence).item() == pytest.approx(device)
+        assert comm_balance_loss(stats, 2, 2, 2, per_sequence).item() == pytest.approx(comm)

@@ -93,7 +93,7 @@ def test_a_model_holding_an_expert_shard_reads_only_its_experts(single, model):
     """Expert parallelism: a layer holding experts 4..7 loads those and skips the others without error."""
     sharded = CausalLM(model.config)
     for layer in sharded.model.layers[1:]:
-        layer.mlp.experts = RoutedExperts(4, 64, 24, expert_offset=4)
+        layer.mlp.experts = RoutedExperts(4, 64, 24, expert_offset=4, n_total=8)
     load_pretrained(single, model=sharded)
     for ours, full in zip(sharded.model.layers[1:], model.model.layers[1:]):
         assert torch.equal(ours.mlp.experts.gate_up_proj, full.mlp.experts.gate_up_proj[4:])
@@ -291,3 +291,41 @@ def test_loading_never_holds_the_checkpoint_twice(tmp_path):
     print(f"model {figures['model_bytes'] / 2**20:.0f} MiB, peak RSS growth while loading {growth / 2**20:.0f} MiB")
     assert figures["model_bytes"] > 100 * 2**20
     assert growth < 1.15 * figures["model_bytes"] + 16 * 2**20
+
+
+def test_tensor_in_a_shard_but_not_in_the_index_is_unexpected(sharded):
+    shard = sorted(sharded.glob("model-*.safetensors"))[0]
+    tensors = load_file(shard)
+    tensors["model.layers.1.mlp.gate.e_score_correction_bias"] = torch.zeros(8)
+    save_file(tensors, shard)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'model\.layers\.1\.mlp\.gate\.e_score_correction_"
+                                              r"bias' \(in the shard but not in model\.safetensors\.index\.json"):
+        load_pretrained(sharded)
+
+
+def test_integer_weights_are_refused(single):
+    _rewrite(single, lambda t: t.update({"lm_head.weight": torch.zeros(211, 64, dtype=torch.int8)}))
+    with pytest.raises(CheckpointError, match=r"'lm_head\.weight' has dtype I8"):
+        load_pretrained(single)
+
+
+def test_values_that_overflow_the_target_dtype_are_caught(single):
+    def big(t):
+        t["model.norm.weight"][3] = 1e6  # finite in fp32, inf in fp16
+    _rewrite(single, big)
+    load_pretrained(single, dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' contains NaN or Inf after conversion"):
+        load_pretrained(single, dtype=torch.float16)
+
+
+def test_export_refuses_a_partial_expert_set_and_unwraps_wrappers(tmp_path, model):
+    class Wrapper(torch.nn.Module):  # what DDP / DeepSpeed engines look like: the model under .module
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    out = save_pretrained(Wrapper(model), tmp_path / "wrapped")
+    assert "lm_head.weight" in load_file(out / "model.safetensors")
+    model.model.layers[1].mlp.experts = RoutedExperts(4, 64, 24, expert_offset=4, n_total=8)
+    with pytest.raises(ValueError, match=r"holds 4 of 8 experts; gather"):
+        save_pretrained(model, tmp_path / "partial")

@@ -35,3 +35,9 @@ def test_no_supervised_token_gives_zero_loss_and_zero_grad():
     loss = cross_entropy(logits, torch.full((6,), IGNORE_INDEX))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("bad", [-1, 11])
+def test_out_of_range_targets_are_refused(bad):
+    with pytest.raises(RuntimeError, match="every target must be in"):
+        cross_entropy(torch.randn(4, 11), torch.tensor([0, 3, bad, IGNORE_INDEX]))

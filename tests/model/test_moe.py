@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_hf_config
 from model import LocalDispatcher, ModelConfig, MoE
-from model.moe import MoEGate, RoutedExperts
+from model.moe import _GROUPED_MM, RoutedExperts
 
 
 def _config(**changes) -> ModelConfig:
@@ -53,11 +53,13 @@ def test_grouped_gemm_matches_per_expert_loop_forward_and_backward(counts):
     counts = torch.tensor(counts)
     x = torch.randn(int(counts.sum()), 16, requires_grad=True)
     grad_out = torch.randn(int(counts.sum()), 16)
+    assert _GROUPED_MM is not None  # this torch has a grouped GEMM, so "grouped" below is not the loop again
     results = []
-    for run in (experts.forward, experts.forward_loop):
+    for impl in ("grouped", "loop"):
+        experts.impl = impl
         experts.zero_grad()
         x.grad = None
-        y = run(x, counts)
+        y = experts(x, counts)
         y.backward(grad_out)
         results.append((y.detach(), x.grad.clone(), experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()))
     for grouped, loop in zip(*results):
@@ -68,8 +70,8 @@ def test_local_dispatcher_grouped_and_loop_agree_through_the_layer():
     moe = _moe()
     x = torch.randn(2, 11, 64, requires_grad=True)
     outs = []
-    for grouped in (True, False):
-        moe.dispatcher = LocalDispatcher(grouped=grouped)
+    for impl in ("grouped", "loop"):
+        moe.experts.impl = impl
         moe.zero_grad()
         x.grad = None
         y, _ = moe(x)
@@ -138,6 +140,45 @@ def test_router_runs_in_fp32_and_the_layer_returns_the_activation_dtype():
     assert weights.dtype == torch.float32 and scores.dtype == torch.float32
     y, stats = moe(x)
     assert y.dtype == torch.bfloat16 and stats.expert_probs.dtype == torch.float32
+
+
+def test_router_stays_fp32_under_bf16_autocast():
+    moe = _moe()
+    x = torch.randn(2, 5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids, weights, scores = moe.gate(x.view(-1, 64))
+        y, _ = moe(x)
+    assert weights.dtype == torch.float32 and scores.dtype == torch.float32
+    assert torch.equal(ids, moe.gate(x.view(-1, 64))[0])  # same routing as without autocast
+    assert y.dtype == torch.float32  # the residual stream keeps its dtype
+    reference, _ = moe(x)
+    torch.testing.assert_close(y, reference, rtol=0.05, atol=0.05)
+
+
+def test_local_dispatcher_refuses_an_expert_shard():
+    moe = _moe()
+    moe.experts = RoutedExperts(4, 64, 24, expert_offset=4, n_total=8)
+    with pytest.raises(ValueError, match="full expert set"):
+        moe(torch.randn(1, 3, 64))
+
+
+def test_combine_saves_expert_outputs_in_their_own_dtype():
+    """The fp32 weighted sum must not keep an fp32 copy of the (N, D) expert outputs alive for backward."""
+    from model.moe import combine
+    y = torch.randn(12, 8, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.rand(12, requires_grad=True)
+    tokens = torch.arange(12) // 3
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = combine(y, w, tokens, 4)
+    assert out.dtype == torch.float32
+    assert not any(t.dtype == torch.float32 and t.shape == (12, 8) for t in saved)
+    out.sum().backward()
+    ref_y = y.detach().float().requires_grad_()
+    ref_w = w.detach().clone().requires_grad_()
+    torch.zeros(4, 8).index_add(0, tokens, ref_y * ref_w[:, None]).sum().backward()
+    torch.testing.assert_close(y.grad.float(), ref_y.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_routing_stats_count_every_copy():

@@ -27,6 +27,9 @@ def _reference(transformers_ds, tmp_path, **overrides):
     config_cls, model_cls = transformers_ds
     torch.manual_seed(0)
     hf_model = model_cls(config_cls(**tiny_hf_config(**overrides))).float().eval()
+    with torch.no_grad():  # every tensor distinct from its init value (norms start at exactly 1)
+        for p in hf_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     hf_model.save_pretrained(tmp_path / "hf")
     return hf_model
 
