@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_hf_config
+from tests.conftest import tiny_hf_config
 from model import CausalLM, ModelConfig, MoE
 from model.balance import balance_losses, comm_balance_loss, device_balance_loss, expert_balance_loss
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_hf_config
+from tests.conftest import tiny_hf_config
 from model import CausalLM, ModelConfig
 from model.flops import parameter_counts, training_flops_per_token
 from trainer.presets import available_model_presets, model_preset

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_hf_config
+from tests.conftest import tiny_hf_config
 from model import CausalLM, ModelConfig
 from model.hf import CheckpointError, load_pretrained, save_pretrained
 from model.moe import RoutedExperts
@@ -261,7 +261,7 @@ def test_loading_never_holds_the_checkpoint_twice(tmp_path):
         pytest.skip("needs Linux /proc to read the peak resident memory")
     import subprocess
     import sys
-    from conftest import ROOT
+    from tests.conftest import ROOT
 
     config = ModelConfig.from_hf_config(tiny_hf_config(
         vocab_size=4096, hidden_size=256, num_hidden_layers=4, n_routed_experts=32, moe_intermediate_size=512,

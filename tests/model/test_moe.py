@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_hf_config
+from tests.conftest import tiny_hf_config
 from model import LocalDispatcher, ModelConfig, MoE
 from model.moe import _GROUPED_MM, RoutedExperts
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_hf_config
+from tests.conftest import tiny_hf_config
 from model import next_token_labels
 from model.hf import load_pretrained, save_pretrained
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_hf_config
+from tests.conftest import tiny_hf_config
 from model import CausalLM, ModelConfig
 from model.attention import GroupedQueryAttention, MultiHeadLatentAttention
 from model.rope import RotaryEmbedding, apply_rope, inv_frequencies, rope_cos_sin_scale, softmax_scale

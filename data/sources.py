@@ -1,0 +1,374 @@
+"""Document sources: resumable, sharded across data-parallel ranks, with bad records skipped and counted.
+
+A source is an endless sequence of *records* (a JSON line, a Parquet row, a whole text file, a hub example),
+epoch after epoch, with the file order reshuffled each epoch from the seed. Record k of the global order belongs to
+data-parallel rank k % world: every rank walks the same order, parses only its own records, and no record is read
+by two ranks. `Position` says where a rank stands, so a resumed run continues with the very next record.
+
+Records that cannot be used (malformed JSON, a missing or non-string field, an empty document, invalid UTF-8) are
+skipped and counted by reason, with the file and line of the first few, in `BadRecords`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sysconfig
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAX_EXAMPLES = 20
+JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".py", ".rst")
+
+
+class DataError(ValueError):
+    """A data problem that stops the run: a glob that matches nothing, too many bad records, an unknown format."""
+
+
+@dataclass
+class BadRecords:
+    """Skipped records by reason, with `file:line` of the first few."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    good: int = 0
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(f"{where}: {reason}")
+
+    @property
+    def bad(self) -> int:
+        return sum(self.counts.values())
+
+    def fraction(self) -> float:
+        total = self.good + self.bad
+        return self.bad / total if total else 0.0
+
+    def state(self) -> dict:
+        return {"counts": dict(self.counts), "examples": list(self.examples), "good": self.good}
+
+    @classmethod
+    def from_state(cls, state: dict) -> BadRecords:
+        return cls(Counter(state["counts"]), list(state["examples"]), state["good"])
+
+
+@dataclass
+class Position:
+    """Where a rank stands: epoch, index into that epoch's file order, offset inside the file (byte offset of the
+    next JSON line, next Parquet row; 0 for whole-file records), and the global record counter."""
+
+    epoch: int = 0
+    file: int = 0
+    offset: int = 0
+    line: int = 0  # lines of the current JSON Lines file already read, to report bad lines by number
+    record: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # hub sources keep datasets' own state here
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "file": self.file, "offset": self.offset, "line": self.line,
+                "record": self.record, "extra": dict(self.extra)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Position:
+        return cls(**state)
+
+
+@dataclass
+class Record:
+    """One usable record: its payload (text, or a message list for SFT), where it came from, and the position
+    just after it."""
+
+    payload: Any
+    where: str
+    position: Position
+
+
+def check_text(value: Any, field_name: str) -> str | None:
+    """None if `value` is a usable document text, else the reason it is not."""
+    if value is None:
+        return f"missing field '{field_name}'"
+    if not isinstance(value, str):
+        return f"field '{field_name}' is {type(value).__name__}, not a string"
+    if not value.strip():
+        return "empty document"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "invalid unicode (lone surrogate)"
+    return None
+
+
+def expand_globs(patterns: list[str], key: str = "data.paths") -> list[Path]:
+    """Sorted files matching the globs; a pattern that matches no file is an error naming it."""
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if Path(p).is_file())
+        if not matches:
+            raise DataError(f"{key}: {pattern!r} matches no file")
+        for path in matches:
+            if path.suffix.lower() not in JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES:
+                raise DataError(f"{key}: {path} has an unsupported format (use .jsonl/.json, .parquet or .txt/.md)")
+        files += matches
+    return list(dict.fromkeys(files))  # a file named by two globs is read once
+
+
+Extract = Callable[[dict], tuple[Any, str | None]]  # a parsed JSON object -> (payload, reason it is bad or None)
+
+
+def text_extractor(field_name: str) -> Extract:
+    def extract(obj: dict) -> tuple[Any, str | None]:
+        value = obj.get(field_name)
+        return value, check_text(value, field_name)
+    return extract
+
+
+class FileSource:
+    """Local JSON Lines / Parquet / text files, as records in file order, shuffled file order per epoch."""
+
+    def __init__(self, files: list[Path], extract: Extract, text_field: str, seed: int, rank: int, world: int,
+                 shuffle_files: bool = True):
+        if not files:
+            raise DataError("data: no input files")
+        self.files, self.extract, self.text_field = files, extract, text_field
+        self.seed, self.rank, self.world, self.shuffle_files = seed, rank, world, shuffle_files
+        self.bad = BadRecords()
+
+    def file_order(self, epoch: int) -> list[Path]:
+        if not self.shuffle_files:
+            return self.files
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+        return [self.files[i] for i in order]
+
+    def records(self, start: Position) -> Iterator[Record]:
+        pos = Position(**start.state())
+        while True:
+            full_pass, good_before = pos.file == 0 and pos.offset == 0, self.bad.good
+            files = self.file_order(pos.epoch)
+            while pos.file < len(files):
+                path = files[pos.file]
+                suffix = path.suffix.lower()
+                if suffix in JSON_SUFFIXES:
+                    yield from self._json_lines(path, pos)
+                elif suffix in PARQUET_SUFFIXES:
+                    yield from self._parquet(path, pos)
+                else:
+                    yield from self._text_file(path, pos)
+                pos.file, pos.offset, pos.line = pos.file + 1, 0, 0
+            if full_pass and self.bad.good == good_before:
+                raise DataError(f"data: a whole pass over {len(self.files)} files gave rank {self.rank} no usable "
+                                f"record; skipped: {dict(self.bad.counts)}; first: {self.bad.examples[:3]}")
+            pos.epoch, pos.file, pos.offset, pos.line = pos.epoch + 1, 0, 0, 0
+
+    def _mine(self, pos: Position) -> bool:
+        mine = pos.record % self.world == self.rank
+        pos.record += 1
+        return mine
+
+    def _json_lines(self, path: Path, pos: Position) -> Iterator[Record]:
+        with open(path, "rb") as f:
+            f.seek(pos.offset)
+            while True:
+                raw = f.readline()
+                if not raw:
+                    return
+                start = pos.offset
+                pos.offset += len(raw)
+                pos.line += 1
+                if not self._mine(pos):
+                    continue
+                where = f"{path}:{pos.line}"
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    self.bad.add("invalid UTF-8", where)
+                    continue
+                if start == 0:
+                    text = text.removeprefix("\ufeff")
+                if not text.strip():
+                    self.bad.add("empty line", where)
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    self.bad.add(f"malformed JSON ({e.msg})", where)
+                    continue
+                if not isinstance(obj, dict):
+                    self.bad.add(f"JSON {type(obj).__name__}, not an object", where)
+                    continue
+                payload, reason = self.extract(obj)
+                if reason:
+                    self.bad.add(reason, where)
+                    continue
+                self.bad.good += 1
+                yield Record(payload, where, Position(**pos.state()))
+
+    def _parquet(self, path: Path, pos: Position) -> Iterator[Record]:
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        if self.text_field not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no column {self.text_field!r} (columns: {pf.schema_arrow.names}); "
+                            "set data.text_field")
+        row0 = 0
+        for group in range(pf.num_row_groups):
+            rows = pf.metadata.row_group(group).num_rows
+            if row0 + rows <= pos.offset:
+                row0 += rows
+                continue
+            column = pf.read_row_group(group, columns=[self.text_field]).column(0).to_pylist()
+            for i in range(pos.offset - row0, rows):
+                pos.offset = row0 + i + 1
+                if not self._mine(pos):
+                    continue
+                payload, reason = self.extract({self.text_field: column[i]})
+                if reason:
+                    self.bad.add(reason, f"{path}:row {row0 + i}")
+                    continue
+                self.bad.good += 1
+                yield Record(payload, f"{path}:row {row0 + i}", Position(**pos.state()))
+            row0 += rows
+
+    def _text_file(self, path: Path, pos: Position) -> Iterator[Record]:
+        if not self._mine(pos):
+            return
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            self.bad.add(f"invalid UTF-8 at byte {e.start}", str(path))
+            return
+        reason = check_text(text, "text")
+        if reason:
+            self.bad.add(reason, str(path))
+            return
+        self.bad.good += 1
+        after = Position(**pos.state())
+        after.file += 1  # a whole-file record: the next record starts the next file
+        yield Record(text, str(path), after)
+
+
+# ---------------------------------------------------------------------------------------------- built-in corpus
+def stdlib_documents() -> list[tuple[str, Callable[[], bytes]]]:
+    """(name, reader) of every document of the built-in corpus, in a fixed order: the running interpreter's
+    standard library sources (tests and site-packages excluded) and the pydoc_data topics."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    docs: list[tuple[str, Callable[[], bytes]]] = []
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in skip]  # never descend into installed packages
+        paths += [Path(folder, f) for f in files if f.endswith(".py")]
+    for path in sorted(paths):
+        if path.stat().st_size:  # an empty __init__.py holds no text
+            docs.append((f"stdlib/{path.relative_to(root)}", path.read_bytes))
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        topics = {}
+    for name in sorted(topics):
+        docs.append((f"pydoc_data/{name}", lambda text=topics[name]: text.encode("utf-8")))
+    return docs
+
+
+def stdlib_split(split: str, val_every: int) -> list[tuple[str, Callable[[], bytes]]]:
+    """The train or val documents: 1 in `val_every` by a stable hash of the name goes to val, never to train."""
+    def held_out(name: str) -> bool:
+        return zlib.crc32(name.encode()) % val_every == 0
+    return [d for d in stdlib_documents() if held_out(d[0]) == (split == "val")]
+
+
+class StdlibSource:
+    """The built-in corpus as whole-document records, document order reshuffled per epoch."""
+
+    def __init__(self, split: str, val_every: int, seed: int, rank: int, world: int, shuffle: bool = True):
+        self.docs = stdlib_split(split, val_every)
+        if len(self.docs) < world:
+            raise DataError(f"the built-in corpus {split} split has {len(self.docs)} documents, fewer than the "
+                            f"{world} data-parallel ranks")
+        self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
+        self.bad = BadRecords()
+
+    def fingerprint(self) -> str:
+        return "|".join(name for name, _ in self.docs)
+
+    def texts(self) -> list[str]:
+        return [read().decode("utf-8", errors="replace") for _, read in self.docs]
+
+    def records(self, start: Position) -> Iterator[Record]:
+        pos = Position(**start.state())
+        while True:
+            order = (np.random.default_rng([self.seed, pos.epoch]).permutation(len(self.docs)) if self.shuffle
+                     else np.arange(len(self.docs)))
+            while pos.file < len(order):
+                name, read = self.docs[order[pos.file]]
+                mine = pos.record % self.world == self.rank
+                pos.record += 1
+                pos.file += 1
+                if not mine:
+                    continue
+                try:
+                    text = read().decode("utf-8")
+                except UnicodeDecodeError as e:
+                    self.bad.add(f"invalid UTF-8 at byte {e.start}", name)
+                    continue
+                reason = check_text(text, "text")
+                if reason:
+                    self.bad.add(reason, name)
+                    continue
+                self.bad.good += 1
+                yield Record(text, name, Position(**pos.state()))
+            pos.epoch, pos.file = pos.epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------- hub datasets
+class HubSource:
+    """A Hugging Face dataset streamed through `datasets` (hub name or a builder like `json` with data_files),
+    sharded with `split_dataset_by_node`; `datasets`' own state_dict makes the position exact."""
+
+    def __init__(self, path: str, name: str | None, split: str, data_files: list[str], extract: Extract, seed: int,
+                 rank: int, world: int):
+        from datasets import load_dataset
+        from datasets.distributed import split_dataset_by_node
+
+        kwargs = {"data_files": data_files} if data_files else {}
+        try:
+            dataset = load_dataset(path, name, split=split, streaming=True, **kwargs)
+        except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+            raise DataError(f"data.hub_path={path!r}: cannot open the dataset ({type(e).__name__}: {e})") from None
+        self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
+        self.extract, self.seed, self.rank = extract, seed, rank
+        self.bad = BadRecords()
+
+    def records(self, start: Position) -> Iterator[Record]:
+        pos = Position(**start.state())
+        while True:
+            self.dataset.set_epoch(pos.epoch)
+            if pos.extra.get("datasets_state"):
+                self.dataset.load_state_dict(pos.extra["datasets_state"])
+            count = 0
+            for example in self.dataset:
+                count += 1
+                pos.record += 1
+                payload, reason = self.extract(example)
+                if reason:
+                    self.bad.add(reason, f"{self.dataset.info.dataset_name or 'hub'}:example {pos.record}")
+                    continue
+                self.bad.good += 1
+                pos.extra = {"datasets_state": self.dataset.state_dict()}
+                yield Record(payload, f"hub:{pos.record}", Position(**pos.state()))
+            if count == 0 and not pos.extra.get("datasets_state"):
+                raise DataError(f"data: the hub dataset gave no example to rank {self.rank}")
+            pos.epoch, pos.extra = pos.epoch + 1, {}

@@ -1,0 +1,163 @@
+"""launch/pretrain.py end to end, in subprocesses like a user runs it: metrics and exports, bitwise resume, a crash
+mid-save, non-finite losses, two processes under torchrun, and config errors before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+PRETRAIN = str(ROOT / "launch" / "pretrain.py")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One built-in BPE for the whole session (training it takes seconds)."""
+    return tmp_path_factory.mktemp("bpe-cache")
+
+
+def run_pretrain(run_dir: Path, cache: Path, *overrides: str, nproc: int = 1, fault: str | None = None,
+                 timeout: int = 300) -> subprocess.CompletedProcess:
+    args = ["experiment=smoke", f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}", "logging.wandb=disabled",
+            *overrides]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", PRETRAIN,
+               *args, "parallel.timeout_s=60"]
+    else:
+        cmd = [sys.executable, PRETRAIN, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env.pop("LATENTMOE_FAULT", None)
+    if fault:
+        env["LATENTMOE_FAULT"] = fault
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=run_dir.parent)
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    return {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_smoke_run_logs_checkpoints_and_exports(tmp_path, cache_dir, transformers_ds):
+    run = tmp_path / "run"
+    out = _ok(run_pretrain(run, cache_dir)).stdout
+    assert "checkpoint" in out and "metrics" in out and "HF export" in out
+    m = metrics(run)
+    assert sorted(m) == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "aux_loss", "balance_expert", "balance_device", "balance_comm", "lr", "grad_norm",
+                "tokens_per_s", "peak_mem_gib", "skipped_steps", "bad_records", "load_imbalance",
+                "load_imbalance_per_layer"):
+        assert key in m[6], key
+    assert len(m[6]["load_imbalance_per_layer"]) == 2 and "val_loss" in m[3] and "val_ppl" in m[6]
+    assert m[6]["loss"] < m[1]["loss"]
+    complete = sorted(p.name for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    assert complete == ["step_00000003", "step_00000006"]
+
+    # The HF export loads in transformers with the same logits as the trained model's checkpoint.
+    from model import CausalLM
+    from model.hf import load_config
+    from safetensors.torch import load_file
+    _, model_cls = transformers_ds
+    ours = CausalLM(load_config(run / "hf")).eval()
+    ours.load_state_dict(load_file(run / "checkpoints" / "step_00000006" / "model.safetensors"))
+    theirs = model_cls.from_pretrained(run / "hf").float().eval()
+    ids = torch.randint(0, 4096, (1, 24))
+    with torch.no_grad():
+        assert (ours(ids).logits - theirs(ids).logits).abs().max() < 1e-4
+    assert (run / "hf" / "tokenizer.json").exists()
+
+
+def test_resume_continues_bitwise(tmp_path, cache_dir):
+    straight = tmp_path / "straight"
+    _ok(run_pretrain(straight, cache_dir))
+    resumed = tmp_path / "resumed"
+    out = _ok(run_pretrain(resumed, cache_dir,
+                           f"checkpoint.resume={straight / 'checkpoints' / 'step_00000003'}")).stdout
+    assert "resumed from" in out
+    a, b = metrics(straight), metrics(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert (a[step]["loss"], a[step]["grad_norm"]) == (b[step]["loss"], b[step]["grad_norm"]), step
+    assert a[6]["val_loss"] == b[6]["val_loss"]
+
+
+def test_a_crash_mid_save_resumes_from_the_previous_complete_checkpoint(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    crashed = run_pretrain(run, cache_dir, fault="save@6")
+    assert crashed.returncode != 0
+    step6 = run / "checkpoints" / "step_00000006"
+    assert step6.is_dir() and not (step6 / "COMPLETE").exists()  # written in part, never committed
+    out = _ok(run_pretrain(run, cache_dir)).stdout  # checkpoint.resume=auto (the default)
+    assert f"resumed from {run / 'checkpoints' / 'step_00000003'} at step 3" in out
+    assert (step6 / "COMPLETE").exists()
+
+
+def test_non_finite_loss_is_skipped_or_stops_the_run(tmp_path, cache_dir):
+    run = tmp_path / "skip"
+    _ok(run_pretrain(run, cache_dir, "checkpoint.every=0", fault="nan_loss@1"))  # 0-based step 1 = step 2
+    m = metrics(run)
+    assert m[1]["skipped_steps"] == 0 and m[2]["skipped_steps"] == 1 and m[6]["skipped_steps"] == 1
+    assert all(v["loss"] == v["loss"] for s, v in m.items() if s != 2)  # finite everywhere else
+    stopped = run_pretrain(tmp_path / "stop", cache_dir, "trainer.non_finite=stop", fault="nan_loss@1")
+    assert stopped.returncode != 0 and "step 2: non-finite loss" in stopped.stderr
+    assert not (tmp_path / "stop" / "checkpoints").exists()  # nothing saved after the bad step
+
+
+def test_two_processes_under_torchrun_and_their_bitwise_resume(tmp_path, cache_dir):
+    run = tmp_path / "ddp"
+    _ok(run_pretrain(run, cache_dir, "trainer.max_steps=4", "checkpoint.every=2", nproc=2))
+    ckpt = run / "checkpoints" / "step_00000002"
+    assert (ckpt / "data_rank00000.json").exists() and (ckpt / "data_rank00001.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("ddp", "resumed")]  # rank 1 wrote no run dir
+    resumed = tmp_path / "resumed"
+    _ok(run_pretrain(resumed, cache_dir, "trainer.max_steps=4", f"checkpoint.resume={ckpt}", nproc=2))
+    a, b = metrics(run), metrics(resumed)
+    assert [a[s]["loss"] for s in (3, 4)] == [b[s]["loss"] for s in (3, 4)]
+    refused = run_pretrain(tmp_path / "one", cache_dir, "trainer.max_steps=4", f"checkpoint.resume={ckpt}")
+    assert refused.returncode != 0 and "saved with 2 data-parallel ranks, resuming with 1" in refused.stderr
+
+
+def test_config_errors_stop_before_anything_starts(tmp_path, cache_dir):
+    proc = run_pretrain(tmp_path / "bad", cache_dir, "trainer.global_batch_size=5", timeout=120)
+    assert proc.returncode == 2
+    assert "config error: trainer.global_batch_size=5: must be a multiple" in proc.stderr
+    proc = run_pretrain(tmp_path / "bad2", cache_dir, "model.topk_method=sinkhorn", timeout=120)
+    assert proc.returncode == 2 and "ModelConfig.topk_method='sinkhorn'" in proc.stderr
+
+
+def test_resume_none_starts_fresh_even_with_checkpoints_present(tmp_path, cache_dir):
+    run = tmp_path / "run"
+    _ok(run_pretrain(run, cache_dir, "trainer.max_steps=3"))
+    out = _ok(run_pretrain(run, cache_dir, "trainer.max_steps=3", "checkpoint.resume=none")).stdout
+    assert "fresh start at step 0" in out
+
+
+def test_convert_exports_a_checkpoint_and_imports_an_hf_directory_to_train_from(tmp_path, cache_dir):
+    from model.hf import load_pretrained
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    _ok(run_pretrain(run, cache_dir, "trainer.max_steps=3", "checkpoint.export_hf=false"))
+    step3 = run / "checkpoints" / "step_00000003"
+    convert = [sys.executable, str(ROOT / "launch" / "convert.py")]
+    subprocess.run(convert + ["export", str(step3), str(tmp_path / "hf")], check=True, capture_output=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    exported = load_pretrained(tmp_path / "hf")
+    weights = load_file(step3 / "model.safetensors")
+    assert all(torch.equal(v, weights[k]) for k, v in exported.state_dict().items())
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+
+    subprocess.run(convert + ["import", str(tmp_path / "hf"), str(tmp_path / "start")], check=True,
+                   capture_output=True, timeout=120)
+    out = _ok(run_pretrain(tmp_path / "again", cache_dir, "trainer.max_steps=2",
+                           f"checkpoint.resume={tmp_path / 'start'}")).stdout
+    assert f"resumed from {tmp_path / 'start'} at step 0" in out

@@ -1,0 +1,104 @@
+"""The Hydra entry point behind `launch/pretrain.py`.
+
+It runs under plain `python` (one process), `torchrun` and the `deepspeed` launcher (whose `--local_rank` argument is
+accepted and dropped: the rank comes from the environment). The configuration is composed, typed and validated on
+every rank before any process group exists; rank 0's resolved config and run directory are then broadcast, so all
+ranks train with the same settings even if their clocks put Hydra's default run directories a second apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .config import TrainConfig, register_configs
+from .distributed import broadcast_object, env_from_launcher, init_process_group, pick_device, shutdown
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def strip_launcher_args(argv: list[str]) -> list[str]:
+    """Drop `--local_rank N` / `--local_rank=N` (and the dash spelling) that the deepspeed launcher appends."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--local_rank", "--local-rank"):
+            skip = True
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            continue
+        out.append(arg)
+    return out
+
+
+def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
+    """The typed config (interpolations resolved, enums and nested dataclasses built, ModelConfig validated)."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    _reject_unknown_keys(cfg, TrainConfig, "")
+    return OmegaConf.to_object(cfg)
+
+
+def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    """Hydra's `+key=value` appends even to typed nodes, and to_object would then drop the key silently."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        if key not in fields:
+            raise ValueError(f"{prefix}{key}: unknown key; allowed: {', '.join(sorted(fields))}")
+        kind = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(kind) and isinstance(node[key], DictConfig):
+            _reject_unknown_keys(node[key], kind, f"{prefix}{key}.")
+
+
+def _task(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .train import config_dict, copy_run_config, train
+
+    env = env_from_launcher()
+    try:
+        train_cfg = to_train_config(cfg)
+        train_cfg.validate(env.world_size)  # every error so far happened before any process group
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    device = pick_device(train_cfg.trainer.device, env)
+    init_process_group(env, device, train_cfg.parallel.backend, train_cfg.parallel.timeout_s)
+    try:
+        resolved, run_dir = broadcast_object((config_dict(train_cfg), str(run_dir)) if env.is_main else None, env)
+        train_cfg, run_dir = to_train_config(resolved), Path(run_dir)
+        if env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            copy_run_config(run_dir, train_cfg)
+        train(train_cfg, run_dir, env)
+    finally:
+        shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import hydra
+
+    register_configs()
+    sys.argv = [sys.argv[0]] + strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    env = env_from_launcher()
+    scratch = None
+    if env.rank > 0:
+        # Only rank 0 writes the run directory; the others compose in a scratch directory removed at exit.
+        scratch = tempfile.mkdtemp(prefix="latentmoe-hydra-")
+        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                     "hydra/hydra_logging=disabled"]
+    try:
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)()
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)

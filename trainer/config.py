@@ -1,0 +1,171 @@
+"""The typed training configuration. Hydra composes `conf/` YAML over these dataclasses (registered in its
+ConfigStore), and the entry point turns the result into `TrainConfig` at once; every component then receives only
+its own section. `validate()` checks what types alone cannot, before any process group starts, and names the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from data.config import DataConfig
+from model.config import ModelConfig
+
+
+class WandbMode(str, Enum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class Schedule(str, Enum):
+    step = "step"      # the paper's warmup then x0.316 at 60% and 90% of training
+    cosine = "cosine"
+    constant = "constant"
+
+
+class NonFinite(str, Enum):
+    skip = "skip"      # drop the update, count it, go on
+    stop = "stop"      # end the run on every rank with an error naming the step
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate (the paper: 2.4e-4 for V2, 4.2e-4 for V2-Lite)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    """Applied to matrices and embeddings; never to norms."""
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global gradient norm (0 disables clipping)."""
+    schedule: Schedule = Schedule.step
+    warmup_steps: int = 20
+    decay_at: list[float] = field(default_factory=lambda: [0.6, 0.9])
+    """`step` schedule: fractions of max_steps where the LR is multiplied by `decay_factor`."""
+    decay_factor: float = 0.316
+    min_lr_ratio: float = 0.1
+    """`cosine` schedule: final LR as a fraction of `lr`."""
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on GPUs, gloo on CPU), nccl or gloo."""
+    timeout_s: int = 600
+    """Process-group timeout: a rank stuck this long in a collective ends the job instead of hanging it."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    micro_batch_size: int = 8
+    """Sequences per data-parallel rank per forward/backward."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all ranks; gradient accumulation = global / (micro x data-parallel ranks)."""
+    batch_ramp_start: int | None = None
+    """Optional batch-size ramp (the paper's 2304 -> 9216): global batch at step 0, growing linearly to
+    `global_batch_size` over `batch_ramp_steps` (rounded down to a multiple of micro x ranks)."""
+    batch_ramp_steps: int = 0
+    seed: int = 1234
+    log_every: int = 10
+    val_every: int = 100
+    """Validation loss and perplexity every this many steps (and at the end); 0 disables."""
+    val_batches: int = 4
+    """Micro-batches per rank in one validation pass (the same held-out batches every time)."""
+    device: str = "auto"
+    """auto (cuda:LOCAL_RANK if available, else cpu), cpu or cuda."""
+    precision: str = "auto"
+    """auto (bf16 autocast on GPUs, fp32 on CPU), fp32 or bf16."""
+    non_finite: NonFinite = NonFinite.skip
+    max_skipped_steps: int = 20
+    """With non_finite=skip, stop once this many updates were skipped."""
+    peak_tflops: float | None = None
+    """Hardware peak for MFU on GPUs; default from the device name (H100/H200: 989 bf16 dense)."""
+    progress: bool = True
+    """Show a progress bar with ETA on rank 0."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "${hydra:runtime.output_dir}/checkpoints"
+    every: int = 100
+    """Save every this many steps (and at the end); 0 saves only at the end."""
+    resume: str = "auto"
+    """`auto` (the newest complete checkpoint in `dir`, if any), `none`, or a checkpoint directory path."""
+    keep: int = 3
+    """Complete checkpoints kept; older ones are deleted (the newest complete one never is)."""
+    export_hf: bool = True
+    """Export the final model in Hugging Face format to `<run dir>/hf` at the end."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbMode = WandbMode.offline
+    """offline by default: nothing ever needs a network or an account."""
+    project: str = "latentmoe"
+    heatmap_every: int = 100
+    """Log an expert-load heatmap image per MoE layer to wandb every this many steps."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Checks across fields; raises ValueError naming the key and what is allowed."""
+        self.data.validate()
+        t, o = self.trainer, self.optim
+
+        def bad(key: str, value, why: str) -> ValueError:
+            return ValueError(f"{key}={value!r}: {why}")
+
+        for key in ("max_steps", "micro_batch_size", "global_batch_size", "log_every", "val_batches"):
+            if getattr(t, key) < 1:
+                raise bad(f"trainer.{key}", getattr(t, key), "must be >= 1")
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step:
+            raise bad("trainer.global_batch_size", t.global_batch_size,
+                      f"must be a multiple of trainer.micro_batch_size x data-parallel ranks = "
+                      f"{t.micro_batch_size} x {world_size} = {per_step}")
+        if t.batch_ramp_start is not None:
+            if not per_step <= t.batch_ramp_start <= t.global_batch_size:
+                raise bad("trainer.batch_ramp_start", t.batch_ramp_start,
+                          f"must be in [{per_step}, trainer.global_batch_size={t.global_batch_size}]")
+            if t.batch_ramp_steps < 1:
+                raise bad("trainer.batch_ramp_steps", t.batch_ramp_steps, "must be >= 1 when ramping")
+        if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
+            raise bad("trainer.device", t.device, "allowed: auto, cpu, cuda")
+        if t.precision not in ("auto", "fp32", "bf16"):
+            raise bad("trainer.precision", t.precision, "allowed: auto, fp32, bf16")
+        if self.parallel.backend not in ("auto", "gloo", "nccl"):
+            raise bad("parallel.backend", self.parallel.backend, "allowed: auto, gloo, nccl")
+        if o.lr <= 0:
+            raise bad("optim.lr", o.lr, "must be > 0")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise bad("optim.betas", o.betas, "must be two numbers in [0, 1)")
+        if sorted(o.decay_at) != list(o.decay_at) or not all(0 < f < 1 for f in o.decay_at):
+            raise bad("optim.decay_at", o.decay_at, "must be increasing fractions in (0, 1)")
+        if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
+            raise bad("optim.warmup_steps/grad_clip/weight_decay", (o.warmup_steps, o.grad_clip, o.weight_decay),
+                      "must be >= 0")
+        if self.checkpoint.keep < 1:
+            raise bad("checkpoint.keep", self.checkpoint.keep, "must be >= 1")
+        if self.checkpoint.every < 0:
+            raise bad("checkpoint.every", self.checkpoint.every, "must be >= 0 (0: only at the end)")
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise bad("data.seq_len", self.data.seq_len,
+                      f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
+
+
+def register_configs() -> None:
+    """Register the schema Hydra composes `conf/` onto (conf/config.yaml lists it first in its defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=TrainConfig)

@@ -1,0 +1,108 @@
+"""Process setup and the few collectives the simple data-parallel path needs. Everything that crosses processes
+lives in trainer/, never in model/."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_from_launcher() -> DistEnv:
+    """Rank, world size and local rank as torchrun and the deepspeed launcher export them (one process otherwise)."""
+    return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def pick_device(choice: str, env: DistEnv) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("trainer.device=cuda: no CUDA device is visible")
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device(choice)
+
+
+def init_process_group(env: DistEnv, device: torch.device, backend: str, timeout_s: int) -> None:
+    if not env.distributed or dist.is_initialized():
+        return
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's `obj` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def average_gradients(params: list[torch.nn.Parameter], env: DistEnv, bucket_bytes: int = 32 * 2**20) -> None:
+    """Mean of every gradient over the data-parallel ranks, in coalesced buckets (the DDP-equivalent reduction of
+    the simple path; the DeepSpeed engine replaces it)."""
+    if not env.distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket and (g is None or size >= bucket_bytes):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= env.world_size
+            offset = 0
+            for b in bucket:
+                b.copy_(flat[offset:offset + b.numel()].view_as(b))
+                offset += b.numel()
+            bucket, size = [], 0
+
+
+def broadcast_parameters(module: torch.nn.Module, env: DistEnv) -> None:
+    """Make every replica start from rank 0's weights."""
+    if env.distributed:
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)

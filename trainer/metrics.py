@@ -1,0 +1,158 @@
+"""Metrics on rank 0: one log line per `log_every` steps with a fixed vocabulary, the same numbers as one JSON
+object per logged step in `<run dir>/metrics.jsonl`, a progress bar with ETA, and wandb (offline by default) with an
+expert-load heatmap per MoE layer from time to time."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import LoggingConfig, WandbMode
+
+# Peak dense bf16 TFLOP/s by device name, for MFU when trainer.peak_tflops is not given.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                    "A10": 125.0, "L4": 121.0}
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def load_imbalance(tokens_per_expert: torch.Tensor) -> tuple[float, list[float]]:
+    """(pooled max/mean over all layers' experts, per-layer max/mean) of a (layers, experts) count matrix."""
+    counts = tokens_per_expert.double()
+    per_layer = (counts.max(1).values / counts.mean(1).clamp(min=1e-12)).tolist()
+    return float(counts.max() / counts.mean().clamp(min=1e-12)), per_layer
+
+
+def heatmap_image(history: list[np.ndarray]) -> np.ndarray:
+    """RGB uint8 image of load over time for one layer: rows = logged steps, columns = experts; white is the
+    uniform share, blue under-loaded, red over-loaded (saturating at 3x)."""
+    loads = np.stack(history)  # (steps, experts), each row sums to 1
+    ratio = loads * loads.shape[1]  # 1.0 = uniform
+    over = np.clip((ratio - 1) / 2, 0, 1)
+    under = np.clip(1 - ratio, 0, 1)
+    rgb = np.stack([1 - under, 1 - over - under * 0.5, 1 - over], axis=-1).clip(0, 1)
+    scale = max(4, 512 // loads.shape[1])  # about 512 pixels wide whatever the expert count
+    return (np.kron(rgb, np.ones((scale, scale, 1))) * 255).astype(np.uint8)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, cfg: LoggingConfig, max_steps: int, start_step: int, enabled: bool,
+                 config_dict: dict, progress: bool):
+        self.enabled, self.cfg, self.max_steps = enabled, cfg, max_steps
+        self.history: dict[int, list[np.ndarray]] = {}
+        self.bar = None
+        self.wandb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if progress and sys.stderr.isatty():  # a bar in a log file is only carriage returns
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                                file=sys.stderr)
+            except ImportError:
+                self.bar = None
+        if cfg.wandb != WandbMode.disabled:
+            import wandb
+            self.wandb = wandb.init(project=cfg.project, dir=str(run_dir), mode=cfg.wandb.value, config=config_dict,
+                                    resume="allow")
+
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def log(self, step: int, metrics: dict[str, Any], layer_load: torch.Tensor | None = None,
+            layer_ids: list[int] | None = None) -> None:
+        """Write one logged step: the line, the JSON object and (if on) wandb."""
+        if not self.enabled:
+            return
+        self.print(format_line(step, self.max_steps, metrics))
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+            if layer_load is not None:
+                for layer, row in zip(layer_ids or range(len(layer_load)), layer_load):
+                    total = float(row.sum())
+                    if total > 0:
+                        self.history.setdefault(layer, []).append((row / total).numpy())
+                if self.cfg.heatmap_every and step % self.cfg.heatmap_every == 0:
+                    import wandb
+                    for layer, rows in self.history.items():
+                        flat[f"expert_load/layer_{layer}"] = wandb.Image(
+                            heatmap_image(rows[-64:]), caption="rows: logged steps, columns: experts")
+            self.wandb.log(flat, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
+    def num(key: str, fmt: str) -> str:
+        value = m.get(key)
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+    parts = [f"step {step}/{max_steps}", f"loss {num('loss', '.4f')}"]
+    if "balance_expert" in m:
+        parts.append(f"bal {num('balance_expert', '.3f')}/{num('balance_device', '.3f')}/{num('balance_comm', '.3f')}")
+    parts += [f"lr {num('lr', '.2e')}", f"gnorm {num('grad_norm', '.3f')}", f"{num('tokens_per_s', ',.0f')} tok/s"]
+    if m.get("mfu") is not None:
+        parts.append(f"mfu {m['mfu'] * 100:.1f}%")
+    parts.append(f"mem {num('peak_mem_gib', '.2f')}G")
+    if "load_imbalance" in m:
+        parts.append(f"imb {num('load_imbalance', '.2f')}")
+    parts.append(f"skipped {m.get('skipped_steps', 0)} bad {m.get('bad_records', 0)}")
+    if "val_loss" in m:
+        parts.append(f"val {num('val_loss', '.4f')} ppl {num('val_ppl', '.1f')}")
+    return " | ".join(parts)
+
+
+class Throughput:
+    """Tokens/s over the steps since the last reading."""
+
+    def __init__(self):
+        self.t0, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.t0, 1e-9)
+        self.t0, self.tokens = now, 0
+        return rate
