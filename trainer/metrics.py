@@ -139,6 +139,9 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
     parts.append(f"skipped {m.get('skipped_steps', 0)} bad {m.get('bad_records', 0)}")
     if "val_loss" in m:
         parts.append(f"val {num('val_loss', '.4f')} ppl {num('val_ppl', '.1f')}")
+    if m.get("eta_s") is not None and step < max_steps:
+        minutes, seconds = divmod(int(m["eta_s"]), 60)
+        parts.append(f"eta {minutes // 60}:{minutes % 60:02d}:{seconds:02d}")
     return " | ".join(parts)
 
 

@@ -200,6 +200,7 @@ def train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
     moe_layer_ids = [i for i, layer in enumerate(model.model.layers) if layer.is_moe]
     last_saved = step if resume else None
     first_loss = last_loss = None
+    loop_start, loop_first_step = time.time(), step
 
     def save(at_step: int) -> Path:
         state = {"step": at_step, "tokens_seen": tokens_seen, "skipped": skipped, "world_size": env.world_size,
@@ -232,7 +233,8 @@ def train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
                            "mfu": flops_per_token * tokens_per_s / (peak * 1e12 * env.world_size) if peak else None,
                            "peak_mem_gib": peak_memory_gib(device), "skipped_steps": skipped,
                            "bad_records": sum(loader.bad_records["counts"].values()),
-                           "global_batch": global_batch_at(step - 1, cfg.trainer, env.world_size)}
+                           "global_batch": global_batch_at(step - 1, cfg.trainer, env.world_size),
+                           "eta_s": (time.time() - loop_start) / (step - loop_first_step) * (cfg.trainer.max_steps - step)}
                 if result.tokens_per_expert is not None:
                     metrics["load_imbalance"], metrics["load_imbalance_per_layer"] = load_imbalance(
                         result.tokens_per_expert)

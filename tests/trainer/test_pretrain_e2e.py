@@ -161,3 +161,15 @@ def test_convert_exports_a_checkpoint_and_imports_an_hf_directory_to_train_from(
     out = _ok(run_pretrain(tmp_path / "again", cache_dir, "trainer.max_steps=2",
                            f"checkpoint.resume={tmp_path / 'start'}")).stdout
     assert f"resumed from {tmp_path / 'start'} at step 0" in out
+
+
+def test_sft_run_and_bf16_autocast_on_cpu(tmp_path, cache_dir):
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus {i}?"},
+                          {"role": "assistant", "content": f"{2 * i}"}]} for i in range(40)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "sft"
+    _ok(run_pretrain(run, cache_dir, "data=sft", f"data.paths=[{data}]", "data.seq_len=64", "trainer.val_every=0",
+                     "trainer.max_steps=3", "trainer.precision=bf16"))
+    m = metrics(run)
+    assert sorted(m) == [1, 2, 3] and all(v["loss"] == v["loss"] for v in m.values())
