@@ -1,8 +1,15 @@
-"""Benchmark one training step (forward + backward + AdamW step) of latentmoe against transformers'
-DeepseekV2ForCausalLM, same config, same weights, same batch, one process, one after the other.
+"""Benchmarks, measured as ratios within one run.
+
+model (default): one training step (forward + backward + AdamW step) of latentmoe against transformers'
+DeepseekV2ForCausalLM, same config, same weights, same batch, one process.
 
     python launch/bench.py                                  # tiny preset on CPU
     python launch/bench.py --preset v2_lite --layers 4 --batch 4 --seq 2048      # on a GPU: V2-Lite shape, depth 4
+
+data: the streaming data pipeline's tokens/s beside the tokenizer's raw encode_batch tokens/s on the same text.
+
+    python launch/bench.py data                             # built-in corpus and BPE
+    python launch/bench.py data --tokenizer /ckpt/DeepSeek-V2-Lite --paths '/data/*.jsonl'
 
 Prints step time, tokens/s and MFU for both and the throughput ratio. MFU = model FLOPs per token
 (model/flops.py: activated parameters plus causal attention) x tokens/s / peak, where the peak is given with
@@ -212,5 +219,70 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def data_main(argv: list[str]) -> dict:
+    from data.config import DataConfig
+    from data.loader import build_loader, build_source, build_tokenizer
+    from data.sources import Position
+
+    p = argparse.ArgumentParser(prog="bench.py data", description="data pipeline vs raw tokenizer throughput")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json or checkpoint dir (default: built-in BPE)")
+    p.add_argument("--paths", nargs="*", default=[], help="JSON Lines / Parquet / text globs (default: built-in)")
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--cache-dir", default="~/.cache/latentmoe")
+    p.add_argument("--rounds", type=int, default=3, help="timed repetitions on each side (medians reported)")
+    p.add_argument("--max-mb", type=float, default=64, help="text measured (the corpus's first epoch, capped)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    cfg = DataConfig(source="files" if args.paths else "stdlib", paths=list(args.paths), tokenizer=args.tokenizer,
+                     seq_len=args.seq, cache_dir=args.cache_dir)
+    tokenizer = build_tokenizer(cfg)
+    # The documents of one epoch (up to 64 MB), in memory, for the raw measurement; the pipeline reads the same.
+    texts = []
+    for record in build_source(cfg, "train", seed=0, rank=0, world=1).records(Position()):
+        if record.position.epoch > 0 or sum(map(len, texts)) > args.max_mb * 2**20:
+            break
+        texts.append(record.payload)
+    # Raw: the tokenizer alone over the in-memory texts, `rounds` times. Pipeline: one loader in steady state (one
+    # pass of warm-up fills the shuffle buffer and the read-ahead), then `rounds` timed passes of the same number of
+    # tokens. Medians on both sides; a shared machine's slow spells move single measurements by 30% or more.
+    raw: dict[str, list[float]] = {}
+    fast = "encode_batch_fast" if hasattr(tokenizer.tokenizer, "encode_batch_fast") else "encode_batch"
+    for _ in range(args.rounds):
+        for name in dict.fromkeys(("encode_batch", fast)):
+            start = time.perf_counter()
+            n_tokens = sum(len(e.ids) for e in getattr(tokenizer.tokenizer, name)(texts))
+            raw.setdefault(name, []).append(n_tokens / (time.perf_counter() - start))
+    loader = build_loader(cfg, tokenizer, args.batch, seed=0)
+
+    def one_pass() -> float:
+        """At least the raw side's token count and at least 3 s, so buffered tokens cannot dominate the rate."""
+        start, produced = time.perf_counter(), 0
+        while produced < n_tokens or time.perf_counter() - start < 3.0:
+            produced += next(loader)["input_ids"].numel()
+        return produced / (time.perf_counter() - start)
+
+    one_pass()
+    pipeline = [one_pass() for _ in range(args.rounds)]
+    loader.close()
+    med = statistics.median
+    best_raw = max(med(v) for v in raw.values())
+    ratio = med(pipeline) / best_raw
+    results = {"documents": len(texts), "tokens": n_tokens, "pipeline_tokens_per_s": med(pipeline),
+               **{f"raw_{k}_tokens_per_s": med(v) for k, v in raw.items()}, "ratio": ratio}
+    print(f"data: {len(texts)} documents, {n_tokens:,} tokens, tokenizer {tokenizer.source}, "
+          f"median of {args.rounds} rounds")
+    for name, rates in raw.items():
+        print(f"  raw tokenizer {name:18s} {med(rates):12,.0f} tokens/s")
+    print(f"  pipeline (read, tokenize, pack, shuffle, batch) {med(pipeline):12,.0f} tokens/s")
+    print(f"  ratio pipeline / fastest raw: {ratio:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["data"]:
+        data_main(sys.argv[2:])
+    else:
+        main(sys.argv[1:] if sys.argv[1:2] != ["model"] else sys.argv[2:])

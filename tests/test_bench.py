@@ -28,3 +28,18 @@ def test_bench_prints_both_throughputs_and_the_ratio(tmp_path, preset, transform
         assert 0 < results[name]["mfu"] < 1
     assert results["ratio"] == pytest.approx(
         results["latentmoe"]["tokens_per_s"] / results["transformers"]["tokens_per_s"])
+
+
+def test_data_bench_reports_pipeline_and_raw_tokenizer_rates(tmp_path):
+    out = tmp_path / "data.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench.py"), "data", "--cache-dir", str(tmp_path / "cache"),
+         "--rounds", "1", "--max-mb", "1", "--seq", "128", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    results = json.loads(out.read_text())
+    assert results["tokens"] > 100_000 and results["pipeline_tokens_per_s"] > 0
+    assert results["raw_encode_batch_tokens_per_s"] > 0
+    assert results["ratio"] == pytest.approx(results["pipeline_tokens_per_s"] / max(
+        v for k, v in results.items() if k.startswith("raw_")))
