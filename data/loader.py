@@ -42,16 +42,18 @@ def build_tokenizer(cfg: DataConfig) -> TextTokenizer:
 def build_source(cfg: DataConfig, split: str, seed: int, rank: int, world: int):
     """The record source of a split, or None when there is no validation data."""
     shuffle = split == "train"
-    extract = messages_extractor(cfg.messages_field) if cfg.kind == "sft" else text_extractor(cfg.text_field)
+    sft = cfg.kind == "sft"
+    extract = messages_extractor(cfg.messages_field) if sft else text_extractor(cfg.text_field)
+    field_name = cfg.messages_field if sft else cfg.text_field
     if split == "val" and cfg.val_paths:
-        return FileSource(expand_globs(cfg.val_paths, "data.val_paths"), extract, cfg.text_field, seed, rank, world,
+        return FileSource(expand_globs(cfg.val_paths, "data.val_paths"), extract, field_name, seed, rank, world,
                           shuffle_files=False)
     if cfg.source == "stdlib":
         return StdlibSource(split, cfg.val_every, seed, rank, world, shuffle=shuffle)
     if split == "val":
         return None
     if cfg.source == "files":
-        return FileSource(expand_globs(cfg.paths), extract, cfg.text_field, seed, rank, world)
+        return FileSource(expand_globs(cfg.paths), extract, field_name, seed, rank, world)
     return HubSource(cfg.hub_path, cfg.hub_name, cfg.hub_split, list(cfg.hub_data_files), extract, seed, rank, world)
 
 
@@ -59,8 +61,14 @@ class Pipeline:
     """One rank's deterministic stream of micro-batches, each paired with a snapshot of the state after it."""
 
     def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer, source, micro_batch_size: int, seed: int,
-                 rank: int, shuffle: bool = True):
+                 rank: int, world: int = 1, shuffle: bool = True):
         self.cfg, self.tokenizer, self.source, self.batch_size = cfg, tokenizer, source, micro_batch_size
+        # What a saved position means: resuming under other settings would silently read another stream.
+        self.fingerprint = {
+            "kind": cfg.kind, "input": source.identity(), "seed": seed, "rank": rank, "world": world,
+            "seq_len": cfg.seq_len, "micro_batch_size": micro_batch_size, "shuffle_buffer": cfg.shuffle_buffer,
+            "docs_per_chunk": cfg.docs_per_chunk, "tokenizer_vocab": tokenizer.vocab_size,
+            "eos": tokenizer.eos_id, "bos": tokenizer.bos_id}
         self.sft = cfg.kind == "sft"
         self.packer = ConversationPacker(cfg.seq_len, tokenizer.pad_id) if self.sft else ConcatPacker(cfg.seq_len)
         self.buffer = ShuffleBuffer(cfg.shuffle_buffer if shuffle else 1, seed=[seed, rank, 1])
@@ -69,6 +77,12 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------------- state
     def load_state(self, state: dict) -> None:
+        saved = state.get("fingerprint", {})
+        changed = sorted(k for k in self.fingerprint if saved.get(k) != self.fingerprint[k])
+        if changed:
+            raise DataError("data: the checkpoint's data position was saved with other settings; changed: " + "; ".join(
+                f"{k}: {saved.get(k)!r} -> {self.fingerprint[k]!r}" for k in changed) +
+                " (resume with the original data settings, or start from the weights alone: launch/convert.py)")
         self.position = Position.from_state(state["position"])
         self.packer.load_state(state["packer"])
         self.buffer.load_state(state["buffer"])
@@ -82,7 +96,7 @@ class Pipeline:
     def state_from(self, snapshot: tuple) -> dict:
         position, packer, buffer, bad = snapshot
         return {"position": position, "packer": self.packer.state_from(packer), "buffer": self.buffer.state_from(buffer),
-                "bad": bad}
+                "bad": bad, "fingerprint": self.fingerprint}
 
     # ---------------------------------------------------------------------------------------- stream
     def _examples(self, payloads: list) -> list:
@@ -216,7 +230,7 @@ def build_loader(cfg: DataConfig, tokenizer: TextTokenizer, micro_batch_size: in
     source = build_source(cfg, split, seed, rank, world)
     if source is None:
         return None
-    pipeline = Pipeline(cfg, tokenizer, source, micro_batch_size, seed, rank, shuffle=split == "train")
+    pipeline = Pipeline(cfg, tokenizer, source, micro_batch_size, seed, rank, world, shuffle=split == "train")
     return StatefulLoader(pipeline, cfg.prefetch)
 
 

@@ -12,6 +12,7 @@ skipped and counted by reason, with the file and line of the first few, in `BadR
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import sysconfig
@@ -136,13 +137,17 @@ def text_extractor(field_name: str) -> Extract:
 class FileSource:
     """Local JSON Lines / Parquet / text files, as records in file order, shuffled file order per epoch."""
 
-    def __init__(self, files: list[Path], extract: Extract, text_field: str, seed: int, rank: int, world: int,
+    def __init__(self, files: list[Path], extract: Extract, field_name: str, seed: int, rank: int, world: int,
                  shuffle_files: bool = True):
+        """`field_name` is the column Parquet files must have (`data.text_field`, or `data.messages_field` for SFT)."""
         if not files:
             raise DataError("data: no input files")
-        self.files, self.extract, self.text_field = files, extract, text_field
+        self.files, self.extract, self.field_name = files, extract, field_name
         self.seed, self.rank, self.world, self.shuffle_files = seed, rank, world, shuffle_files
         self.bad = BadRecords()
+
+    def identity(self) -> list[str]:
+        return [str(f) for f in self.files]
 
     def file_order(self, epoch: int) -> list[Path]:
         if not self.shuffle_files:
@@ -220,21 +225,21 @@ class FileSource:
             pf = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
             raise DataError(f"{path}: not a readable Parquet file ({e})") from None
-        if self.text_field not in pf.schema_arrow.names:
-            raise DataError(f"{path}: no column {self.text_field!r} (columns: {pf.schema_arrow.names}); "
-                            "set data.text_field")
+        if self.field_name not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no column {self.field_name!r} (columns: {pf.schema_arrow.names}); "
+                            "set data.text_field (or data.messages_field for SFT)")
         row0 = 0
         for group in range(pf.num_row_groups):
             rows = pf.metadata.row_group(group).num_rows
             if row0 + rows <= pos.offset:
                 row0 += rows
                 continue
-            column = pf.read_row_group(group, columns=[self.text_field]).column(0).to_pylist()
+            column = pf.read_row_group(group, columns=[self.field_name]).column(0).to_pylist()
             for i in range(pos.offset - row0, rows):
                 pos.offset = row0 + i + 1
                 if not self._mine(pos):
                     continue
-                payload, reason = self.extract({self.text_field: column[i]})
+                payload, reason = self.extract({self.field_name: column[i]})
                 if reason:
                     self.bad.add(reason, f"{path}:row {row0 + i}")
                     continue
@@ -304,6 +309,9 @@ class StdlibSource:
     def fingerprint(self) -> str:
         return "|".join(name for name, _ in self.docs)
 
+    def identity(self) -> list[str]:
+        return [f"stdlib:{len(self.docs)} documents:{hashlib.sha256(self.fingerprint().encode()).hexdigest()[:16]}"]
+
     def texts(self) -> list[str]:
         return [read().decode("utf-8", errors="replace") for _, read in self.docs]
 
@@ -350,7 +358,11 @@ class HubSource:
             raise DataError(f"data.hub_path={path!r}: cannot open the dataset ({type(e).__name__}: {e})") from None
         self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
         self.extract, self.seed, self.rank = extract, seed, rank
+        self._identity = [f"hub:{path}:{name}:{split}", *data_files]
         self.bad = BadRecords()
+
+    def identity(self) -> list[str]:
+        return list(self._identity)
 
     def records(self, start: Position) -> Iterator[Record]:
         pos = Position(**start.state())
@@ -358,9 +370,8 @@ class HubSource:
             self.dataset.set_epoch(pos.epoch)
             if pos.extra.get("datasets_state"):
                 self.dataset.load_state_dict(pos.extra["datasets_state"])
-            count = 0
+            good_before = self.bad.good
             for example in self.dataset:
-                count += 1
                 pos.record += 1
                 payload, reason = self.extract(example)
                 if reason:
@@ -369,6 +380,7 @@ class HubSource:
                 self.bad.good += 1
                 pos.extra = {"datasets_state": self.dataset.state_dict()}
                 yield Record(payload, f"hub:{pos.record}", Position(**pos.state()))
-            if count == 0 and not pos.extra.get("datasets_state"):
-                raise DataError(f"data: the hub dataset gave no example to rank {self.rank}")
+            if self.bad.good == good_before and not pos.extra.get("datasets_state"):
+                raise DataError(f"data: a whole pass over the hub dataset gave rank {self.rank} no usable record; "
+                                f"skipped: {dict(self.bad.counts)}; first: {self.bad.examples[:3]}")
             pos.epoch, pos.extra = pos.epoch + 1, {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,9 +37,11 @@ def export(checkpoint: Path, out: Path, dtype: str | None, max_shard_size: str) 
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
     torch_dtype = getattr(torch, dtype or model.config.torch_dtype or "float32")
     save_pretrained(model, out, max_shard_size=max_shard_size, dtype=torch_dtype)
-    if "data" in config:
-        tokenizer = build_tokenizer(DataConfig(**config["data"]))
-        tokenizer.save(out / "tokenizer.json")
+    if (checkpoint / "tokenizer.json").is_file():  # the run's own tokenizer, saved with every checkpoint
+        shutil.copy(checkpoint / "tokenizer.json", out / "tokenizer.json")
+    elif "data" in config:  # a checkpoint from before tokenizers were saved: rebuild it from the data config
+        print("warning: the checkpoint holds no tokenizer.json; rebuilding it from the run's data config")
+        build_tokenizer(DataConfig(**config["data"])).save(out / "tokenizer.json")
     return out
 
 

@@ -78,6 +78,40 @@ def find_resume(root: str | os.PathLike, resume: str) -> Path | None:
     return path
 
 
+def choose_resume(root: str | os.PathLike, resume: str) -> tuple[Path | None, list[Path]]:
+    """Which checkpoint a run starts from, and which newer checkpoints of `root` to set aside.
+
+    - `auto`: the newest complete checkpoint in `root`, if any.
+    - `none`: a fresh start, refused when `root` already holds checkpoints (they would mix with this run's).
+    - a path outside `root` (another run, an imported HF model): used for the first launch; once `root` holds this
+      run's own checkpoints, a relaunch of the same command continues from the newest of them.
+    - a path inside `root`: a deliberate rollback; newer checkpoints there are set aside (moved, not deleted) so
+      `auto` never returns to the abandoned timeline.
+    """
+    complete, _ = list_checkpoints(root)
+    if resume == "none":
+        if complete:
+            raise ValueError(f"checkpoint.resume=none, but checkpoint.dir={root} already holds checkpoints (newest "
+                             f"{complete[-1].name}); use checkpoint.resume=auto to continue that run, or another "
+                             "checkpoint.dir / hydra.run.dir for a new one")
+        return None, []
+    chosen = find_resume(root, resume)
+    if resume == "auto" or chosen is None:
+        return chosen, []
+    inside = chosen.resolve().parent == Path(root).resolve()
+    if not inside:
+        return (complete[-1] if complete else chosen), []
+    return chosen, [p for p in complete if _step_of(p) > _step_of(chosen)]
+
+
+def set_aside_newer(path: Path) -> Path:
+    """Move a checkpoint of an abandoned timeline to `<root>/set_aside/` (kept for inspection, never resumed)."""
+    target = path.parent / "set_aside" / f"{path.name}-{int(os.path.getmtime(path))}"
+    target.parent.mkdir(exist_ok=True)
+    os.replace(path, target)
+    return target
+
+
 # ------------------------------------------------------------------------------------ nested state <-> files
 def split_arrays(obj: Any, prefix: str = "", arrays: dict | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
     """Replace numpy arrays / tensors inside a nested dict/list by references, returning (JSON-able obj, arrays)."""
@@ -179,22 +213,32 @@ def _fault(site: str, step: int, env: DistEnv) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict, data_state: dict, env: DistEnv, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the committed directory."""
+                    train_state: dict, data_state: dict, env: DistEnv, keep: int, tokenizer=None) -> Path:
+    """Collective: every rank calls it. Each rank fsyncs its own files before the commit barrier; rank 0 then writes
+    and fsyncs COMPLETE. Returns the committed directory."""
     path = step_dir(root, step)
     if env.is_main:
         if path.exists():
             shutil.rmtree(path)  # leftovers of an interrupted save of the same step
         path.mkdir(parents=True)
     barrier(env)
+    written = []
     if env.is_main:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(path / "model.safetensors"), metadata={"format": "pt"})
         save_file(optimizer_tensors(model, optimizer), str(path / "optimizer.safetensors"))
         _write_json(path / "train_state.json", train_state)
+        written += ["model.safetensors", "optimizer.safetensors", "train_state.json"]
+        if tokenizer is not None:  # the exact tokenizer of the run travels with its weights
+            tokenizer.save(str(path / "tokenizer.json"))
+            written.append("tokenizer.json")
     save_state(path, f"data_rank{env.rank:05d}", data_state)
     _fault("save", step, env)
     save_state(path, f"rng_rank{env.rank:05d}", rng_state())
+    for stem in (f"data_rank{env.rank:05d}", f"rng_rank{env.rank:05d}"):
+        written += [f"{stem}.json", f"{stem}.safetensors"]
+    for name in written:
+        _fsync_file(path / name)
     barrier(env)
     if env.is_main:
         with open(path / COMPLETE, "w") as f:
@@ -205,6 +249,11 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
         prune(root, keep)
     barrier(env)
     return path
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

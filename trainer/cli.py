@@ -32,6 +32,8 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
             continue
         if arg in ("--local_rank", "--local-rank"):
             skip = True
+            if i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
             continue
         if arg.startswith(("--local_rank=", "--local-rank=")):
             os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
@@ -62,25 +64,29 @@ def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from .train import config_dict, copy_run_config, train
+    from .train import Prepared, config_dict, copy_run_config, prepare, train
 
     env = env_from_launcher()
-    try:
-        train_cfg = to_train_config(cfg)
-        train_cfg.validate(env.world_size)  # every error so far happened before any process group
+    try:  # every input error surfaces here, before any process group exists
+        prepared = prepare(to_train_config(cfg), env)
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    device = pick_device(train_cfg.trainer.device, env)
-    init_process_group(env, device, train_cfg.parallel.backend, train_cfg.parallel.timeout_s)
+    device = pick_device(prepared.cfg.trainer.device, env)
+    init_process_group(env, device, prepared.cfg.parallel.backend, prepared.cfg.parallel.timeout_s)
     try:
-        resolved, run_dir = broadcast_object((config_dict(train_cfg), str(run_dir)) if env.is_main else None, env)
-        train_cfg, run_dir = to_train_config(resolved), Path(run_dir)
+        # Rank 0's resolved config, run dir and resume choice for everyone: the ranks cannot disagree.
+        shared = (config_dict(prepared.cfg), str(run_dir), str(prepared.resume or ""),
+                  [str(p) for p in prepared.set_aside]) if env.is_main else None
+        resolved, run_dir, resume, set_aside = broadcast_object(shared, env)
+        run_dir = Path(run_dir)
+        prepared = Prepared(to_train_config(resolved), prepared.tokenizer, Path(resume) if resume else None,
+                            [Path(p) for p in set_aside])
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            copy_run_config(run_dir, train_cfg)
-        train(train_cfg, run_dir, env)
+            copy_run_config(run_dir, prepared.cfg)
+        train(prepared, run_dir, env)
     finally:
         shutdown()
 

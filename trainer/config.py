@@ -5,6 +5,7 @@ its own section. `validate()` checks what types alone cannot, before any process
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -155,6 +156,13 @@ class TrainConfig:
         if o.warmup_steps < 0 or o.grad_clip < 0 or o.weight_decay < 0:
             raise bad("optim.warmup_steps/grad_clip/weight_decay", (o.warmup_steps, o.grad_clip, o.weight_decay),
                       "must be >= 0")
+        if t.val_every < 0:
+            raise bad("trainer.val_every", t.val_every, "must be >= 0 (0 disables validation)")
+        resume = self.checkpoint.resume
+        if resume not in ("auto", "none") and not os.path.isdir(os.path.expanduser(resume)):
+            raise bad("checkpoint.resume", resume, "allowed: auto, none, or an existing checkpoint directory")
+        if self.data.tokenizer and not os.path.exists(os.path.expanduser(self.data.tokenizer)):
+            raise bad("data.tokenizer", self.data.tokenizer, "no such file or directory")
         if self.checkpoint.keep < 1:
             raise bad("checkpoint.keep", self.checkpoint.keep, "must be >= 1")
         if self.checkpoint.every < 0:

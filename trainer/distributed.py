@@ -78,9 +78,9 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
-def average_gradients(params: list[torch.nn.Parameter], env: DistEnv, bucket_bytes: int = 32 * 2**20) -> None:
-    """Mean of every gradient over the data-parallel ranks, in coalesced buckets (the DDP-equivalent reduction of
-    the simple path; the DeepSpeed engine replaces it)."""
+def sum_gradients(params: list[torch.nn.Parameter], env: DistEnv, bucket_bytes: int = 32 * 2**20) -> None:
+    """Sum of every gradient over the data-parallel ranks, in coalesced buckets (the loss is already divided by the
+    global token count, so the sum is the full-batch gradient; the DeepSpeed engine replaces this simple path)."""
     if not env.distributed:
         return
     grads = [p.grad for p in params if p.grad is not None]
@@ -93,7 +93,6 @@ def average_gradients(params: list[torch.nn.Parameter], env: DistEnv, bucket_byt
         if bucket and (g is None or size >= bucket_bytes):
             flat = torch.cat([b.reshape(-1) for b in bucket])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat /= env.world_size
             offset = 0
             for b in bucket:
                 b.copy_(flat[offset:offset + b.numel()].view_as(b))

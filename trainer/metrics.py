@@ -8,7 +8,6 @@ import json
 import math
 import resource
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,7 @@ class MetricsLogger:
                  config_dict: dict, progress: bool):
         self.enabled, self.cfg, self.max_steps = enabled, cfg, max_steps
         self.history: dict[int, list[np.ndarray]] = {}
+        self.last_heatmap = start_step
         self.bar = None
         self.wandb = None
         if not enabled:
@@ -105,7 +105,8 @@ class MetricsLogger:
                     total = float(row.sum())
                     if total > 0:
                         self.history.setdefault(layer, []).append((row / total).numpy())
-                if self.cfg.heatmap_every and step % self.cfg.heatmap_every == 0:
+                if self.cfg.heatmap_every and step - self.last_heatmap >= self.cfg.heatmap_every:
+                    self.last_heatmap = step
                     import wandb
                     for layer, rows in self.history.items():
                         flat[f"expert_load/layer_{layer}"] = wandb.Image(
@@ -146,16 +147,17 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
 
 
 class Throughput:
-    """Tokens/s over the steps since the last reading."""
+    """Tokens/s of the training steps since the last reading: only time spent inside steps counts, so validation,
+    checkpoints and start-up do not dilute it. Tokens are positions processed (padding included: it costs compute)."""
 
     def __init__(self):
-        self.t0, self.tokens = time.perf_counter(), 0
+        self.seconds, self.tokens = 0.0, 0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, seconds: float) -> None:
         self.tokens += tokens
+        self.seconds += seconds
 
     def read(self) -> float:
-        now = time.perf_counter()
-        rate = self.tokens / max(now - self.t0, 1e-9)
-        self.t0, self.tokens = now, 0
+        rate = self.tokens / max(self.seconds, 1e-9)
+        self.seconds, self.tokens = 0.0, 0
         return rate

@@ -32,7 +32,7 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
     if cfg.schedule == Schedule.step:
         drops = sum(step >= math.floor(f * max_steps) for f in cfg.decay_at)
         return cfg.lr * cfg.decay_factor ** drops
-    span = max(1, max_steps - cfg.warmup_steps)
+    span = max(1, max_steps - cfg.warmup_steps - 1)  # the last step, max_steps - 1, reaches the floor
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))

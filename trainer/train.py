@@ -1,9 +1,10 @@
 """The training loop, read top to bottom: build everything, resume, then step / log / validate / checkpoint.
 
-One optimizer step: draw the step's micro-batches, backpropagate each one's share of the loss (cross-entropy
-weighted by its supervised tokens over the whole step, plus its share of the balance losses), average gradients over
-the data-parallel ranks, clip, and apply the update only if the loss and the gradient norm are finite (identical on
-every rank, since both come from reduced values, so all ranks decide alike).
+`prepare` does everything that can fail on bad input (paths, tokenizer, vocabulary, which checkpoint to resume) before
+any process group exists. One optimizer step: draw the step's micro-batches, backpropagate each one's share of the
+loss (its summed cross-entropy over the supervised tokens of the whole step on all ranks, plus its share of the
+balance losses), sum gradients over the data-parallel ranks, clip, and apply the update only if the loss and the
+gradient norm are finite (identical on every rank, since both come from reduced values, so all ranks decide alike).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,16 +22,17 @@ import torch
 from omegaconf import OmegaConf
 
 from data.loader import build_loader, build_tokenizer
+from data.sources import expand_globs
 from data.tokenizer import TextTokenizer
 from model import CausalLM, ModelConfig
 from model.flops import training_flops_per_token
 from model.hf import save_pretrained
 from model.loss import IGNORE_INDEX
 
-from .checkpoint import find_resume, load_checkpoint, save_checkpoint
+from .checkpoint import choose_resume, load_checkpoint, save_checkpoint, set_aside_newer
 from .config import NonFinite, TrainConfig
-from .distributed import (DistEnv, all_reduce_sum, average_gradients, barrier, broadcast_object,
-                          broadcast_parameters, init_process_group, pick_device)
+from .distributed import (DistEnv, all_reduce_sum, barrier, broadcast_parameters, init_process_group, pick_device,
+                          sum_gradients)
 from .metrics import MetricsLogger, Throughput, device_peak_tflops, load_imbalance, peak_memory_gib
 from .optim import build_optimizer, global_batch_at, lr_at
 
@@ -51,6 +52,7 @@ class StepResult:
     skipped: bool
     tokens: int
     tokens_per_expert: torch.Tensor | None  # (MoE layers, experts), summed over ranks
+    bad_records: int  # skipped input records so far, summed over ranks
 
 
 def config_dict(cfg: TrainConfig) -> dict:
@@ -63,6 +65,30 @@ def fit_model_to_tokenizer(model_cfg: ModelConfig, tokenizer: TextTokenizer, tok
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
                          f"({tokenizer.vocab_size} ids, {tokenizer_key}); use a larger model.vocab_size")
     return model_cfg.replace(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+
+
+@dataclass
+class Prepared:
+    """The checked inputs of a run: config (model fitted to the tokenizer), tokenizer, checkpoint to resume."""
+
+    cfg: TrainConfig
+    tokenizer: TextTokenizer
+    resume: Path | None
+    set_aside: list[Path]
+
+
+def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
+    """Validate everything that depends on files before any process group starts; raises ValueError naming the key.
+    The built-in BPE is trained here on first use (a file lock lets one rank train it while the others wait)."""
+    cfg.validate(env.world_size)
+    if cfg.data.source == "files":
+        expand_globs(cfg.data.paths)
+    if cfg.data.val_paths:
+        expand_globs(cfg.data.val_paths, "data.val_paths")
+    tokenizer = build_tokenizer(cfg.data)
+    cfg.model = fit_model_to_tokenizer(cfg.model, tokenizer, f"data.tokenizer={cfg.data.tokenizer}")
+    resume, set_aside = choose_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
+    return Prepared(cfg, tokenizer, resume, set_aside)
 
 
 def _fault_scale(step: int, env: DistEnv) -> float:
@@ -87,8 +113,9 @@ def train_step(step: int, model: CausalLM, optimizer: torch.optim.Optimizer, loa
 
     moe_layers = model.moe_layers()
     n_experts = moe_layers[0].n_experts if moe_layers else 0
-    # Reduced once per step: [CE sum, aux loss, 3 balance terms, tokens per expert of every MoE layer].
-    stats = torch.zeros(5 + len(moe_layers) * n_experts, device=device, dtype=torch.float64)
+    # Reduced once per step: [CE sum, aux loss, 3 balance terms, bad records so far, tokens per expert per MoE layer].
+    stats = torch.zeros(6 + len(moe_layers) * n_experts, device=device, dtype=torch.float64)
+    stats[5] = sum(loader.bad_records["counts"].values())
     fault = _fault_scale(step, env)
     for batch, n_supervised in zip(batches, supervised):
         inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
@@ -96,20 +123,21 @@ def train_step(step: int, model: CausalLM, optimizer: torch.optim.Optimizer, loa
         with autocast:
             out = model(**inputs, labels=labels)
         ce_sum = out.loss * n_supervised * fault
-        # Gradients are averaged over ranks, so scale by world size: the step minimises sum(CE) / all tokens.
-        loss = ce_sum * env.world_size / max(global_supervised, 1.0)
+        # Gradients are summed over ranks: the step minimises sum(CE) over all supervised tokens / their number, plus
+        # the balance losses averaged over micro-batches and ranks.
+        loss = ce_sum / max(global_supervised, 1.0)
         if out.aux_loss is not None:
-            loss = loss + out.aux_loss / accumulation
+            loss = loss + out.aux_loss / (accumulation * env.world_size)
             stats[1] += out.aux_loss.detach().double() / accumulation / env.world_size
             for i, name in enumerate(("expert", "device", "comm")):  # logged as the mean over MoE layers
                 stats[2 + i] += out.balance[name].double() / (accumulation * env.world_size * len(moe_layers))
         loss.backward()
         stats[0] += ce_sum.detach().double()
         if moe_layers:
-            stats[5:] += torch.cat([s.tokens_per_expert for s in out.routing]).double()
+            stats[6:] += torch.cat([s.tokens_per_expert for s in out.routing]).double()
 
     params = [p for p in model.parameters() if p.requires_grad]
-    average_gradients(params, env)
+    sum_gradients(params, env)
     all_reduce_sum(stats, env)
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -122,10 +150,10 @@ def train_step(step: int, model: CausalLM, optimizer: torch.optim.Optimizer, loa
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = int(sum(b["input_ids"].numel() for b in batches)) * env.world_size
-    load = stats[5:].view(len(moe_layers), n_experts).float().cpu() if moe_layers else None
+    load = stats[6:].view(len(moe_layers), n_experts).float().cpu() if moe_layers else None
     return StepResult(loss_value, float(stats[1]), {n: float(stats[2 + i]) for i, n in
                                                      enumerate(("expert", "device", "comm"))},
-                      grad_norm, skipped, tokens, load)
+                      grad_norm, skipped, tokens, load, int(stats[5]))
 
 
 @torch.no_grad()
@@ -155,8 +183,10 @@ def export_hf(model: CausalLM, tokenizer: TextTokenizer, out: Path) -> Path:
     return out
 
 
-def train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
+def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     t_start = time.time()
+    cfg, tokenizer, model_cfg = prepared.cfg, prepared.tokenizer, prepared.cfg.model
+    resume = str(prepared.resume or "")
     device = pick_device(cfg.trainer.device, env)
     init_process_group(env, device, cfg.parallel.backend, cfg.parallel.timeout_s)
     precision = cfg.trainer.precision if cfg.trainer.precision != "auto" else (
@@ -165,8 +195,6 @@ def train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
     random.seed(cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)  # identical initial weights on every rank (and broadcast below)
 
-    tokenizer = build_tokenizer(cfg.data)
-    model_cfg = fit_model_to_tokenizer(cfg.model, tokenizer, f"data.tokenizer={cfg.data.tokenizer}")
     model = CausalLM(model_cfg).to(device)
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
@@ -179,8 +207,10 @@ def train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
         val_loader.close()
 
     step, tokens_seen, skipped = 0, 0, 0
-    resume = broadcast_object(str(find_resume(cfg.checkpoint.dir, cfg.checkpoint.resume) or "") if env.is_main
-                              else None, env)
+    if env.is_main:
+        for path in prepared.set_aside:  # a rollback: newer checkpoints of the abandoned timeline are kept aside
+            print(f"resuming from an older checkpoint: {path} moved to {set_aside_newer(path)}")
+    barrier(env)
     if resume:
         train_state, data_state = load_checkpoint(Path(resume), model, optimizer, env)
         if data_state is not None:
@@ -206,15 +236,16 @@ def train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
         state = {"step": at_step, "tokens_seen": tokens_seen, "skipped": skipped, "world_size": env.world_size,
                  "config": config_dict(cfg), "time": time.time()}
         return save_checkpoint(cfg.checkpoint.dir, at_step, model, optimizer, state, loader.state_dict(), env,
-                               cfg.checkpoint.keep)
+                               cfg.checkpoint.keep, tokenizer=tokenizer.tokenizer)
 
     try:
         while step < cfg.trainer.max_steps:
+            step_start = time.perf_counter()
             result = train_step(step, model, optimizer, loader, cfg, env, device, autocast)
             step += 1
             tokens_seen += result.tokens
             skipped += result.skipped
-            throughput.add(result.tokens)
+            throughput.add(result.tokens, time.perf_counter() - step_start)
             logger.advance()
             if result.skipped:
                 logger.print(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
@@ -232,7 +263,7 @@ def train(cfg: TrainConfig, run_dir: Path, env: DistEnv) -> dict:
                            "tokens_per_s": tokens_per_s, "tokens_seen": tokens_seen,
                            "mfu": flops_per_token * tokens_per_s / (peak * 1e12 * env.world_size) if peak else None,
                            "peak_mem_gib": peak_memory_gib(device), "skipped_steps": skipped,
-                           "bad_records": sum(loader.bad_records["counts"].values()),
+                           "bad_records": result.bad_records,
                            "global_batch": global_batch_at(step - 1, cfg.trainer, env.world_size),
                            "eta_s": (time.time() - loop_start) / (step - loop_first_step) * (cfg.trainer.max_steps - step)}
                 if result.tokens_per_expert is not None:
@@ -274,4 +305,4 @@ def copy_run_config(run_dir: Path, cfg: TrainConfig) -> None:
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-__all__ = ["train", "train_step", "validate", "export_hf", "copy_run_config", "shutil"]
+__all__ = ["Prepared", "prepare", "train", "train_step", "validate", "export_hf", "copy_run_config"]

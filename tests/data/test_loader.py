@@ -100,6 +100,19 @@ def test_resume_twice_through_checkpoint_files_gives_the_uninterrupted_batches(t
     assert _same(got, straight)
 
 
+def test_resuming_under_other_data_settings_is_refused(tmp_path, bpe):
+    cfg = _cfg(tmp_path, paths=[str(_corpus(tmp_path))])
+    loader = build_loader(cfg, bpe, 2, seed=0)
+    _take(loader, 2)
+    state = loader.state_dict()
+    cfg.seq_len = 24
+    with pytest.raises(DataError, match=r"saved with other settings; changed: seq_len: 16 -> 24"):
+        build_loader(cfg, bpe, 2, seed=0).load_state_dict(state)
+    cfg.seq_len = 16
+    with pytest.raises(DataError, match=r"changed: seed: 0 -> 1"):
+        build_loader(cfg, bpe, 2, seed=1).load_state_dict(state)
+
+
 def test_batches_are_next_token_windows_with_bos_and_eos(tmp_path, bpe):
     cfg = _cfg(tmp_path, paths=[str(_corpus(tmp_path))], shuffle_buffer=1)
     batch = next(build_loader(cfg, bpe, 2, seed=0))
@@ -129,6 +142,18 @@ def test_too_many_bad_records_stop_the_run_with_counts(tmp_path, bpe):
 
 
 # ------------------------------------------------------------------------------------------------- SFT
+def test_sft_from_parquet_reads_the_messages_column(tmp_path, bpe):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    conversations = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+                     for i in range(12)]
+    pq.write_table(pa.table({"messages": conversations}), tmp_path / "sft.parquet")
+    cfg = _cfg(tmp_path, kind="sft", paths=[str(tmp_path / "sft.parquet")], seq_len=32)
+    batch = next(build_loader(cfg, bpe, 2, seed=0))
+    assert (batch["labels"] != IGNORE_INDEX).sum() > 0
+
+
 def test_chat_template_renders_as_published():
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
                 {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]
@@ -173,22 +198,24 @@ def test_sft_loader_batches_have_masks_and_document_ids(tmp_path, bpe):
 
 
 def test_a_packed_conversation_cannot_see_its_neighbour():
-    """Changing one conversation of a packed row leaves the other's logits untouched (document mask + positions)."""
+    """Changing the first conversation of a packed row leaves the second one's logits untouched, and they equal the
+    second conversation run alone (document mask + positions restarting at 0)."""
     torch.manual_seed(0)
     model = CausalLM(ModelConfig.from_hf_config(tiny_hf_config())).eval()
-    packer = ConversationPacker(seq_len=20, pad_id=0)
-    first = (np.array([5, 6, 7, 8, 9, 10], np.int32), np.ones(6, bool))
-    for other in ([11, 12, 13, 14], [40, 41, 42, 43]):
-        packer.add(first)
-        packer.add((np.array(other, np.int32), np.ones(4, bool)))
+    second = np.array([11, 12, 13, 14], np.int32)
+    rows = []
+    for first in ([5, 6, 7, 8, 9, 10], [40, 41, 42, 43, 44, 45]):
+        packer = ConversationPacker(seq_len=20, pad_id=0)
+        packer.add((np.array(first, np.int32), np.ones(6, bool)))
+        packer.add((second, np.ones(4, bool)))
         packer.add((np.ones(20, np.int32), np.ones(20, bool)))  # flushes the row
-    rows = list(packer.rows())[::2]
+        rows.append(next(packer.rows()))
     logits = []
     with torch.no_grad():
         for row in rows:
             batch = {k: torch.from_numpy(v.astype(np.int64))[None] for k, v in row.items() if k != "labels"}
             logits.append(model(**batch).logits[0])
-    torch.testing.assert_close(logits[0][:6], logits[1][:6])  # the first conversation: identical
-    assert (logits[0][6:10] - logits[1][6:10]).abs().max() > 1e-3  # the second one did change
-    alone = model(torch.tensor([[5, 6, 7, 8, 9, 10]])).logits[0]
-    torch.testing.assert_close(logits[0][:6], alone, rtol=1e-4, atol=1e-5)  # as if it were alone
+        alone = model(torch.from_numpy(second.astype(np.int64))[None]).logits[0]
+    assert (logits[0][:6] - logits[1][:6]).abs().max() > 1e-3  # the first conversation did change
+    torch.testing.assert_close(logits[0][6:10], logits[1][6:10])  # the second one: identical
+    torch.testing.assert_close(logits[0][6:10], alone, rtol=1e-4, atol=1e-5)  # as if it were alone

@@ -143,3 +143,10 @@ def test_hub_source_through_datasets_streaming_resumes_exactly(tmp_path):
     state = json.loads(json.dumps(first[-1].position.state()))
     rest = [r.payload for r in itertools.islice(make(0).records(Position.from_state(state)), 5)]
     assert [r.payload for r in first] + rest == straight
+
+
+def test_hub_source_with_no_usable_record_stops(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"body": f"no text {i}"} for i in range(30)])
+    source = HubSource("json", None, "train", [str(path)], text_extractor("text"), seed=0, rank=0, world=1)
+    with pytest.raises(DataError, match=r"whole pass over the hub dataset gave rank 0 no usable record"):
+        next(source.records(Position()))

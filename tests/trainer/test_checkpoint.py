@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import (COMPLETE, CheckpointNotFound, find_resume, join_arrays, list_checkpoints,
-                                load_optimizer_tensors, optimizer_tensors, prune, split_arrays, step_dir)
+from trainer.checkpoint import (COMPLETE, CheckpointNotFound, choose_resume, find_resume, join_arrays,
+                                list_checkpoints, load_optimizer_tensors, optimizer_tensors, prune, set_aside_newer,
+                                split_arrays, step_dir)
 
 
 def _make(root, step, complete=True):
@@ -71,3 +72,21 @@ def test_optimizer_state_round_trips_by_parameter_name():
             assert torch.equal(opt.state[p][key], fresh.state[p][key])
     with pytest.raises(ValueError, match="unknown parameter"):
         load_optimizer_tensors(model, fresh, {"9.weight::exp_avg": torch.zeros(1)})
+
+
+def test_resume_choice_for_relaunches_rollbacks_and_fresh_starts(tmp_path):
+    run, other = tmp_path / "run", tmp_path / "other"
+    start = _make(other, 0)  # e.g. an imported HF model
+    assert choose_resume(run, str(start)) == (start, [])  # first launch: the given start
+    _make(run, 2)
+    newest = _make(run, 4)
+    assert choose_resume(run, str(start)) == (newest, [])  # relaunch of the same command: continue this run
+    assert choose_resume(run, "auto") == (newest, [])
+    with pytest.raises(ValueError, match=r"checkpoint\.resume=none, but checkpoint\.dir=.* holds checkpoints"):
+        choose_resume(run, "none")
+    older = step_dir(run, 2)
+    chosen, aside = choose_resume(run, str(older))  # a deliberate rollback inside the run
+    assert chosen == older and aside == [newest]
+    moved = set_aside_newer(newest)
+    assert moved.parent.name == "set_aside" and (moved / COMPLETE).exists()
+    assert find_resume(run, "auto") == older  # auto never returns to the abandoned timeline

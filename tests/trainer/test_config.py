@@ -54,9 +54,10 @@ def test_every_experiment_composes(experiment):
     compose_config(f"experiment={experiment}")
 
 
-def test_public_keys_are_accepted():
+def test_public_keys_are_accepted(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{}")
     cfg = compose_config("model=tiny_lite", "data=files", "data.paths=[/a/*.jsonl,/b/*.parquet]",
-                         "data.tokenizer=/ckpt/DeepSeek-V2-Lite", "data.seq_len=128", "trainer.max_steps=7",
+                         f"data.tokenizer={tmp_path}", "data.seq_len=128", "trainer.max_steps=7",
                          "trainer.micro_batch_size=2", "trainer.global_batch_size=8", "trainer.seed=3",
                          "trainer.log_every=2", "optim.lr=1e-4", "checkpoint.dir=/tmp/ck", "checkpoint.every=5",
                          "checkpoint.resume=none", "checkpoint.keep=2", "logging.wandb=disabled")
@@ -91,6 +92,9 @@ def test_appended_unknown_keys_are_not_silently_dropped():
     (["trainer.precision=fp8"], r"trainer\.precision='fp8': allowed: auto, fp32, bf16"),
     (["data.seq_len=4096"], r"data\.seq_len=4096: exceeds model\.max_position_embeddings=1024"),
     (["checkpoint.keep=0"], r"checkpoint\.keep"),
+    (["checkpoint.resume=Auto"], r"checkpoint\.resume='Auto': allowed: auto, none, or an existing checkpoint"),
+    (["data.tokenizer=/nonexistent/tok.json"], r"data\.tokenizer='/nonexistent/tok\.json': no such file"),
+    (["trainer.val_every=-1"], r"trainer\.val_every=-1: must be >= 0"),
 ])
 def test_bad_values_fail_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -103,8 +107,11 @@ def test_global_batch_must_divide_across_ranks():
         compose_config("trainer.global_batch_size=16", world_size=3)
 
 
-def test_deepspeed_launcher_local_rank_is_accepted():
+def test_deepspeed_launcher_local_rank_is_accepted(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert strip_launcher_args(["--local_rank=3", "model=tiny", "--local_rank", "2", "x=1"]) == ["model=tiny", "x=1"]
+    import os
+    assert os.environ["LOCAL_RANK"] == "3"
 
 
 def test_resolved_config_round_trips_for_the_rank_broadcast():
@@ -123,9 +130,9 @@ def test_step_schedule_warms_up_then_drops_at_60_and_90_percent():
 
 def test_cosine_schedule_ends_at_the_floor():
     cfg = compose_config("optim=cosine", "optim.lr=1.0", "optim.warmup_steps=0").optim
-    assert lr_at(0, cfg, 100) == pytest.approx(1.0)
-    assert lr_at(50, cfg, 100) == pytest.approx(0.55)
-    assert lr_at(100, cfg, 100) == pytest.approx(0.1)
+    assert lr_at(0, cfg, 101) == pytest.approx(1.0)
+    assert lr_at(50, cfg, 101) == pytest.approx(0.55)  # half way: (1 + 0.1) / 2
+    assert lr_at(100, cfg, 101) == pytest.approx(0.1)  # the last step of 101 runs at the floor
 
 
 def test_batch_ramp_grows_in_whole_micro_batches():

@@ -134,11 +134,11 @@ def test_config_errors_stop_before_anything_starts(tmp_path, cache_dir):
     assert proc.returncode == 2 and "ModelConfig.topk_method='sinkhorn'" in proc.stderr
 
 
-def test_resume_none_starts_fresh_even_with_checkpoints_present(tmp_path, cache_dir):
+def test_resume_none_refuses_to_mix_with_existing_checkpoints(tmp_path, cache_dir):
     run = tmp_path / "run"
     _ok(run_pretrain(run, cache_dir, "trainer.max_steps=3"))
-    out = _ok(run_pretrain(run, cache_dir, "trainer.max_steps=3", "checkpoint.resume=none")).stdout
-    assert "fresh start at step 0" in out
+    proc = run_pretrain(run, cache_dir, "trainer.max_steps=3", "checkpoint.resume=none")
+    assert proc.returncode == 2 and "checkpoint.resume=none, but checkpoint.dir" in proc.stderr
 
 
 def test_convert_exports_a_checkpoint_and_imports_an_hf_directory_to_train_from(tmp_path, cache_dir):
@@ -173,3 +173,20 @@ def test_sft_run_and_bf16_autocast_on_cpu(tmp_path, cache_dir):
                      "trainer.max_steps=3", "trainer.precision=bf16"))
     m = metrics(run)
     assert sorted(m) == [1, 2, 3] and all(v["loss"] == v["loss"] for v in m.values())
+
+
+def test_two_processes_nan_on_one_rank_and_rank1_killed_mid_save(tmp_path, cache_dir):
+    """RELIABILITY T14/T04 with 2 ranks: a NaN on rank 1 alone is skipped by both ranks; rank 1 dying while
+    writing step 4 leaves it uncommitted, and the relaunch continues from step 2."""
+    run = tmp_path / "nan"
+    _ok(run_pretrain(run, cache_dir, "trainer.max_steps=3", "checkpoint.every=0", "checkpoint.export_hf=false",
+                     nproc=2, fault="nan_loss@1:1"))
+    m = metrics(run)
+    assert (m[1]["skipped_steps"], m[2]["skipped_steps"], m[3]["skipped_steps"]) == (0, 1, 1)
+
+    run = tmp_path / "kill"
+    crashed = run_pretrain(run, cache_dir, "trainer.max_steps=4", "checkpoint.every=2", nproc=2, fault="save@4:1")
+    assert crashed.returncode != 0
+    assert not (run / "checkpoints" / "step_00000004" / "COMPLETE").exists()
+    out = _ok(run_pretrain(run, cache_dir, "trainer.max_steps=4", "checkpoint.every=2", nproc=2)).stdout
+    assert f"resumed from {run / 'checkpoints' / 'step_00000002'} at step 2" in out
