@@ -255,7 +255,8 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in hf if k not in names and k not in _HF_BOOKKEEPING_KEYS)
         if unknown:
-            warnings.warn(f"config.json keys ignored (not part of the DeepSeek-V2 architecture): {unknown}")
+            warnings.warn(f"config.json keys ignored (not part of the DeepSeek-V2 architecture): {unknown}",
+                          stacklevel=2)
         kwargs = {k: v for k, v in hf.items() if k in names}
         kwargs.update(overrides)
         if kwargs.get("n_group") is None:

@@ -129,7 +129,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
                                   f"data region, which holds only {data_len} bytes")
         spans.append((begin, end, name))
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise CheckpointError(f"{path}: corrupt safetensors file: tensors {n0!r} and {n1!r} overlap")
     covered = spans[-1][1] if spans else 0
