@@ -33,6 +33,8 @@ class RoutingStats:
     """(B, E) fp32: router probability of each expert averaged over the sequence's tokens. Carries the gradient."""
     group_tokens: torch.Tensor
     """(B, G) float: tokens of each sequence with at least one copy in routing group g. No gradient."""
+    dropped: torch.Tensor | None = None
+    """() float: token copies dropped by the capacity limit in this micro-batch (None when dropping is off)."""
 
     @property
     def tokens_per_expert(self) -> torch.Tensor:
@@ -119,12 +121,12 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 
 def _grouped_mm_supported(x: torch.Tensor, intermediate_size: int) -> bool:
-    """torch's grouped GEMM runs on CPU (any float dtype) and on CUDA for bf16 on sm80+ with 16-byte-aligned rows."""
+    """torch's grouped GEMM needs rows aligned to 16 bytes (CPU and CUDA) and, on CUDA, bf16 on sm80+."""
+    aligned = (x.shape[-1] * x.element_size()) % 16 == 0 and (intermediate_size * x.element_size()) % 16 == 0
     if x.device.type == "cpu":
-        return True
+        return aligned
     if x.device.type == "cuda":
-        aligned = x.shape[-1] % 8 == 0 and intermediate_size % 8 == 0
-        return x.dtype == torch.bfloat16 and aligned and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        return aligned and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
     return False
 
 
@@ -137,6 +139,18 @@ class TokenDispatcher(Protocol):
         ...
 
 
+DROPPED = -1
+"""Expert id of a token copy dropped by the capacity limit: dispatchers skip it (its gate weight is 0)."""
+
+
+def sort_copies(expert_ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept copies sorted by expert: (their flat (token * K + slot) index, expert id, gate weight)."""
+    flat_ids = expert_ids.reshape(-1)
+    kept = (flat_ids != DROPPED).nonzero().squeeze(1)  # (N,)
+    order = kept[flat_ids[kept].argsort(stable=True)]  # copies sorted by expert
+    return order, flat_ids[order], weights.reshape(-1)[order]
+
+
 class LocalDispatcher:
     """All experts in this process: sort copies by expert, run the experts, weighted combine."""
 
@@ -146,11 +160,11 @@ class LocalDispatcher:
             raise ValueError("LocalDispatcher needs the layer's full expert set; this layer holds a shard (expert "
                              "parallelism needs its all-to-all dispatcher)")
         K = expert_ids.shape[1]
-        order = expert_ids.reshape(-1).argsort(stable=True)  # (N,) copies sorted by expert
-        counts = torch.bincount(expert_ids.reshape(-1), minlength=experts.n_experts)  # (E,)
+        order, ids, w = sort_copies(expert_ids, weights)
+        counts = torch.bincount(ids, minlength=experts.n_experts)  # (E,)
         token_of_copy = order // K  # (N,)
         y_sorted = experts(x.index_select(0, token_of_copy), counts)  # (N, D)
-        return combine(y_sorted, weights.reshape(-1)[order], token_of_copy, x.shape[0]).to(x.dtype)
+        return combine(y_sorted, w, token_of_copy, x.shape[0]).to(x.dtype)
 
 
 class _WeightedCombine(torch.autograd.Function):
@@ -180,26 +194,44 @@ def combine(expert_out: torch.Tensor, weights: torch.Tensor, token_of_copy: torc
 
 
 class MoE(nn.Module):
-    """DeepSeekMoE layer: y = sum_k g_k Expert_k(u) + SharedExperts(u) (paper Eq. 20), plus its routing stats."""
+    """DeepSeekMoE layer: y = sum_k g_k Expert_k(u) + SharedExperts(u) (paper Eq. 20), plus its routing stats.
 
-    def __init__(self, config: ModelConfig):
+    `expert_shard=(offset, count)` builds only experts [offset, offset + count) (expert parallelism); routing always
+    covers all `n_routed_experts`. Device-level token dropping (paper §2.2.4, training only) is off until
+    `capacity_factor` is set: in every sequence, each routing group keeps at most capacity_factor x S x K / G
+    copies, the highest-affinity ones; sequences marked exempt are never dropped. Decided per sequence, before any
+    dispatch, so it does not depend on how sequences or experts are spread over processes.
+    """
+
+    def __init__(self, config: ModelConfig, expert_shard: tuple[int, int] | None = None):
         super().__init__()
-        self.n_experts, self.n_group = config.n_routed_experts, config.n_group
+        self.n_experts, self.n_group, self.top_k = config.n_routed_experts, config.n_group, config.num_experts_per_tok
         self.gate = MoEGate(config)
-        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        offset, count = expert_shard or (0, config.n_routed_experts)
+        self.experts = RoutedExperts(count, config.hidden_size, config.moe_intermediate_size, expert_offset=offset,
+                                     n_total=config.n_routed_experts)
         self.shared_experts = (
             MLP(config.hidden_size, config.shared_intermediate_size) if config.shared_intermediate_size else None
         )
         self.dispatcher: TokenDispatcher = LocalDispatcher()
+        self.capacity_factor: float | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
+    def forward(self, x: torch.Tensor, exempt: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingStats]:
+        """x (B, S, D); exempt (B,) bool marks sequences whose tokens are never dropped."""
         B, S, D = x.shape
         tokens = x.reshape(-1, D)  # (T, D)
         expert_ids, weights, scores = self.gate(tokens)
+        stats = self.routing_stats(expert_ids.view(B, -1), scores.view(B, S, -1))  # selections, before any drop
+        if self.training and self.capacity_factor:
+            keep = capacity_keep(expert_ids.view(B, -1), weights.view(B, -1), self.n_experts // self.n_group,
+                                 self.n_group, self.capacity_factor, S * self.top_k, exempt)
+            expert_ids = expert_ids.masked_fill(~keep.view_as(expert_ids), DROPPED)
+            weights = weights.masked_fill(~keep.view_as(weights), 0.0)
+            stats.dropped = (~keep).sum().float()
         y = self.dispatcher(tokens, expert_ids, weights, self.experts).view(B, S, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y, self.routing_stats(expert_ids.view(B, -1), scores.view(B, S, -1))
+        return y, stats
 
     def routing_stats(self, expert_ids: torch.Tensor, scores: torch.Tensor) -> RoutingStats:
         """expert_ids (B, S*K), scores (B, S, E) -> per-sequence counts, mean probabilities and group hits."""
@@ -210,3 +242,31 @@ class MoE(nn.Module):
             groups = (expert_ids // (self.n_experts // self.n_group)).view(B, scores.shape[1], -1)  # (B, S, K)
             hit = scores.new_zeros(*groups.shape[:2], self.n_group).scatter_(2, groups, 1.0)  # (B, S, G)
         return RoutingStats(expert_counts=counts, expert_probs=scores.mean(dim=1), group_tokens=hit.sum(dim=1))
+
+
+@torch.no_grad()
+def capacity_keep(expert_ids: torch.Tensor, weights: torch.Tensor, experts_per_group: int, n_group: int,
+                  capacity_factor: float, copies_per_sequence: int, exempt: torch.Tensor | None) -> torch.Tensor:
+    """(B, S*K) bool: which token copies survive the per-sequence, per-group budget (lowest affinity dropped)."""
+    B, N = expert_ids.shape
+    budget = max(1, int(capacity_factor * copies_per_sequence / n_group))
+    bucket = (torch.arange(B, device=expert_ids.device)[:, None] * n_group
+              + expert_ids // experts_per_group).reshape(-1)  # (B*N,) one bucket per (sequence, group)
+    by_affinity = (-weights.reshape(-1)).argsort(stable=True)
+    order = by_affinity[bucket[by_affinity].argsort(stable=True)]  # bucket-major, affinity descending
+    sorted_bucket = bucket[order]
+    starts = torch.searchsorted(sorted_bucket, sorted_bucket, right=False)  # first position of each bucket
+    rank_in_bucket = torch.arange(B * N, device=expert_ids.device) - starts
+    keep = torch.empty(B * N, dtype=torch.bool, device=expert_ids.device)
+    keep[order] = rank_in_bucket < budget
+    keep = keep.view(B, N)
+    if exempt is not None:
+        keep |= exempt[:, None]
+    return keep
+
+
+def exempt_sequences(input_ids: torch.Tensor, fraction: float) -> torch.Tensor:
+    """(B,) bool: about `fraction` of sequences, chosen by a hash of their tokens (the same on every layout)."""
+    S = input_ids.shape[1]
+    mix = (torch.arange(S, device=input_ids.device, dtype=torch.int64) * 2654435761 + 97) % 1000003
+    return (input_ids.long() * mix).sum(-1) % 10000 < int(fraction * 10000)

@@ -8,6 +8,7 @@ Shape legend: B batch, S sequence, D model width, V vocabulary.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,7 @@ from .balance import BALANCE_TERMS, balance_coefficients, balance_losses
 from .config import ModelConfig
 from .layers import MLP, RMSNorm
 from .loss import IGNORE_INDEX, cross_entropy
-from .moe import MoE, MoEGate, RoutedExperts, RoutingStats
+from .moe import MoE, MoEGate, RoutedExperts, RoutingStats, exempt_sequences
 from .rope import RotaryEmbedding
 
 
@@ -37,11 +38,11 @@ class CausalLMOutput:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, expert_shard: tuple[int, int] | None = None):
         super().__init__()
         self.self_attn = build_attention(config)
         if config.is_moe_layer(layer_idx):
-            self.mlp: nn.Module = MoE(config)
+            self.mlp: nn.Module = MoE(config, expert_shard)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -51,12 +52,12 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, RoutingStats | None]:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                exempt: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingStats | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            h, stats = self.mlp(h)
+            h, stats = self.mlp(h, exempt)
         else:
             h, stats = self.mlp(h), None
         return x + h, stats
@@ -65,35 +66,48 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """`model.*` of the checkpoint: embed_tokens, layers, norm (and the rotary frequencies, which are not saved)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, expert_shard: tuple[int, int] | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, expert_shard) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(rope_dim(config), config)
 
 
 class CausalLM(nn.Module):
-    """DeepSeek-V2 (and the MHA/GQA ablation variants) as a next-token language model."""
+    """DeepSeek-V2 (and the MHA/GQA ablation variants) as a next-token language model.
 
-    def __init__(self, config: ModelConfig):
+    `expert_shard=(offset, count)` builds only those routed experts in every MoE layer (expert parallelism: the
+    trainer plugs an all-to-all dispatcher into each layer); the default is all of them.
+    """
+
+    def __init__(self, config: ModelConfig, expert_shard: tuple[int, int] | None = None):
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
+        self.no_drop_fraction = 0.1  # sequences exempt from token dropping (paper: about 10%)
+        self.model = Decoder(config, expert_shard)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
     def init_weights(self, std: float | None = None) -> None:
-        """Normal(0, std) for every matrix (std defaults to `initializer_range`), ones for norms."""
+        """Normal(0, std) for every matrix (std defaults to `initializer_range`), ones for norms.
+
+        Each routed expert draws from its own generator, seeded by (one draw of the global RNG, layer, global expert
+        index), so an expert gets the same initial weights whichever process holds it (expert parallelism)."""
         std = self.config.initializer_range if std is None else std
+        expert_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         with torch.no_grad():
-            for module in self.modules():
+            for name, module in self.named_modules():
                 if isinstance(module, (nn.Linear, nn.Embedding)):
                     nn.init.normal_(module.weight, 0.0, std)
                 elif isinstance(module, RoutedExperts):
-                    nn.init.normal_(module.gate_up_proj, 0.0, std)
-                    nn.init.normal_(module.down_proj, 0.0, std)
+                    layer = zlib.crc32(name.encode())
+                    for local in range(module.n_experts):
+                        generator = torch.Generator(module.gate_up_proj.device)
+                        generator.manual_seed((expert_seed + 1_000_003 * layer + module.expert_offset + local) % 2**63)
+                        nn.init.normal_(module.gate_up_proj[local], 0.0, std, generator=generator)
+                        nn.init.normal_(module.down_proj[local], 0.0, std, generator=generator)
                 elif isinstance(module, MoEGate):
                     nn.init.normal_(module.weight, 0.0, std)
                 elif isinstance(module, RMSNorm):
@@ -101,6 +115,12 @@ class CausalLM(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    def set_token_dropping(self, capacity_factor: float | None, no_drop_fraction: float = 0.1) -> None:
+        """Device-level token dropping for training (None turns it off; evaluation never drops)."""
+        self.no_drop_fraction = no_drop_fraction
+        for moe in self.moe_layers():
+            moe.capacity_factor = capacity_factor
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> CausalLMOutput:
@@ -111,11 +131,13 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
         mask = document_causal_mask(document_ids) if document_ids is not None else None
+        dropping = self.training and any(m.capacity_factor for m in self.moe_layers())
+        exempt = exempt_sequences(input_ids, self.no_drop_fraction) if dropping else None
         x = self.model.embed_tokens(input_ids)  # (B, S, D)
         cos, sin = self.model.rotary_emb(position_ids)  # (B, S, rope/2) each
         routing = []
         for layer in self.model.layers:
-            x, stats = layer(x, cos, sin, mask)
+            x, stats = layer(x, cos, sin, mask, exempt)
             if stats is not None:
                 routing.append(stats)
         logits = self.lm_head(self.model.norm(x))  # (B, S, V)
