@@ -317,27 +317,56 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: in
         weight_map[name] = len(tmp_files)
     flush()
 
+    remove_weights(directory)
+    n = len(tmp_files)
+    final_names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for tmp, final in zip(tmp_files, final_names):
+        os.replace(tmp, directory / final)
+    write_metadata(model.config, directory, {name: final_names[i] for name, i in weight_map.items()}, total, dtype)
+    return directory
+
+
+# ------------------------------------------------------------------------------- pieces for a distributed export
+# With experts sharded over processes, each process writes the shard of the tensors it holds (`write_shard`), then
+# one process writes the index and config (`write_metadata`). save_pretrained is the one-process composition.
+
+def hf_tensors(model: CausalLM, dense: bool = True, experts: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of the dense tensors and/or the routed experts this model holds."""
+    for name, tensor in _hf_slots(unwrap(model)):
+        if (experts if _EXPERT_NAME.match(name) else dense):
+            yield name, tensor
+
+
+def write_shard(model: CausalLM, directory: str | os.PathLike, filename: str, dtype: torch.dtype, dense: bool,
+                experts: bool) -> dict[str, int]:
+    """Write the selected tensors as one safetensors file (atomically); returns {HF name: bytes}."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.to(device="cpu", dtype=dtype).contiguous() for name, t in hf_tensors(model, dense, experts)}
+    tmp = directory / f".tmp-{filename}"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / filename)
+    return {name: t.numel() * t.element_size() for name, t in tensors.items()}
+
+
+def remove_weights(directory: Path) -> None:
+    """Delete the weight files and index of an earlier export into `directory`."""
     for stale in list(directory.glob("model-*-of-*.safetensors")) + [directory / SINGLE_FILE, directory / INDEX_FILE]:
         if stale.exists():
             stale.unlink()
-    n = len(tmp_files)
-    if n == 1:
-        final_names = [SINGLE_FILE]
-    else:
-        final_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for tmp, final in zip(tmp_files, final_names):
-        os.replace(tmp, directory / final)
-    if n > 1:
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {name: final_names[i] for name, i in weight_map.items()}}
-        _write_json(directory / INDEX_FILE, index)
 
-    hf_config = model.config.to_hf_config()
+
+def write_metadata(config: ModelConfig, directory: str | os.PathLike, weight_map: dict[str, str], total_size: int,
+                   dtype: torch.dtype) -> None:
+    """The index (when there are several files), generation_config.json and, last, config.json."""
+    directory = Path(directory)
+    if len(set(weight_map.values())) > 1:
+        _write_json(directory / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    hf_config = config.to_hf_config()
     hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
     _write_json(directory / "generation_config.json",
-                {"bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id})
+                {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id})
     _write_json(directory / CONFIG_NAME, hf_config)
-    return directory
 
 
 def _write_json(path: Path, obj: dict) -> None:
