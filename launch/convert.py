@@ -25,16 +25,14 @@ from data.config import DataConfig  # noqa: E402
 from data.loader import build_tokenizer  # noqa: E402
 from model import CausalLM, ModelConfig  # noqa: E402
 from model.hf import load_pretrained, save_pretrained  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from trainer.checkpoint import find_resume, write_weights_only  # noqa: E402
+from trainer.checkpoint import find_resume, load_model_weights, write_weights_only  # noqa: E402
 
 
 def export(checkpoint: Path, out: Path, dtype: str | None, max_shard_size: str) -> Path:
     checkpoint = find_resume(checkpoint.parent, str(checkpoint))  # must be complete
     state = json.loads((checkpoint / "train_state.json").read_text())
     config = state["config"]
-    model = CausalLM(ModelConfig(**config["model"]))
-    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    model = load_model_weights(checkpoint, CausalLM(ModelConfig(**config["model"])))
     torch_dtype = getattr(torch, dtype or model.config.torch_dtype or "float32")
     save_pretrained(model, out, max_shard_size=max_shard_size, dtype=torch_dtype)
     if (checkpoint / "tokenizer.json").is_file():  # the run's own tokenizer, saved with every checkpoint

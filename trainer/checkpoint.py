@@ -1,9 +1,11 @@
 """Training checkpoints: every stateful thing, committed by a marker written last.
 
     <checkpoint.dir>/step_00000400/
-        model.safetensors          weights (rank 0; data-parallel replicas are identical)
-        optimizer.safetensors      AdamW moments and step counts, keyed by parameter name
+        model_rank00000.safetensors      weights: dense ones from rank 0, each expert once (`<param>.<expert>`),
+        optimizer_rank00000.safetensors  AdamW state, same names; written by whichever rank owns them, so any
+                                         expert-parallel layout can read any other
         train_state.json           step, tokens seen, skipped steps, world size, resolved config
+        tokenizer.json             the run's tokenizer
         data_rank00000.json/.safetensors   each data-parallel rank's loader state
         rng_rank00000.safetensors  each rank's torch RNG states (CPU and CUDA)
         COMPLETE                   written by rank 0 after every rank finished (fsynced): the commit marker
@@ -23,7 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from model.moe import RoutedExperts
 
 from .distributed import DistEnv, barrier
 
@@ -175,29 +180,92 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(s, i)
 
 
-# ------------------------------------------------------------------------------------ optimizer
-def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    names = {p: n for n, p in model.named_parameters()}
-    out = {}
-    for p, state in optimizer.state.items():
-        for key, value in state.items():
-            out[f"{names[p]}::{key}"] = value.detach().cpu().contiguous()
-    return out
+# ------------------------------------------------------------------------------------ weights and optimizer
+# Stacked expert tensors are stored one expert at a time, as `<parameter>.<global expert index>`, so a checkpoint
+# written with the experts sharded over any number of ranks loads into any other sharding: each rank writes the
+# entries it owns (rank 0 the dense ones, the first expert-data-parallel replica the experts) and reads exactly the
+# entries it holds.
+
+def _expert_params(model: torch.nn.Module) -> dict[str, RoutedExperts]:
+    return {f"{n}.{leaf}": m for n, m in model.named_modules() if isinstance(m, RoutedExperts)
+            for leaf in ("gate_up_proj", "down_proj")}
 
 
-def load_optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                           tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    by_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, slot = key.rpartition("::")
-        if name not in params:
-            raise ValueError(f"optimizer state for unknown parameter {name!r} (the model changed since the save)")
-        by_param.setdefault(name, {})[slot] = value
-    optimizer.state.clear()
-    for name, state in by_param.items():
-        p = params[name]
-        optimizer.state[p] = {k: (v.to(p.device) if k != "step" else v) for k, v in state.items()}
+def _entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dense: bool, experts: bool):
+    """(entry name, parameter, index into its first dim or None, optimizer state) for the selected entries."""
+    stacked = _expert_params(model)
+    for name, p in model.named_parameters():
+        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        module = stacked.get(name)
+        if module is None:
+            if dense:
+                yield name, p, None, state
+        elif experts:
+            for local in range(module.n_experts):
+                yield f"{name}.{module.expert_offset + local}", p, local, state
+
+
+def owned_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dense: bool, experts: bool
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The weights and optimizer entries this rank writes, under layout-independent names."""
+    weights, optim = {}, {}
+    for key, p, index, state in _entries(model, optimizer, dense, experts):
+        weights[key] = (p if index is None else p[index]).detach().cpu().contiguous()
+        for slot, value in state.items():
+            # A scalar slot (AdamW's step) is shared by all experts of the stack: each entry gets its own copy.
+            part = value.clone() if value.ndim == 0 else (value if index is None else value[index])
+            optim[f"{key}::{slot}"] = part.detach().cpu().contiguous()
+    return weights, optim
+
+
+def _entry_index(directory: Path, stem: str) -> dict[str, Path]:
+    index = {}
+    for file in sorted(directory.glob(f"{stem}_rank*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            index.update(dict.fromkeys(f.keys(), file))
+    return index
+
+
+def load_owned_tensors(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Fill this rank's weights (and optimizer state) from a checkpoint written at any expert-parallel layout."""
+    weight_index = _entry_index(directory, "model")
+    optim_index = _entry_index(directory, "optimizer") if optimizer is not None else {}
+    slots: dict[str, list[str]] = {}
+    for name in optim_index:
+        key, _, slot = name.rpartition("::")
+        slots.setdefault(key, []).append(slot)
+    wanted = list(_entries(model, None, dense=True, experts=True))
+    missing = [key for key, *_ in wanted if key not in weight_index]
+    if missing:
+        raise ValueError(f"{directory}: {len(missing)} weights missing (e.g. {missing[:3]}); was it saved with "
+                         "another model config?")
+    handles: dict[Path, Any] = {}
+
+    def read(index: dict[str, Path], key: str) -> torch.Tensor:
+        if index[key] not in handles:
+            handles[index[key]] = safe_open(str(index[key]), framework="pt")
+        return handles[index[key]].get_tensor(key)
+
+    states: dict[torch.nn.Parameter, dict] = {}
+    with torch.no_grad():
+        for key, p, index, _ in wanted:  # experts of one parameter come in local order 0, 1, ...
+            value, target = read(weight_index, key), (p if index is None else p[index])
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"{directory}: {key} has shape {list(value.shape)}, the model expects "
+                                 f"{list(target.shape)}")
+            target.copy_(value)
+            for slot in slots.get(key, []):
+                entry = read(optim_index, f"{key}::{slot}")
+                state = states.setdefault(p, {})
+                if index is None or entry.ndim == 0:
+                    state[slot] = entry
+                else:
+                    state.setdefault(slot, []).append(entry)
+    if optimizer is not None and states:
+        optimizer.state.clear()
+        for p, state in states.items():
+            optimizer.state[p] = {k: (torch.stack(v) if isinstance(v, list) else v).to(
+                "cpu" if k == "step" else p.device) for k, v in state.items()}
 
 
 # ------------------------------------------------------------------------------------ save / load
@@ -213,9 +281,11 @@ def _fault(site: str, step: int, env: DistEnv) -> None:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict, data_state: dict, env: DistEnv, keep: int, tokenizer=None) -> Path:
-    """Collective: every rank calls it. Each rank fsyncs its own files before the commit barrier; rank 0 then writes
-    and fsyncs COMPLETE. Returns the committed directory."""
+                    train_state: dict, data_state: dict, env: DistEnv, keep: int, tokenizer=None,
+                    owns_experts: bool | None = None) -> Path:
+    """Collective: every rank calls it. Rank 0 writes the dense entries, and each rank with `owns_experts` (the
+    first expert-data-parallel replica; by default rank 0) its experts. Each rank fsyncs its own files before the
+    commit barrier; rank 0 then writes and fsyncs COMPLETE. Returns the committed directory."""
     path = step_dir(root, step)
     if env.is_main:
         if path.exists():
@@ -223,12 +293,15 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
         path.mkdir(parents=True)
     barrier(env)
     written = []
+    weights, optim = owned_tensors(model, optimizer, dense=env.is_main,
+                                   experts=env.is_main if owns_experts is None else owns_experts)
+    if weights:
+        for stem, tensors in (("model", weights), ("optimizer", optim)):
+            save_file(tensors, str(path / f"{stem}_rank{env.rank:05d}.safetensors"), metadata={"format": "pt"})
+            written.append(f"{stem}_rank{env.rank:05d}.safetensors")
     if env.is_main:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  str(path / "model.safetensors"), metadata={"format": "pt"})
-        save_file(optimizer_tensors(model, optimizer), str(path / "optimizer.safetensors"))
         _write_json(path / "train_state.json", train_state)
-        written += ["model.safetensors", "optimizer.safetensors", "train_state.json"]
+        written.append("train_state.json")
         if tokenizer is not None:  # the exact tokenizer of the run travels with its weights
             tokenizer.save(str(path / "tokenizer.json"))
             written.append("tokenizer.json")
@@ -277,32 +350,38 @@ def prune(root: str | os.PathLike, keep: int) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    env: DistEnv) -> tuple[dict, dict | None]:
-    """Restore weights, optimizer and this rank's RNG; returns (train_state, this rank's data state or None)."""
+                    env: DistEnv, data_resume: str = "strict") -> tuple[dict, dict | None]:
+    """Restore weights and optimizer (at any expert-parallel layout) and this rank's RNG and data position;
+    returns (train_state, this rank's data state, or None for a weights-only checkpoint or a data reset).
+
+    The data position is per data-parallel rank: with another number of processes, `data_resume=strict` refuses
+    and `reset` restarts the data stream (documents already seen may be seen again)."""
     train_state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
-    weights = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}/model.safetensors does not fit the configured model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]} (was it saved with another model config?)")
+    load_owned_tensors(path, model, None if train_state.get("weights_only") else optimizer)
     if train_state.get("weights_only"):
         return train_state, None
     saved_world = train_state["world_size"]
     if saved_world != env.world_size:
-        raise ValueError(f"{path}: saved with {saved_world} data-parallel ranks, resuming with {env.world_size}; "
-                         "the data position is per rank, so resume with the same number of processes (or start "
-                         "from its weights: launch/convert.py weights-only)")
-    if optimizer is not None:
-        load_optimizer_tensors(model, optimizer, load_file(str(path / "optimizer.safetensors")))
+        if data_resume != "reset":
+            raise ValueError(f"{path}: saved with {saved_world} data-parallel ranks, resuming with "
+                             f"{env.world_size}; the data position is per rank, so resume with the same number of "
+                             "processes, or set checkpoint.data_resume=reset to restart the data stream")
+        return train_state, None
     set_rng_state(load_state(path, f"rng_rank{env.rank:05d}"))
     return train_state, load_state(path, f"data_rank{env.rank:05d}")
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:
+    """Only the weights of a checkpoint (any layout) into `model`."""
+    load_owned_tensors(path, model, None)
+    return model
 
 
 def write_weights_only(path: Path, model: torch.nn.Module, config: dict) -> Path:
     """A committed checkpoint holding only weights (an imported HF model): training starts from it at step 0."""
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(path / "model.safetensors"), metadata={"format": "pt"})
+    weights, _ = owned_tensors(model, None, dense=True, experts=True)
+    save_file(weights, str(path / "model_rank00000.safetensors"), metadata={"format": "pt"})
     _write_json(path / "train_state.json", {"weights_only": True, "step": 0, "config": config})
     (path / COMPLETE).write_text("weights only\n")
     return path

@@ -55,6 +55,22 @@ class ParallelConfig:
     """torch.distributed backend: auto (nccl on GPUs, gloo on CPU), nccl or gloo."""
     timeout_s: int = 600
     """Process-group timeout: a rank stuck this long in a collective ends the job instead of hanging it."""
+    ep: int | None = None
+    """Expert-parallel size: routed experts sharded over `ep` consecutive data-parallel ranks and replicated over
+    dp / ep. Must divide the data-parallel size and model.n_routed_experts. Default (null): the largest size dividing
+    both (1 turns expert parallelism off)."""
+    pp: int = 1
+    """Pipeline stages (world = pp x dp). Only 1 until the DeepSpeed pipeline engine lands."""
+
+
+@dataclass
+class MoEConfig:
+    capacity_factor: float | None = None
+    """Device-level token dropping for training (paper §2.2.4), off when null: in each sequence, each routing group
+    keeps at most capacity_factor x (its share of the sequence's token copies), the highest-affinity ones
+    (the paper: 1.0). Evaluation never drops."""
+    no_drop_fraction: float = 0.1
+    """Fraction of training sequences (chosen by a hash of their tokens) whose tokens are never dropped."""
 
 
 @dataclass
@@ -98,6 +114,9 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted (the newest complete one never is)."""
     export_hf: bool = True
     """Export the final model in Hugging Face format to `<run dir>/hf` at the end."""
+    data_resume: str = "strict"
+    """Resuming with another number of data-parallel processes: `strict` refuses (the data position is per rank),
+    `reset` loads weights, optimizer and step and restarts the data stream."""
 
 
 @dataclass
@@ -115,14 +134,35 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // max(1, self.parallel.pp)
+
+    def expert_parallel_size(self, world_size: int) -> int:
+        from .expert_parallel import resolve_ep
+        return resolve_ep(self.parallel.ep, self.data_parallel_size(world_size), self.model.n_routed_experts)
+
     def validate(self, world_size: int = 1) -> None:
         """Checks across fields; raises ValueError naming the key and what is allowed."""
+        from .expert_parallel import validate_layout
+
         self.data.validate()
         t, o = self.trainer, self.optim
+        if self.parallel.pp != 1:
+            raise ValueError(f"parallel.pp={self.parallel.pp}: pipeline parallelism is not available yet (only 1)")
+        validate_layout(world_size, self.parallel.pp, self.expert_parallel_size(world_size),
+                        self.model.n_routed_experts)
+        if self.moe.capacity_factor is not None and self.moe.capacity_factor <= 0:
+            raise ValueError(f"moe.capacity_factor={self.moe.capacity_factor}: must be > 0 (null turns dropping off)")
+        if not 0.0 <= self.moe.no_drop_fraction <= 1.0:
+            raise ValueError(f"moe.no_drop_fraction={self.moe.no_drop_fraction}: must be in [0, 1]")
+        if self.checkpoint.data_resume not in ("strict", "reset"):
+            raise ValueError(f"checkpoint.data_resume={self.checkpoint.data_resume!r}: allowed: strict, reset")
+        world_size = self.data_parallel_size(world_size)  # batch sizes count data-parallel ranks
 
         def bad(key: str, value, why: str) -> ValueError:
             return ValueError(f"{key}={value!r}: {why}")

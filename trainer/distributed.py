@@ -76,32 +76,3 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def sum_gradients(params: list[torch.nn.Parameter], env: DistEnv, bucket_bytes: int = 32 * 2**20) -> None:
-    """Sum of every gradient over the data-parallel ranks, in coalesced buckets (the loss is already divided by the
-    global token count, so the sum is the full-batch gradient; the DeepSpeed engine replaces this simple path)."""
-    if not env.distributed:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for g in grads + [None]:
-        if g is not None:
-            bucket.append(g)
-            size += g.numel() * g.element_size()
-        if bucket and (g is None or size >= bucket_bytes):
-            flat = torch.cat([b.reshape(-1) for b in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for b in bucket:
-                b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                offset += b.numel()
-            bucket, size = [], 0
-
-
-def broadcast_parameters(module: torch.nn.Module, env: DistEnv) -> None:
-    """Make every replica start from rank 0's weights."""
-    if env.distributed:
-        for t in module.state_dict().values():
-            dist.broadcast(t, src=0)

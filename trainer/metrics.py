@@ -137,6 +137,10 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
     parts.append(f"mem {num('peak_mem_gib', '.2f')}G")
     if "load_imbalance" in m:
         parts.append(f"imb {num('load_imbalance', '.2f')}")
+    if "ranks_per_token_mean" in m:
+        parts.append(f"ranks/token {num('ranks_per_token_mean', '.2f')} max {m['ranks_per_token_max']}")
+    if m.get("dropped_copies"):
+        parts.append(f"dropped {m['dropped_copies']}")
     parts.append(f"skipped {m.get('skipped_steps', 0)} bad {m.get('bad_records', 0)}")
     if "val_loss" in m:
         parts.append(f"val {num('val_loss', '.4f')} ppl {num('val_ppl', '.1f')}")

@@ -26,13 +26,14 @@ from data.sources import expand_globs
 from data.tokenizer import TextTokenizer
 from model import CausalLM, ModelConfig
 from model.flops import training_flops_per_token
-from model.hf import save_pretrained
+from model.hf import remove_weights, save_pretrained, write_metadata, write_shard
 from model.loss import IGNORE_INDEX
 
 from .checkpoint import choose_resume, load_checkpoint, save_checkpoint, set_aside_newer
 from .config import NonFinite, TrainConfig
-from .distributed import (DistEnv, all_reduce_sum, barrier, broadcast_parameters, init_process_group, pick_device,
-                          sum_gradients)
+from .distributed import DistEnv, all_reduce_sum, barrier, init_process_group, pick_device
+from .expert_parallel import (ProcessGrid, attach_dispatchers, broadcast_replicas, build_grid, clip_grad_norm,
+                              reduce_gradients)
 from .metrics import MetricsLogger, Throughput, device_peak_tflops, load_imbalance, peak_memory_gib
 from .optim import build_optimizer, global_batch_at, lr_at
 
@@ -53,6 +54,7 @@ class StepResult:
     tokens: int
     tokens_per_expert: torch.Tensor | None  # (MoE layers, experts), summed over ranks
     bad_records: int  # skipped input records so far, summed over ranks
+    dropped_copies: int  # token copies dropped by the capacity limit this step, summed over ranks
 
 
 def config_dict(cfg: TrainConfig) -> dict:
@@ -101,9 +103,8 @@ def _fault_scale(step: int, env: DistEnv) -> float:
 
 
 def train_step(step: int, model: CausalLM, optimizer: torch.optim.Optimizer, loader, cfg: TrainConfig,
-               env: DistEnv, device: torch.device, autocast) -> StepResult:
-    accumulation = global_batch_at(step, cfg.trainer, env.world_size) // (cfg.trainer.micro_batch_size *
-                                                                            env.world_size)
+               env: DistEnv, grid: ProcessGrid, device: torch.device, autocast) -> StepResult:
+    accumulation = global_batch_at(step, cfg.trainer, grid.dp) // (cfg.trainer.micro_batch_size * grid.dp)
     batches = [next(loader) for _ in range(accumulation)]
     supervised = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
     global_supervised = all_reduce_sum(torch.tensor(float(sum(supervised)), device=device), env).item()
@@ -113,8 +114,9 @@ def train_step(step: int, model: CausalLM, optimizer: torch.optim.Optimizer, loa
 
     moe_layers = model.moe_layers()
     n_experts = moe_layers[0].n_experts if moe_layers else 0
-    # Reduced once per step: [CE sum, aux loss, 3 balance terms, bad records so far, tokens per expert per MoE layer].
-    stats = torch.zeros(6 + len(moe_layers) * n_experts, device=device, dtype=torch.float64)
+    # Reduced once per step: [CE sum, aux loss, 3 balance terms, bad records so far, dropped copies,
+    # tokens per expert of every MoE layer].
+    stats = torch.zeros(7 + len(moe_layers) * n_experts, device=device, dtype=torch.float64)
     stats[5] = sum(loader.bad_records["counts"].values())
     fault = _fault_scale(step, env)
     for batch, n_supervised in zip(batches, supervised):
@@ -127,20 +129,22 @@ def train_step(step: int, model: CausalLM, optimizer: torch.optim.Optimizer, loa
         # the balance losses averaged over micro-batches and ranks.
         loss = ce_sum / max(global_supervised, 1.0)
         if out.aux_loss is not None:
-            loss = loss + out.aux_loss / (accumulation * env.world_size)
-            stats[1] += out.aux_loss.detach().double() / accumulation / env.world_size
+            loss = loss + out.aux_loss / (accumulation * grid.dp)
+            stats[1] += out.aux_loss.detach().double() / accumulation / grid.dp
             for i, name in enumerate(("expert", "device", "comm")):  # logged as the mean over MoE layers
-                stats[2 + i] += out.balance[name].double() / (accumulation * env.world_size * len(moe_layers))
+                stats[2 + i] += out.balance[name].double() / (accumulation * grid.dp * len(moe_layers))
         loss.backward()
         stats[0] += ce_sum.detach().double()
         if moe_layers:
-            stats[6:] += torch.cat([s.tokens_per_expert for s in out.routing]).double()
+            dropped = [s.dropped for s in out.routing if s.dropped is not None]
+            if dropped:
+                stats[6] += torch.stack(dropped).sum().double()
+            stats[7:] += torch.cat([s.tokens_per_expert for s in out.routing]).double()
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    sum_gradients(params, env)
+    reduce_gradients(model, grid)
     all_reduce_sum(stats, env)
     max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = clip_grad_norm(model, max_norm, grid)
     loss_value = float(stats[0]) / max(global_supervised, 1.0)
     skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
     if skipped and cfg.trainer.non_finite == NonFinite.stop:
@@ -149,11 +153,11 @@ def train_step(step: int, model: CausalLM, optimizer: torch.optim.Optimizer, loa
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = int(sum(b["input_ids"].numel() for b in batches)) * env.world_size
-    load = stats[6:].view(len(moe_layers), n_experts).float().cpu() if moe_layers else None
+    tokens = int(sum(b["input_ids"].numel() for b in batches)) * grid.dp
+    load = stats[7:].view(len(moe_layers), n_experts).float().cpu() if moe_layers else None
     return StepResult(loss_value, float(stats[1]), {n: float(stats[2 + i]) for i, n in
                                                      enumerate(("expert", "device", "comm"))},
-                      grad_norm, skipped, tokens, load, int(stats[5]))
+                      grad_norm, skipped, tokens, load, int(stats[5]), int(stats[6]))
 
 
 @torch.no_grad()
@@ -173,14 +177,60 @@ def validate(model: CausalLM, batches: list[dict], env: DistEnv, device: torch.d
     return float(total[0] / total[1].clamp(min=1))
 
 
-def export_hf(model: CausalLM, tokenizer: TextTokenizer, out: Path) -> Path:
-    """Hugging Face directory: weights and config (model.hf), tokenizer.json and a tokenizer_config.json."""
-    save_pretrained(model, out, dtype=getattr(torch, model.config.torch_dtype or "float32"))
+def export_hf(model: CausalLM, tokenizer: TextTokenizer, out: Path, grid: ProcessGrid) -> Path | None:
+    """Hugging Face directory (collective): weights and config.json in the released layout, tokenizer.json and a
+    tokenizer_config.json. With experts sharded, each rank of the first expert-data-parallel replica writes its
+    experts' shard (`model-0000r-of-0000n`, rank 0 with the dense tensors), and rank 0 writes the index over all of
+    them: the export gathers every expert without any process holding them all. Returns the directory on rank 0."""
+    dtype = getattr(torch, model.config.torch_dtype or "float32")
+    if grid.ep == 1:
+        if grid.rank == 0:
+            save_pretrained(model, out, dtype=dtype)
+    else:
+        if grid.rank == 0:
+            remove_weights(out)
+        barrier_grid(grid)
+        sizes = {}
+        if grid.edp_rank == 0:
+            filename = f"model-{grid.ep_rank + 1:05d}-of-{grid.ep:05d}.safetensors"
+            sizes = {name: (filename, n) for name, n in write_shard(model, out, filename, dtype, dense=grid.rank == 0,
+                                                                    experts=True).items()}
+        gathered = [None] * grid.world
+        torch.distributed.all_gather_object(gathered, sizes)
+        if grid.rank == 0:
+            merged = {name: entry for part in gathered for name, entry in part.items()}
+            write_metadata(model.config, out, {n: f for n, (f, _) in merged.items()},
+                           sum(size for _, size in merged.values()), dtype)
+    if grid.rank != 0:
+        return None
     tokenizer.save(out / "tokenizer.json")
     names = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
     (out / "tokenizer_config.json").write_text(json.dumps(
         {k: tokenizer.tokenizer.id_to_token(v) for k, v in names.items() if v is not None}, indent=2))
     return out
+
+
+def barrier_grid(grid: ProcessGrid) -> None:
+    if grid.world > 1:
+        torch.distributed.barrier()
+
+
+def dispatch_metrics(dispatchers: list, env: DistEnv, device: torch.device) -> dict:
+    """Distinct ranks each token's copies went to (mean and max over ranks and MoE layers) and bytes sent to other
+    ranks per token, since the last log step; resets the counters."""
+    sums = torch.tensor([float(sum(d.stats.tokens for d in dispatchers)),
+                         float(sum(torch.as_tensor(d.stats.ranks_sum).item() for d in dispatchers)),
+                         float(sum(d.stats.rows_sent_remote * d.stats.row_bytes for d in dispatchers))],
+                        device=device, dtype=torch.float64)
+    peak = torch.tensor(float(max(torch.as_tensor(d.stats.ranks_max).item() for d in dispatchers)), device=device)
+    all_reduce_sum(sums, env)
+    if env.distributed:
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    for d in dispatchers:
+        d.stats.reset()
+    tokens = max(float(sums[0]), 1.0)
+    return {"ranks_per_token_mean": float(sums[1]) / tokens, "ranks_per_token_max": int(peak),
+            "a2a_bytes_per_token": float(sums[2]) / tokens}
 
 
 def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
@@ -193,15 +243,19 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
         "bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     random.seed(cfg.trainer.seed)
-    torch.manual_seed(cfg.trainer.seed)  # identical initial weights on every rank (and broadcast below)
+    torch.manual_seed(cfg.trainer.seed)  # identical dense weights on every rank; experts seed themselves
+    grid = build_grid(env, cfg.parallel.pp, cfg.expert_parallel_size(env.world_size))
 
-    model = CausalLM(model_cfg).to(device)
+    expert_shard = grid.expert_shard(model_cfg.n_routed_experts) if grid.ep > 1 else None
+    model = CausalLM(model_cfg, expert_shard=expert_shard).to(device)
+    dispatchers = attach_dispatchers(model, grid) if grid.ep > 1 else []
+    model.set_token_dropping(cfg.moe.capacity_factor, cfg.moe.no_drop_fraction)
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
-    loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, env.rank,
-                          env.world_size)
-    val_loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, env.rank,
-                              env.world_size, split="val") if cfg.trainer.val_every else None
+    loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank,
+                          grid.dp)
+    val_loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank,
+                              grid.dp, split="val") if cfg.trainer.val_every else None
     val_batches = [next(val_loader) for _ in range(cfg.trainer.val_batches)] if val_loader else []
     if val_loader:
         val_loader.close()
@@ -212,16 +266,18 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
             print(f"resuming from an older checkpoint: {path} moved to {set_aside_newer(path)}")
     barrier(env)
     if resume:
-        train_state, data_state = load_checkpoint(Path(resume), model, optimizer, env)
+        train_state, data_state = load_checkpoint(Path(resume), model, optimizer, env, cfg.checkpoint.data_resume)
+        if not train_state.get("weights_only"):
+            step, tokens_seen, skipped = train_state["step"], train_state["tokens_seen"], train_state["skipped"]
         if data_state is not None:
             loader.load_state_dict(data_state)
-            step, tokens_seen, skipped = train_state["step"], train_state["tokens_seen"], train_state["skipped"]
     else:
-        broadcast_parameters(model, env)
+        broadcast_replicas(model, grid)
 
     logger = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, step, env.is_main, config_dict(cfg),
                            cfg.trainer.progress)
-    logger.print(f"run dir {run_dir} | {env.world_size} process(es) on {device} ({precision}) | "
+    logger.print(f"run dir {run_dir} | {env.world_size} process(es) on {device} ({precision}), data-parallel "
+                 f"{grid.dp} x expert-parallel {grid.ep} | "
                  f"{'resumed from ' + resume if resume else 'fresh start'} at step {step} | "
                  f"tokenizer {tokenizer.source} ({tokenizer.vocab_size} ids)")
     flops_per_token = training_flops_per_token(model_cfg, cfg.data.seq_len)
@@ -236,12 +292,12 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
         state = {"step": at_step, "tokens_seen": tokens_seen, "skipped": skipped, "world_size": env.world_size,
                  "config": config_dict(cfg), "time": time.time()}
         return save_checkpoint(cfg.checkpoint.dir, at_step, model, optimizer, state, loader.state_dict(), env,
-                               cfg.checkpoint.keep, tokenizer=tokenizer.tokenizer)
+                               cfg.checkpoint.keep, tokenizer=tokenizer.tokenizer, owns_experts=grid.edp_rank == 0)
 
     try:
         while step < cfg.trainer.max_steps:
             step_start = time.perf_counter()
-            result = train_step(step, model, optimizer, loader, cfg, env, device, autocast)
+            result = train_step(step, model, optimizer, loader, cfg, env, grid, device, autocast)
             step += 1
             tokens_seen += result.tokens
             skipped += result.skipped
@@ -264,11 +320,14 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
                            "mfu": flops_per_token * tokens_per_s / (peak * 1e12 * env.world_size) if peak else None,
                            "peak_mem_gib": peak_memory_gib(device), "skipped_steps": skipped,
                            "bad_records": result.bad_records,
-                           "global_batch": global_batch_at(step - 1, cfg.trainer, env.world_size),
+                           "global_batch": global_batch_at(step - 1, cfg.trainer, grid.dp),
+                           "dropped_copies": result.dropped_copies,
                            "eta_s": (time.time() - loop_start) / (step - loop_first_step) * (cfg.trainer.max_steps - step)}
                 if result.tokens_per_expert is not None:
                     metrics["load_imbalance"], metrics["load_imbalance_per_layer"] = load_imbalance(
                         result.tokens_per_expert)
+                if dispatchers:
+                    metrics.update(dispatch_metrics(dispatchers, env, device))
             if val_batches and (step % cfg.trainer.val_every == 0 or step == cfg.trainer.max_steps):
                 val_loss = validate(model, val_batches, env, device, autocast)
                 metrics = metrics or {"loss": result.loss}
@@ -279,9 +338,7 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
                 save(step)
                 last_saved = step
         checkpoint = save(step) if last_saved != step else Path(cfg.checkpoint.dir) / f"step_{step:08d}"
-        hf_dir = None
-        if cfg.checkpoint.export_hf and env.is_main:
-            hf_dir = export_hf(model, tokenizer, run_dir / "hf")
+        hf_dir = export_hf(model, tokenizer, run_dir / "hf", grid) if cfg.checkpoint.export_hf else None
         barrier(env)
     finally:
         loader.close()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from trainer.checkpoint import (COMPLETE, CheckpointNotFound, choose_resume, find_resume, join_arrays,
-                                list_checkpoints, load_optimizer_tensors, optimizer_tensors, prune, set_aside_newer,
+                                list_checkpoints, load_owned_tensors, owned_tensors, prune, set_aside_newer,
                                 split_arrays, step_dir)
 
 
@@ -58,20 +58,58 @@ def test_nested_state_with_arrays_round_trips_exactly():
     assert back["list"][0].dtype == bool and back["list"][1] == 3
 
 
-def test_optimizer_state_round_trips_by_parameter_name():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+def _trained_tiny(expert_shard=None, seed=0):
+    from model import CausalLM
+    from trainer.presets import model_preset
+    torch.manual_seed(seed)
+    model = CausalLM(model_preset("tiny_lite"), expert_shard=expert_shard)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(5, 3)).sum().backward()
-    opt.step()
-    saved = optimizer_tensors(model, opt)
-    fresh = torch.optim.AdamW(model.parameters(), lr=0.1)
-    load_optimizer_tensors(model, fresh, saved)
-    for p in model.parameters():
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(opt.state[p][key], fresh.state[p][key])
-    with pytest.raises(ValueError, match="unknown parameter"):
-        load_optimizer_tensors(model, fresh, {"9.weight::exp_avg": torch.zeros(1)})
+    return model, opt
+
+
+def test_weights_and_optimizer_reshard_across_expert_layouts(tmp_path):
+    """Saved by 2 expert shards (4 + 4 of 8 experts), loaded by 1 (all 8) and by 4 shards (2 each): every entry,
+    weights and AdamW moments and steps, lands bit for bit where it belongs."""
+    from safetensors.torch import save_file
+    from model import next_token_labels
+    full, full_opt = _trained_tiny()
+    ids = torch.randint(0, 4096, (2, 16))
+    full(ids, labels=next_token_labels(ids)).loss.backward()
+    full_opt.step()
+    for rank, (offset, count) in enumerate([(0, 4), (4, 4)]):  # two ranks, each owning half the experts
+        shard, shard_opt = _trained_tiny((offset, count), seed=1)
+        with torch.no_grad():
+            for name, p in shard.named_parameters():
+                source = dict(full.named_parameters())[name]
+                p.copy_(source[offset:offset + count] if ".mlp.experts." in name else source)
+            for name, p in shard.named_parameters():
+                state = full_opt.state[dict(full.named_parameters())[name]]
+                shard_opt.state[p] = {k: (v[offset:offset + count] if ".mlp.experts." in name and v.ndim else v)
+                                      .clone() for k, v in state.items()}
+        weights, optim = owned_tensors(shard, shard_opt, dense=rank == 0, experts=True)
+        save_file(weights, str(tmp_path / f"model_rank{rank:05d}.safetensors"))
+        save_file(optim, str(tmp_path / f"optimizer_rank{rank:05d}.safetensors"))
+    for shard_spec in (None, (2, 2), (6, 2)):
+        model, opt = _trained_tiny(shard_spec, seed=2)
+        load_owned_tensors(tmp_path, model, opt)
+        lo, n = shard_spec or (0, 8)
+        for name, p in model.named_parameters():
+            ref = dict(full.named_parameters())[name]
+            expert = ".mlp.experts." in name
+            assert torch.equal(p, ref[lo:lo + n] if expert else ref), (shard_spec, name)
+            for slot, value in full_opt.state[ref].items():
+                want = value[lo:lo + n] if expert and value.ndim else value
+                assert torch.equal(opt.state[p][slot], want), (shard_spec, name, slot)
+
+
+def test_missing_entries_are_named(tmp_path):
+    from safetensors.torch import save_file
+    model, _ = _trained_tiny()
+    weights, _ = owned_tensors(model, None, dense=True, experts=True)
+    weights.pop("model.layers.2.mlp.experts.down_proj.5")
+    save_file(weights, str(tmp_path / "model_rank00000.safetensors"))
+    with pytest.raises(ValueError, match=r"1 weights missing \(e\.g\. \['model\.layers\.2\.mlp\.experts\.down_proj\.5'"):
+        load_owned_tensors(tmp_path, model, None)
 
 
 def test_resume_choice_for_relaunches_rollbacks_and_fresh_starts(tmp_path):

@@ -1,0 +1,31 @@
+"""Expert parallelism over gloo, in separate torchrun launches (short process-group timeout, outer timeout)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("nproc,ep", [(2, 2), (4, 4), (4, 2)])
+def test_expert_parallel_matches_one_process(tmp_path, nproc, ep):
+    """Dispatcher edge cases and the whole model (loss, every gradient, parameters over 3 AdamW steps, with and
+    without token dropping) against one process; ep=4 is also ep == n_group for device-limited routing."""
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         str(ROOT / "tests" / "distributed" / "ep_check.py"), "--ep", str(ep), "--out", str(out)],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads(out.read_text())
+    print(json.dumps(result, indent=1))
+    assert result["drop"]["dropped_copies"] > 0 and result["no_drop"]["dropped_copies"] == 0
+    assert result["drop"]["losses"] != result["no_drop"]["losses"]
+    if ep == 4:  # ep == n_group (4) with topk_group 2
+        assert result["no_drop"]["ranks_per_token_max"] <= 2
