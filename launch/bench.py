@@ -8,6 +8,13 @@ DeepseekV2ForCausalLM, same config, same weights, same batch, one process.
 
 data: the streaming data pipeline's tokens/s beside the tokenizer's raw encode_batch tokens/s on the same text.
 
+ep: one MoE layer under expert parallelism (the all-to-all dispatcher, `--ep` processes) against the same layer with
+all experts local, on the same tokens; and the bytes each token's copies send to other ranks against the minimum
+the routing requires (one row per distinct remote rank).
+
+    python launch/bench.py ep --ep 2                        # CPU processes over gloo
+    python launch/bench.py ep --ep 8 --preset v2 --tokens 8192     # 8 GPUs over NCCL
+
     python launch/bench.py data                             # built-in corpus and BPE
     python launch/bench.py data --tokenizer /ckpt/DeepSeek-V2-Lite --paths '/data/*.jsonl'
 
@@ -281,8 +288,110 @@ def data_main(argv: list[str]) -> dict:
     return results
 
 
+def _ep_worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from model.moe import MoE
+    from trainer.distributed import DistEnv
+    from trainer.expert_parallel import AllToAllDispatcher, build_grid
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= args.ep
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ep))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.ep)
+    grid = build_grid(DistEnv(rank, args.ep, rank), pp=1, ep=args.ep)
+    config = model_preset(args.preset)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+    local = MoE(config).to(device, dtype)
+    for p in local.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.02)
+    offset, count = grid.expert_shard(config.n_routed_experts)
+    sharded = MoE(config, expert_shard=(offset, count)).to(device, dtype)
+    with torch.no_grad():
+        for name, p in sharded.named_parameters():
+            source = dict(local.named_parameters())[name]
+            p.copy_(source[offset:offset + count] if name.startswith("experts.") else source)
+    sharded.dispatcher = AllToAllDispatcher(grid, config.n_routed_experts)
+    x = torch.randn(1, args.tokens, config.hidden_size, device=device, dtype=dtype,
+                    generator=torch.Generator(device).manual_seed(rank))
+
+    def timed(layer) -> float:
+        times = []
+        for i in range(args.warmup + args.steps):
+            dist.barrier()
+            _sync(device)
+            start = time.perf_counter()
+            y, _ = layer(x)
+            y.float().square().mean().backward()
+            _sync(device)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    t_local, t_ep = timed(local), timed(sharded)
+    stats = sharded.dispatcher.stats
+    ids, _, _ = sharded.gate(x.view(-1, config.hidden_size))
+    ranks = ids // count
+    distinct_remote = sum(len(set(row.tolist()) - {grid.ep_rank}) for row in ranks)
+    row_bytes = config.hidden_size * x.element_size()
+    runs = args.warmup + args.steps
+    queue.put({"rank": rank, "local_s": t_local, "ep_s": t_ep,
+               "bytes_per_token": stats.rows_sent_remote * stats.row_bytes / (stats.tokens or 1),
+               "min_bytes_per_token": distinct_remote * row_bytes / args.tokens, "runs": runs})
+    dist.destroy_process_group()
+
+
+def ep_main(argv: list[str]) -> list[dict]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    p = argparse.ArgumentParser(prog="bench.py ep", description="MoE layer: expert parallel vs local")
+    p.add_argument("--ep", type=int, default=2)
+    p.add_argument("--preset", default="tiny", choices=available_model_presets())
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ep_worker, args=(r, args, port, queue)) for r in range(args.ep)]
+    for proc in procs:
+        proc.start()
+    results = sorted((queue.get(timeout=600) for _ in procs), key=lambda r: r["rank"])
+    for proc in procs:
+        proc.join()
+    slowest = max(r["ep_s"] for r in results)
+    local = statistics.median(r["local_s"] for r in results)
+    sent = statistics.mean(r["bytes_per_token"] for r in results)
+    minimum = statistics.mean(r["min_bytes_per_token"] for r in results)
+    print(f"MoE layer of {args.preset}, {args.tokens} tokens per rank, forward + backward, median of {args.steps}")
+    print(f"  all experts local (each rank, same tokens): {local * 1e3:8.2f} ms")
+    print(f"  expert parallel, ep={args.ep} (slowest rank): {slowest * 1e3:8.2f} ms   ratio {slowest / local:.2f}")
+    print(f"  bytes sent to other ranks per token: {sent:,.0f} (one row per copy); minimum for this routing "
+          f"{minimum:,.0f} (one row per distinct remote rank); ratio {sent / max(minimum, 1e-9):.2f}")
+    summary = {"local_s": local, "ep_s": slowest, "ratio": slowest / local, "bytes_per_token": sent,
+               "min_bytes_per_token": minimum, "per_rank": results}
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return results
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["data"]:
         data_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["ep"]:
+        ep_main(sys.argv[2:])
     else:
         main(sys.argv[1:] if sys.argv[1:2] != ["model"] else sys.argv[2:])

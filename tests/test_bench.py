@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,17 @@ def test_data_bench_reports_pipeline_and_raw_tokenizer_rates(tmp_path):
     assert results["raw_encode_batch_tokens_per_s"] > 0
     assert results["ratio"] == pytest.approx(results["pipeline_tokens_per_s"] / max(
         v for k, v in results.items() if k.startswith("raw_")))
+
+
+def test_ep_bench_reports_layer_times_and_bytes_per_token(tmp_path):
+    out = tmp_path / "ep.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "bench.py"), "ep", "--ep", "2", "--tokens", "256", "--steps", "2",
+         "--warmup", "1", "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stdout)
+    result = json.loads(out.read_text())
+    assert result["local_s"] > 0 and result["ep_s"] > 0
+    # one row per copy can never be below one row per distinct remote rank
+    assert result["bytes_per_token"] >= result["min_bytes_per_token"] > 0
