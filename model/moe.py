@@ -198,9 +198,9 @@ class MoE(nn.Module):
 
     `expert_shard=(offset, count)` builds only experts [offset, offset + count) (expert parallelism); routing always
     covers all `n_routed_experts`. Device-level token dropping (paper §2.2.4, training only) is off until
-    `capacity_factor` is set: in every sequence, each routing group keeps at most capacity_factor x S x K / G
-    copies, the highest-affinity ones; sequences marked exempt are never dropped. Decided per sequence, before any
-    dispatch, so it does not depend on how sequences or experts are spread over processes.
+    `capacity_factor` is set: each routing group (the paper's device) receives at most capacity_factor x its
+    average share of this micro-batch's copies, the highest-affinity ones; sequences marked exempt are never
+    dropped. Decided from the local micro-batch before dispatch, so it does not depend on the expert layout.
     """
 
     def __init__(self, config: ModelConfig, expert_shard: tuple[int, int] | None = None):
@@ -224,7 +224,7 @@ class MoE(nn.Module):
         stats = self.routing_stats(expert_ids.view(B, -1), scores.view(B, S, -1))  # selections, before any drop
         if self.training and self.capacity_factor:
             keep = capacity_keep(expert_ids.view(B, -1), weights.view(B, -1), self.n_experts // self.n_group,
-                                 self.n_group, self.capacity_factor, S * self.top_k, exempt)
+                                 self.n_group, self.capacity_factor, exempt)
             expert_ids = expert_ids.masked_fill(~keep.view_as(expert_ids), DROPPED)
             weights = weights.masked_fill(~keep.view_as(weights), 0.0)
             stats.dropped = (~keep).sum().float()
@@ -246,16 +246,22 @@ class MoE(nn.Module):
 
 @torch.no_grad()
 def capacity_keep(expert_ids: torch.Tensor, weights: torch.Tensor, experts_per_group: int, n_group: int,
-                  capacity_factor: float, copies_per_sequence: int, exempt: torch.Tensor | None) -> torch.Tensor:
-    """(B, S*K) bool: which token copies survive the per-sequence, per-group budget (lowest affinity dropped)."""
+                  capacity_factor: float, exempt: torch.Tensor | None) -> torch.Tensor:
+    """(B, S*K) bool: which token copies of this micro-batch survive the device-level budget.
+
+    Each routing group (the paper's device) may receive capacity_factor x (B S K / n_group) copies, its average
+    share; copies of exempt sequences come first and are never dropped (they use up budget), then the others by
+    descending affinity; the rest are dropped."""
     B, N = expert_ids.shape
-    budget = max(1, int(capacity_factor * copies_per_sequence / n_group))
-    bucket = (torch.arange(B, device=expert_ids.device)[:, None] * n_group
-              + expert_ids // experts_per_group).reshape(-1)  # (B*N,) one bucket per (sequence, group)
-    by_affinity = (-weights.reshape(-1)).argsort(stable=True)
-    order = by_affinity[bucket[by_affinity].argsort(stable=True)]  # bucket-major, affinity descending
+    budget = max(1, int(capacity_factor * B * N / n_group))
+    bucket = (expert_ids // experts_per_group).reshape(-1)  # (B*N,) the routing group of each copy
+    affinity = weights.reshape(-1).float()
+    if exempt is not None:
+        affinity = affinity + exempt[:, None].expand(B, N).reshape(-1).float() * (affinity.max() + 1.0)
+    by_affinity = (-affinity).argsort(stable=True)
+    order = by_affinity[bucket[by_affinity].argsort(stable=True)]  # group-major, affinity descending
     sorted_bucket = bucket[order]
-    starts = torch.searchsorted(sorted_bucket, sorted_bucket, right=False)  # first position of each bucket
+    starts = torch.searchsorted(sorted_bucket, sorted_bucket, right=False)  # first position of each group
     rank_in_bucket = torch.arange(B * N, device=expert_ids.device) - starts
     keep = torch.empty(B * N, dtype=torch.bool, device=expert_ids.device)
     keep[order] = rank_in_bucket < budget

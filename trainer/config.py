@@ -58,7 +58,7 @@ class ParallelConfig:
     ep: int | None = None
     """Expert-parallel size: routed experts sharded over `ep` consecutive data-parallel ranks and replicated over
     dp / ep. Must divide the data-parallel size and model.n_routed_experts. Default (null): the largest size dividing
-    both (1 turns expert parallelism off)."""
+    both, and model.n_group under device-limited routing (1 turns expert parallelism off)."""
     pp: int = 1
     """Pipeline stages (world = pp x dp). Only 1 until the DeepSpeed pipeline engine lands."""
 
@@ -144,7 +144,9 @@ class TrainConfig:
 
     def expert_parallel_size(self, world_size: int) -> int:
         from .expert_parallel import resolve_ep
-        return resolve_ep(self.parallel.ep, self.data_parallel_size(world_size), self.model.n_routed_experts)
+        m = self.model
+        return resolve_ep(self.parallel.ep, self.data_parallel_size(world_size), m.n_routed_experts, m.n_group,
+                          m.topk_method == "group_limited_greedy")
 
     def validate(self, world_size: int = 1) -> None:
         """Checks across fields; raises ValueError naming the key and what is allowed."""

@@ -58,11 +58,16 @@ class ProcessGrid:
         return self.ep_rank * per_rank, per_rank
 
 
-def resolve_ep(requested: int | None, dp: int, n_experts: int | None) -> int:
-    """`parallel.ep`: None picks the largest size that divides both the data-parallel size and the expert count."""
+def resolve_ep(requested: int | None, dp: int, n_experts: int | None, n_group: int = 1,
+               group_limited: bool = False) -> int:
+    """`parallel.ep`; None picks the largest size dividing the data-parallel size and the expert count, and with
+    device-limited routing the number of routing groups too, so that groups stay whole on ranks (V2: 8 groups,
+    8 ranks, as the paper's devices)."""
     if n_experts is None:
         return 1
-    return math.gcd(dp, n_experts) if requested is None else requested
+    if requested is not None:
+        return requested
+    return math.gcd(dp, n_group if group_limited and n_group > 1 else n_experts)
 
 
 def validate_layout(world: int, pp: int, ep: int, n_experts: int | None) -> None:
@@ -161,9 +166,17 @@ class AllToAllDispatcher:
         dist.all_to_all_single(received, per_expert.contiguous(), group=self.group)  # (ep sources, E_local)
         in_splits = per_expert.sum(1).tolist()
         out_splits = received.sum(1).tolist()
-        self._count(expert_ids, in_splits, x)
+        send = x.index_select(0, token_of_copy)  # (N, D)
+        if torch.is_autocast_enabled(x.device.type):  # the experts compute in the autocast dtype: send that
+            send = send.to(torch.get_autocast_dtype(x.device.type))
+        if torch.is_grad_enabled() and not send.requires_grad:
+            # Every rank must run both exchanges' backward, or a rank whose inputs and experts need no gradient
+            # (frozen experts, ESFT) would leave the others waiting in the reverse all-to-all.
+            send = send.detach().requires_grad_()
+        if torch.is_grad_enabled():
+            self._count(expert_ids, in_splits, send)
 
-        rows = all_to_all(x.index_select(0, token_of_copy), out_splits, in_splits, self.group)  # (M, D)
+        rows = all_to_all(send, out_splits, in_splits, self.group)  # (M, D)
         # Received rows come grouped by source rank, then by local expert: regroup by local expert.
         local_expert = torch.repeat_interleave(
             torch.arange(self.per_rank, device=x.device).repeat(self.ep), received.reshape(-1))

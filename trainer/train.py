@@ -287,6 +287,7 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     last_saved = step if resume else None
     first_loss = last_loss = None
     loop_start, loop_first_step = time.time(), step
+    dropped_window = 0  # token copies dropped since the last log line
 
     def save(at_step: int) -> Path:
         state = {"step": at_step, "tokens_seen": tokens_seen, "skipped": skipped, "world_size": env.world_size,
@@ -302,6 +303,7 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
             tokens_seen += result.tokens
             skipped += result.skipped
             throughput.add(result.tokens, time.perf_counter() - step_start)
+            dropped_window += result.dropped_copies
             logger.advance()
             if result.skipped:
                 logger.print(f"step {step}: non-finite loss or gradient, update skipped ({skipped} so far)")
@@ -321,13 +323,14 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
                            "peak_mem_gib": peak_memory_gib(device), "skipped_steps": skipped,
                            "bad_records": result.bad_records,
                            "global_batch": global_batch_at(step - 1, cfg.trainer, grid.dp),
-                           "dropped_copies": result.dropped_copies,
+                           "dropped_copies": dropped_window,
                            "eta_s": (time.time() - loop_start) / (step - loop_first_step) * (cfg.trainer.max_steps - step)}
                 if result.tokens_per_expert is not None:
                     metrics["load_imbalance"], metrics["load_imbalance_per_layer"] = load_imbalance(
                         result.tokens_per_expert)
                 if dispatchers:
                     metrics.update(dispatch_metrics(dispatchers, env, device))
+                dropped_window = 0
             if val_batches and (step % cfg.trainer.val_every == 0 or step == cfg.trainer.max_steps):
                 val_loss = validate(model, val_batches, env, device, autocast)
                 metrics = metrics or {"loss": result.loss}

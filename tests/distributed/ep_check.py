@@ -63,13 +63,13 @@ def check_dispatcher(grid, case: str, n_experts: int, worst: dict) -> None:
         local.down_proj.copy_(full.down_proj[offset:offset + count])
 
     g = torch.Generator().manual_seed(grid.rank)
-    T = 0 if case == "empty_rank" and grid.rank == 1 else 5 + grid.rank
+    T = 0 if case == "empty_rank" and grid.rank == 1 else (8 if case == "uniform" else 5 + grid.rank)
     x = torch.randn(T, D, generator=g, requires_grad=True)
     weights = torch.rand(T, K, generator=g)
     if case == "all_on_rank0":
         ids = torch.randint(0, count, (T, K), generator=g)
-    elif case == "uniform":
-        ids = (torch.arange(T * K).view(T, K) * 7 + grid.rank) % n_experts
+    elif case == "uniform":  # every expert gets exactly T K / E copies from every rank
+        ids = ((torch.arange(T * K) + grid.rank) % n_experts).view(T, K)
     else:
         ids = torch.stack([torch.randperm(n_experts, generator=g)[:K] for _ in range(T)]) if T else \
             torch.zeros(0, K, dtype=torch.long)
@@ -92,7 +92,29 @@ def check_dispatcher(grid, case: str, n_experts: int, worst: dict) -> None:
     _close(f"{case}: expert grads", local.gate_up_proj.grad, full.gate_up_proj.grad[offset:offset + count], worst)
     _close(f"{case}: expert grads", local.down_proj.grad, full.down_proj.grad[offset:offset + count], worst)
     assert local.gate_up_proj.grad is not None  # also on a rank whose experts got no token
+    if case == "uniform":
+        received = torch.bincount(torch.cat(idss).reshape(-1), minlength=n_experts)
+        assert (received == received[0]).all(), received
 
+
+def check_frozen_rank(grid) -> None:
+    """ESFT-like: rank 1's inputs need no gradient and its experts are frozen. Its backward must still run both
+    reverse exchanges, or rank 0 would wait forever; rank 0's expert gradients must still include rank 1's tokens."""
+    torch.manual_seed(100)
+    D, inter, K, E = 8, 8, 2, 8
+    offset, count = grid.expert_shard(E)
+    local = RoutedExperts(count, D, inter, expert_offset=offset, n_total=E)
+    torch.nn.init.normal_(local.gate_up_proj, 0, 0.5)
+    torch.nn.init.normal_(local.down_proj, 0, 0.5)
+    frozen = grid.rank == 1
+    local.requires_grad_(not frozen)
+    g = torch.Generator().manual_seed(grid.rank)
+    x = torch.randn(6, D, generator=g, requires_grad=not frozen)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(6)])
+    y = AllToAllDispatcher(grid, E)(x, ids, torch.rand(6, K, generator=g), local)
+    y.sum().backward()  # hangs (until the process-group timeout) without the fix
+    if not frozen:
+        assert local.gate_up_proj.grad is not None and local.gate_up_proj.grad.abs().sum() > 0
 
 def _close(what: str, a: torch.Tensor, b: torch.Tensor, worst: dict, tol: dict = TOL) -> None:
     torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what}: {m}")
@@ -185,11 +207,12 @@ def main() -> None:
     for case in ("all_on_rank0", "uniform", "empty_rank", "random"):
         check_dispatcher(grid, case, n_experts=8, worst=worst)
     check_dispatcher(grid, "one_expert_per_rank", n_experts=args.ep, worst=worst)  # ep == number of experts
+    check_frozen_rank(grid)
     results = {"ep": args.ep, "world": env.world_size, "no_drop": check_model(grid, None, args.steps, worst),
                "drop": check_model(grid, 1.0, args.steps, worst)}
     config = model_preset("tiny")
-    if args.ep == config.n_group:  # device-limited routing: at most topk_group ranks per token
-        assert results["no_drop"]["ranks_per_token_max"] <= config.topk_group, results
+    if args.ep == config.n_group:  # device-limited routing: at most topk_group ranks per token (and it is reached)
+        assert results["no_drop"]["ranks_per_token_max"] == config.topk_group, results
     results["max_abs_diff"] = worst
     if env.rank == 0:
         args.out.write_text(json.dumps(results, indent=2))

@@ -27,5 +27,5 @@ def test_expert_parallel_matches_one_process(tmp_path, nproc, ep):
     print(json.dumps(result, indent=1))
     assert result["drop"]["dropped_copies"] > 0 and result["no_drop"]["dropped_copies"] == 0
     assert result["drop"]["losses"] != result["no_drop"]["losses"]
-    if ep == 4:  # ep == n_group (4) with topk_group 2
-        assert result["no_drop"]["ranks_per_token_max"] <= 2
+    if ep == 4:  # ep == n_group (4) with topk_group 2: the limit is reached, never passed
+        assert result["no_drop"]["ranks_per_token_max"] == 2

@@ -201,20 +201,18 @@ def test_router_gets_gradient_through_the_gate_weights():
     assert moe.gate.weight.grad is not None and moe.gate.weight.grad.abs().sum() > 0
 
 
-def test_capacity_keeps_the_highest_affinity_copies_per_sequence_and_group():
+def test_capacity_keeps_the_highest_affinity_copies_per_group_of_the_micro_batch():
     from model.moe import capacity_keep
-    # One sequence of 3 tokens, K=2, 4 experts in 2 groups: budget = 1.0 * 6 copies / 2 groups = 3 per group.
-    ids = torch.tensor([[0, 1, 0, 2, 1, 0]])            # group 0 gets 5 copies, group 1 gets 1
-    weights = torch.tensor([[0.9, 0.2, 0.5, 0.4, 0.7, 0.1]])
-    keep = capacity_keep(ids, weights, experts_per_group=2, n_group=2, capacity_factor=1.0,
-                         copies_per_sequence=6, exempt=None)
-    assert keep.tolist() == [[True, False, True, True, True, False]]  # group 0 keeps 0.9, 0.7, 0.5
-    exempt = capacity_keep(ids, weights, 2, 2, 1.0, 6, exempt=torch.tensor([True]))
-    assert exempt.all()
-    # Sequences are decided independently: a second, different sequence does not change the first one's result.
-    two = capacity_keep(torch.cat([ids, torch.tensor([[3, 3, 3, 2, 2, 2]])]),
-                        torch.cat([weights, torch.rand(1, 6)]), 2, 2, 1.0, 6, None)
-    assert two[0].tolist() == keep[0].tolist() and two[1].sum() == 3
+    # Two sequences of 3 tokens, K=1, 4 experts in 2 groups: 6 copies, budget = 1.0 * 6 / 2 groups = 3 per group.
+    ids = torch.tensor([[0, 1, 0], [1, 2, 0]])           # group 0 gets 5 copies, group 1 gets 1
+    weights = torch.tensor([[0.9, 0.2, 0.5], [0.7, 0.4, 0.1]])
+    keep = capacity_keep(ids, weights, experts_per_group=2, n_group=2, capacity_factor=1.0, exempt=None)
+    assert keep.tolist() == [[True, False, True], [True, True, False]]  # group 0 keeps 0.9, 0.7, 0.5
+    # An exempt sequence is never dropped and uses up budget first: sequence 1's two group-0 copies (0.7, 0.1)
+    # take 2 of the 3 places, the best other copy (0.9) the last one; 0.5 and 0.2 are dropped.
+    exempt = capacity_keep(ids, weights, 2, 2, 1.0, exempt=torch.tensor([False, True]))
+    assert exempt.tolist() == [[True, False, False], [True, True, True]]
+    assert capacity_keep(ids, weights, 2, 2, 2.0, exempt=None).all()  # twice the average share: nothing dropped
 
 
 def test_moe_drops_only_in_training_and_counts_the_drops():
@@ -226,7 +224,7 @@ def test_moe_drops_only_in_training_and_counts_the_drops():
     # The dropped copies simply do not contribute: same as masking their gate weights by hand.
     ids, weights, _ = moe.gate(x.view(-1, 64))
     from model.moe import capacity_keep
-    keep = capacity_keep(ids.view(2, -1), weights.view(2, -1), 2, 4, 0.5, 16 * 3, None).view_as(ids)
+    keep = capacity_keep(ids.view(2, -1), weights.view(2, -1), 2, 4, 0.5, None).view_as(ids)
     reference = LocalDispatcher()(x.view(-1, 64), ids.masked_fill(~keep, -1), weights * keep, moe.experts)
     torch.testing.assert_close(y_train, (reference.view(2, 16, 64) + moe.shared_experts(x)))
     moe.eval()

@@ -203,14 +203,20 @@ def test_checkpoint_saved_at_ep2_resumes_at_ep1_and_ep4_with_identical_weights(t
     ep=1 (2 processes) and at ep=4 (4 processes) equals the export of the ep=2 run that wrote the checkpoint."""
     from model.hf import load_pretrained
 
+    from model import CausalLM
+    from model.hf import hf_tensors, load_config
+    from trainer.checkpoint import load_model_weights
+
     first = tmp_path / "ep2"
-    out = _ok(run_pretrain(first, cache_dir, "trainer.max_steps=2", "checkpoint.every=2", "parallel.ep=2",
+    out = _ok(run_pretrain(first, cache_dir, "trainer.max_steps=3", "checkpoint.every=2", "parallel.ep=2",
                            nproc=2)).stdout
     assert "expert-parallel 2" in out
     ckpt = first / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in ckpt.glob("model_rank*")) == ["model_rank00000.safetensors",
                                                                "model_rank00001.safetensors"]
-    reference = _hf_tensors(first / "hf")
+    # The step-2 weights in HF naming, gathered from the two ranks' files into one model.
+    full = load_model_weights(ckpt, CausalLM(load_config(first / "hf")))
+    reference = {name: t.contiguous() for name, t in hf_tensors(full)}
     assert len([k for k in reference if ".mlp.experts." in k]) == 2 * 8 * 3  # 2 MoE layers x 8 experts x 3
     for name, nproc, extra in (("ep1", 2, ["parallel.ep=1"]),
                                ("ep4", 4, ["parallel.ep=4", "trainer.global_batch_size=8",
@@ -222,6 +228,11 @@ def test_checkpoint_saved_at_ep2_resumes_at_ep1_and_ep4_with_identical_weights(t
         assert tensors.keys() == reference.keys()
         assert all(torch.equal(tensors[k], reference[k]) for k in reference), name
     load_pretrained(tmp_path / "ep4" / "hf")  # a complete, loadable export
+    # One more step at ep=1 from the re-sharded weights and AdamW state: the loss the ep=2 run had at step 3.
+    _ok(run_pretrain(tmp_path / "ep1-step3", cache_dir, "trainer.max_steps=3", f"checkpoint.resume={ckpt}",
+                     "parallel.ep=1", nproc=2))
+    a, b = metrics(first)[3], metrics(tmp_path / "ep1-step3")[3]
+    assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"] and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4
     # Without checkpoint.data_resume=reset another process count is refused: the data position is per rank.
     refused = run_pretrain(tmp_path / "one", cache_dir, "trainer.max_steps=3", f"checkpoint.resume={ckpt}")
     assert refused.returncode != 0 and "checkpoint.data_resume=reset" in refused.stderr
