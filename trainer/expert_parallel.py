@@ -249,19 +249,19 @@ def _bucketed_all_reduce(grads: list[torch.Tensor], group, bucket_bytes: int) ->
 def clip_grad_norm(model: torch.nn.Module, max_norm: float, grid: ProcessGrid) -> float:
     """Global gradient norm over every parameter, counting each expert once (its squares summed over the EP
     group), then clipping; returns the norm before clipping (the same value on every rank)."""
-    device = next(model.parameters()).device
-    dense_sq = torch.zeros((), dtype=torch.float64, device=device)
-    expert_sq = torch.zeros((), dtype=torch.float64, device=device)
-    grads = []
+    dense, expert = [], []
     for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum()
-        if is_expert_param(name) and grid.ep > 1:
-            expert_sq += sq
-        else:
-            dense_sq += sq
-        grads.append(p.grad)
+        if p.grad is not None:
+            (expert if is_expert_param(name) and grid.ep > 1 else dense).append(p.grad.detach())
+    grads = dense + expert
+    device = grads[0].device if grads else torch.device("cpu")
+
+    def squares(tensors: list[torch.Tensor]) -> torch.Tensor:  # fused per-tensor norms, no fp64 copies of grads
+        if not tensors:
+            return torch.zeros((), dtype=torch.float64, device=device)
+        return torch.stack(torch._foreach_norm(tensors)).double().pow(2).sum()
+
+    dense_sq, expert_sq = squares(dense), squares(expert)
     if grid.ep > 1:
         dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=grid.ep_group)
     norm = float((dense_sq + expert_sq).sqrt())
