@@ -60,7 +60,21 @@ class ParallelConfig:
     dp / ep. Must divide the data-parallel size and model.n_routed_experts. Default (null): the largest size dividing
     both, and model.n_group under device-limited routing (1 turns expert parallelism off)."""
     pp: int = 1
-    """Pipeline stages (world = pp x dp). Only 1 until the DeepSpeed pipeline engine lands."""
+    """Pipeline stages (world = pp x dp), through DeepSpeed's pipeline engine (needs zero_stage 0 or 1; null picks
+    1, the paper's ZeRO-1)."""
+    pp_partition: str = "parameters"
+    """How layers are spread over pipeline stages: `parameters` (balanced by each rank's parameter count, experts
+    counted per EP shard), `uniform` (equal numbers of pipeline layers) or `type:moe` (equal numbers of MoE
+    layers)."""
+    zero_stage: int | None = None
+    """null: the built-in engine (plain data parallelism, exact gradient sums, no DeepSpeed). 0-3: DeepSpeed's engine
+    with ZeRO at that stage (1: optimizer states, 2: + gradients, 3: + parameters partitioned over the data-parallel
+    ranks; experts over their expert-data-parallel group). ZeRO-3 needs ep=1; pipeline needs 0 or 1."""
+    deepspeed_config: str | None = None
+    """Optional DeepSpeed JSON merged over the generated config (advanced keys: bucket sizes, offload, ...)."""
+    world_size: int | None = None
+    """Processes the layout is planned for. Default: the launched world. Set it for a dry run of a bigger job; a
+    launched job whose world differs fails at once (a guard for multi-node launches)."""
 
 
 @dataclass
@@ -101,6 +115,9 @@ class TrainerConfig:
     """Hardware peak for MFU on GPUs; default from the device name (H100/H200: 989 bf16 dense)."""
     progress: bool = True
     """Show a progress bar with ETA on rank 0."""
+    dry_run: bool = False
+    """Print the resolved layout (pp/dp/ep/edp groups, experts per rank, layers per stage) and the per-rank memory
+    estimate, then exit without starting training (no process group, nothing downloaded)."""
 
 
 @dataclass
@@ -145,8 +162,52 @@ class TrainConfig:
     def expert_parallel_size(self, world_size: int) -> int:
         from .expert_parallel import resolve_ep
         m = self.model
+        if self.parallel.ep is None and self.parallel.zero_stage == 3:
+            return 1  # ZeRO-3 partitions every parameter over data parallelism: experts are not sharded
         return resolve_ep(self.parallel.ep, self.data_parallel_size(world_size), m.n_routed_experts, m.n_group,
                           m.topk_method == "group_limited_greedy")
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.parallel.zero_stage is not None or self.parallel.pp > 1
+
+    def resolved_zero_stage(self) -> int | None:
+        """The ZeRO stage the run uses: the configured one, 1 for a pipeline left at null, None for the built-in
+        engine."""
+        if self.parallel.zero_stage is None and self.parallel.pp > 1:
+            return 1
+        return self.parallel.zero_stage
+
+    def _validate_engine(self, world_size: int) -> None:
+        """The combinations DeepSpeed refuses, named with what to use instead."""
+        par, stage, ep = self.parallel, self.resolved_zero_stage(), self.expert_parallel_size(world_size)
+        if par.world_size is not None and par.world_size < 1:
+            raise ValueError(f"parallel.world_size={par.world_size}: must be >= 1")
+        if stage is not None and stage not in (0, 1, 2, 3):
+            raise ValueError(f"parallel.zero_stage={stage}: allowed: null (built-in engine), 0, 1, 2, 3")
+        if par.pp > 1 and stage not in (0, 1):
+            raise ValueError(f"parallel.zero_stage={stage} with parallel.pp={par.pp}: DeepSpeed's pipeline engine "
+                             "only supports ZeRO-0 and ZeRO-1 (it cannot partition gradients across micro-batches "
+                             "in flight); use parallel.zero_stage=1, or parallel.pp=1 for ZeRO-2/3")
+        if stage == 3 and ep > 1:
+            raise ValueError(f"parallel.zero_stage=3 with parallel.ep={ep}: ZeRO-3 cannot partition expert-parallel "
+                             "parameters; use parallel.ep=1 with ZeRO-3 (e.g. fine-tuning on a few GPUs), or "
+                             "parallel.zero_stage=1/2 to keep expert parallelism")
+        if par.pp > 1 and self.trainer.batch_ramp_start is not None:
+            raise ValueError(f"trainer.batch_ramp_start={self.trainer.batch_ramp_start} with parallel.pp={par.pp}: "
+                             "the pipeline schedule has a fixed number of micro-batches; leave the ramp off")
+        if par.pp > 1 and self.model.num_hidden_layers < par.pp:
+            raise ValueError(f"parallel.pp={par.pp}: more stages than model.num_hidden_layers="
+                             f"{self.model.num_hidden_layers}")
+        if par.pp_partition not in ("parameters", "uniform") and not par.pp_partition.startswith("type:"):
+            raise ValueError(f"parallel.pp_partition={par.pp_partition!r}: allowed: parameters, uniform, type:moe, "
+                             "type:<layer class regex>")
+        if par.deepspeed_config is not None:
+            if stage is None:
+                raise ValueError(f"parallel.deepspeed_config={par.deepspeed_config!r} needs the DeepSpeed engine: "
+                                 "set parallel.zero_stage")
+            if not os.path.isfile(os.path.expanduser(par.deepspeed_config)):
+                raise ValueError(f"parallel.deepspeed_config={par.deepspeed_config!r}: no such file")
 
     def validate(self, world_size: int = 1) -> None:
         """Checks across fields; raises ValueError naming the key and what is allowed."""
@@ -154,10 +215,9 @@ class TrainConfig:
 
         self.data.validate()
         t, o = self.trainer, self.optim
-        if self.parallel.pp != 1:
-            raise ValueError(f"parallel.pp={self.parallel.pp}: pipeline parallelism is not available yet (only 1)")
         validate_layout(world_size, self.parallel.pp, self.expert_parallel_size(world_size),
                         self.model.n_routed_experts)
+        self._validate_engine(world_size)
         if self.moe.capacity_factor is not None and self.moe.capacity_factor <= 0:
             raise ValueError(f"moe.capacity_factor={self.moe.capacity_factor}: must be > 0 (null turns dropping off)")
         if not 0.0 <= self.moe.no_drop_fraction <= 1.0:

@@ -82,6 +82,9 @@ class Prepared:
 def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     """Validate everything that depends on files before any process group starts; raises ValueError naming the key.
     The built-in BPE is trained here on first use (a file lock lets one rank train it while the others wait)."""
+    if cfg.parallel.world_size is not None and cfg.parallel.world_size != env.world_size:
+        raise ValueError(f"parallel.world_size={cfg.parallel.world_size}, but {env.world_size} process(es) were "
+                         "launched; check the launcher's node and process counts (or drop the key)")
     cfg.validate(env.world_size)
     if cfg.data.source == "files":
         expand_globs(cfg.data.paths)
