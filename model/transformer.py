@@ -91,27 +91,10 @@ class CausalLM(nn.Module):
             self.init_weights()
 
     def init_weights(self, std: float | None = None) -> None:
-        """Normal(0, std) for every matrix (std defaults to `initializer_range`), ones for norms.
-
-        Each routed expert draws from its own generator, seeded by (one draw of the global RNG, layer, global expert
-        index), so an expert gets the same initial weights whichever process holds it (expert parallelism)."""
-        std = self.config.initializer_range if std is None else std
-        expert_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
-        with torch.no_grad():
-            for name, module in self.named_modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(module.weight, 0.0, std)
-                elif isinstance(module, RoutedExperts):
-                    layer = zlib.crc32(name.encode())
-                    for local in range(module.n_experts):
-                        generator = torch.Generator(module.gate_up_proj.device)
-                        generator.manual_seed((expert_seed + 1_000_003 * layer + module.expert_offset + local) % 2**63)
-                        nn.init.normal_(module.gate_up_proj[local], 0.0, std, generator=generator)
-                        nn.init.normal_(module.down_proj[local], 0.0, std, generator=generator)
-                elif isinstance(module, MoEGate):
-                    nn.init.normal_(module.weight, 0.0, std)
-                elif isinstance(module, RMSNorm):
-                    module.reset_parameters()
+        """Normal(0, std) for every matrix (std defaults to `initializer_range`), ones for norms; see
+        `init_module_weights`, which makes the values independent of how the model is split over processes."""
+        seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+        init_module_weights(self, seed, self.config.initializer_range if std is None else std)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
@@ -149,13 +132,43 @@ class CausalLM(nn.Module):
         return out
 
     def _balance(self, routing: list[RoutingStats]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        coeffs = balance_coefficients(self.config)
-        totals = {name: torch.zeros((), device=routing[0].expert_probs.device) for name in BALANCE_TERMS}
-        for stats in routing:
-            for name, value in balance_losses(stats, self.config).items():
-                totals[name] = totals[name] + value
-        aux = sum((coeffs[n] * totals[n] for n in BALANCE_TERMS if coeffs[n] > 0), torch.zeros_like(totals["expert"]))
-        return aux, {name: value.detach() for name, value in totals.items()}
+        per_layer = [layer_balance(stats, self.config) for stats in routing]
+        aux = torch.stack([a for a, _ in per_layer]).sum()
+        return aux, {name: torch.stack([t[name] for _, t in per_layer]).sum() for name in BALANCE_TERMS}
+
+
+def layer_balance(stats: RoutingStats, config: ModelConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One MoE layer's auxiliary loss (coefficient x term, for terms whose coefficient is > 0) and its unweighted
+    terms (detached, for metrics). The model's aux_loss is the sum of these over its MoE layers."""
+    coeffs = balance_coefficients(config)
+    terms = balance_losses(stats, config)
+    aux = sum((coeffs[n] * terms[n] for n in BALANCE_TERMS if coeffs[n] > 0), torch.zeros_like(terms["expert"]))
+    return aux, {name: value.detach() for name, value in terms.items()}
+
+
+def init_module_weights(module: nn.Module, seed: int, std: float, prefix: str = "") -> None:
+    """Initialise `module` (the whole model or any part of it, named `prefix` inside CausalLM) layout-free.
+
+    Every weight draws from its own generator, seeded by (`seed`, its full CausalLM name, and for routed experts the
+    global expert index), so a tensor gets the same initial values whichever process builds it: experts sharded over
+    expert-parallel ranks and layers built by a single pipeline stage match the one-process model exactly."""
+    def generator(name: str, offset: int, device: torch.device) -> torch.Generator:
+        g = torch.Generator(device)
+        g.manual_seed((seed + 1_000_003 * zlib.crc32(name.encode()) + offset) % 2**63)
+        return g
+
+    with torch.no_grad():
+        for name, sub in module.named_modules():
+            full = prefix + name
+            if isinstance(sub, (nn.Linear, nn.Embedding, MoEGate)):
+                nn.init.normal_(sub.weight, 0.0, std, generator=generator(full, 0, sub.weight.device))
+            elif isinstance(sub, RoutedExperts):
+                for local in range(sub.n_experts):
+                    g = generator(full, sub.expert_offset + local, sub.gate_up_proj.device)
+                    nn.init.normal_(sub.gate_up_proj[local], 0.0, std, generator=g)
+                    nn.init.normal_(sub.down_proj[local], 0.0, std, generator=g)
+            elif isinstance(sub, RMSNorm):
+                sub.reset_parameters()
 
 
 def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .config import TrainConfig, register_configs
-from .distributed import broadcast_object, env_from_launcher, init_process_group, pick_device, shutdown
+from .distributed import (
+    DistEnv,
+    broadcast_object,
+    env_from_launcher,
+    init_process_group,
+    pick_device,
+    shutdown,
+)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -53,12 +60,25 @@ def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
 def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
     """Hydra's `+key=value` appends even to typed nodes, and to_object would then drop the key silently."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key in node.keys():
+    for key in node:
         if key not in fields:
             raise ValueError(f"{prefix}{key}: unknown key; allowed: {', '.join(sorted(fields))}")
         kind = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(kind) and isinstance(node[key], DictConfig):
             _reject_unknown_keys(node[key], kind, f"{prefix}{key}.")
+
+
+def dry_run(cfg: TrainConfig, env: DistEnv) -> None:
+    """`trainer.dry_run=true`: validate for the planned world (`parallel.world_size`, else the launched one) and
+    print the layout and memory plan. Runs before `prepare`, whose launched-world guard would refuse a plan for a
+    bigger job, and creates no process group and no tokenizer."""
+    from .plan import format_plan, plan
+
+    world = cfg.parallel.world_size or env.world_size
+    cfg.validate(world)
+    report = format_plan(plan(cfg, world))
+    if env.is_main:
+        print(report, flush=True)
 
 
 def _task(cfg: DictConfig) -> None:
@@ -68,7 +88,10 @@ def _task(cfg: DictConfig) -> None:
 
     env = env_from_launcher()
     try:  # every input error surfaces here, before any process group exists
-        prepared = prepare(to_train_config(cfg), env)
+        train_cfg = to_train_config(cfg)
+        if train_cfg.trainer.dry_run:
+            return dry_run(train_cfg, env)
+        prepared = prepare(train_cfg, env)
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -25,6 +25,10 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm with trainer.non_finite=stop, or too many skipped updates."""
+
+
 class NonFinite(str, Enum):
     skip = "skip"      # drop the update, count it, go on
     stop = "stop"      # end the run on every rank with an error naming the step

@@ -9,14 +9,27 @@ import torch
 from .config import OptimConfig, Schedule, TrainerConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW (paper: beta 0.9/0.95, weight decay 0.1); no weight decay on norms (1-D weights)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
+def build_param_groups(model: torch.nn.Module, cfg: OptimConfig, expert_group: str | None = None) -> list[dict]:
+    """The paper's AdamW groups: weight decay on matrices and embeddings, none on norms (1-D weights). With
+    `expert_group` (the DeepSpeed engine with experts sharded), routed-expert matrices get a group of their own,
+    marked the way DeepSpeed's ZeRO recognises expert groups."""
+    decay, no_decay, experts = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if expert_group and ".mlp.experts." in name:
+            experts.append(p)
+        else:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if experts:
+        groups.append({"params": experts, "weight_decay": cfg.weight_decay, "moe": True, "name": expert_group})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW (paper: beta 0.9/0.95, weight decay 0.1); no weight decay on norms (1-D weights)."""
+    return torch.optim.AdamW(build_param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

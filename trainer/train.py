@@ -26,11 +26,11 @@ from data.sources import expand_globs
 from data.tokenizer import TextTokenizer
 from model import CausalLM, ModelConfig
 from model.flops import training_flops_per_token
-from model.hf import remove_weights, save_pretrained, write_metadata, write_shard
+from model.hf import remove_weights, save_pretrained, unwrap, write_metadata, write_shard
 from model.loss import IGNORE_INDEX
 
 from .checkpoint import choose_resume, load_checkpoint, save_checkpoint, set_aside_newer
-from .config import NonFinite, TrainConfig
+from .config import NonFinite, NonFiniteError, TrainConfig
 from .distributed import DistEnv, all_reduce_sum, barrier, init_process_group, pick_device
 from .expert_parallel import (ProcessGrid, attach_dispatchers, broadcast_replicas, build_grid, clip_grad_norm,
                               reduce_gradients)
@@ -40,8 +40,6 @@ from .optim import build_optimizer, global_batch_at, lr_at
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids")
 
 
-class NonFiniteError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -105,28 +103,68 @@ def _fault_scale(step: int, env: DistEnv) -> float:
     return float("nan") if int(at_step) == step and (not rank or int(rank) == env.rank) else 1.0
 
 
-def train_step(step: int, model: CausalLM, optimizer: torch.optim.Optimizer, loader, cfg: TrainConfig,
-               env: DistEnv, grid: ProcessGrid, device: torch.device, autocast) -> StepResult:
+class NativeStep:
+    """The built-in engine: plain data parallelism with exact gradient sums (dense over dp, experts over edp)."""
+
+    def __init__(self, model: CausalLM, optimizer: torch.optim.Optimizer, grid: ProcessGrid, cfg: TrainConfig):
+        self.model, self.optimizer, self.grid, self.cfg = model, optimizer, grid, cfg
+
+    def forward(self, **kwargs):
+        return self.model(**kwargs)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
+        loss.backward()
+
+    def finish(self, loss_value: float, step: int) -> tuple[float, bool]:
+        """Reduce, clip and apply the update unless the loss or the gradient norm is non-finite (the same decision
+        on every rank: both come from reduced values). Returns (norm before clipping, skipped)."""
+        reduce_gradients(self.model, self.grid)
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = clip_grad_norm(self.model, max_norm, self.grid)
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        _stop_if_non_finite(skipped, step, loss_value, grad_norm, self.cfg, "no update was applied")
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, skipped
+
+
+def _stop_if_non_finite(skipped: bool, step: int, loss: float, norm: float, cfg: TrainConfig, what: str) -> None:
+    if skipped and cfg.trainer.non_finite == NonFinite.stop:
+        raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({norm}); {what} "
+                             "(trainer.non_finite=stop)")
+
+
+def draw_batches(step: int, loader, cfg: TrainConfig, grid: ProcessGrid) -> list[dict]:
+    """This rank's micro-batches of optimizer step `step` (more of them while the batch size ramps up)."""
     accumulation = global_batch_at(step, cfg.trainer, grid.dp) // (cfg.trainer.micro_batch_size * grid.dp)
-    batches = [next(loader) for _ in range(accumulation)]
+    return [next(loader) for _ in range(accumulation)]
+
+
+def train_step(step: int, stepper, batches: list[dict], cfg: TrainConfig, env: DistEnv, grid: ProcessGrid,
+               device: torch.device, autocast, bad_records: int = 0) -> StepResult:
+    """One optimizer step over this rank's micro-batches, through `stepper` (NativeStep or DeepSpeedStep)."""
+    accumulation = len(batches)
     supervised = [int((b["labels"] != IGNORE_INDEX).sum()) for b in batches]
     global_supervised = all_reduce_sum(torch.tensor(float(sum(supervised)), device=device), env).item()
-    lr = lr_at(step, cfg.optim, cfg.trainer.max_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    stepper.set_lr(lr_at(step, cfg.optim, cfg.trainer.max_steps))
 
-    moe_layers = model.moe_layers()
+    moe_layers = stepper.model.moe_layers()
     n_experts = moe_layers[0].n_experts if moe_layers else 0
     # Reduced once per step: [CE sum, aux loss, 3 balance terms, bad records so far, dropped copies,
     # tokens per expert of every MoE layer].
     stats = torch.zeros(7 + len(moe_layers) * n_experts, device=device, dtype=torch.float64)
-    stats[5] = sum(loader.bad_records["counts"].values())
+    stats[5] = bad_records
     fault = _fault_scale(step, env)
     for batch, n_supervised in zip(batches, supervised):
         inputs = {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
         labels = batch["labels"].to(device, non_blocking=True)
         with autocast:
-            out = model(**inputs, labels=labels)
+            out = stepper.forward(**inputs, labels=labels)
         ce_sum = out.loss * n_supervised * fault
         # Gradients are summed over ranks: the step minimises sum(CE) over all supervised tokens / their number, plus
         # the balance losses averaged over micro-batches and ranks.
@@ -136,7 +174,7 @@ def train_step(step: int, model: CausalLM, optimizer: torch.optim.Optimizer, loa
             stats[1] += out.aux_loss.detach().double() / accumulation / grid.dp
             for i, name in enumerate(("expert", "device", "comm")):  # logged as the mean over MoE layers
                 stats[2 + i] += out.balance[name].double() / (accumulation * grid.dp * len(moe_layers))
-        loss.backward()
+        stepper.backward(loss, accumulation)
         stats[0] += ce_sum.detach().double()
         if moe_layers:
             dropped = [s.dropped for s in out.routing if s.dropped is not None]
@@ -144,18 +182,9 @@ def train_step(step: int, model: CausalLM, optimizer: torch.optim.Optimizer, loa
                 stats[6] += torch.stack(dropped).sum().double()
             stats[7:] += torch.cat([s.tokens_per_expert for s in out.routing]).double()
 
-    reduce_gradients(model, grid)
     all_reduce_sum(stats, env)
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = clip_grad_norm(model, max_norm, grid)
     loss_value = float(stats[0]) / max(global_supervised, 1.0)
-    skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-    if skipped and cfg.trainer.non_finite == NonFinite.stop:
-        raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss_value}) or gradient norm ({grad_norm}); "
-                             "no update was applied (trainer.non_finite=stop)")
-    if not skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm, skipped = stepper.finish(loss_value, step)
     tokens = int(sum(b["input_ids"].numel() for b in batches)) * grid.dp
     load = stats[7:].view(len(moe_layers), n_experts).float().cpu() if moe_layers else None
     return StepResult(loss_value, float(stats[1]), {n: float(stats[2 + i]) for i, n in
@@ -244,7 +273,9 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     init_process_group(env, device, cfg.parallel.backend, cfg.parallel.timeout_s)
     precision = cfg.trainer.precision if cfg.trainer.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    # bf16: autocast over fp32 weights in the built-in engine; DeepSpeed keeps bf16 weights and fp32 master copies.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" and not cfg.uses_deepspeed \
+        else nullcontext()
     random.seed(cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)  # identical dense weights on every rank; experts seed themselves
     grid = build_grid(env, cfg.parallel.pp, cfg.expert_parallel_size(env.world_size))
@@ -254,7 +285,15 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     dispatchers = attach_dispatchers(model, grid) if grid.ep > 1 else []
     model.set_token_dropping(cfg.moe.capacity_factor, cfg.moe.no_drop_fraction)
     model.train()
-    optimizer = build_optimizer(model, cfg.optim)
+    if cfg.uses_deepspeed:
+        from .deepspeed_engine import DeepSpeedStep, initialize
+        accumulation = global_batch_at(0, cfg.trainer, grid.dp) // (cfg.trainer.micro_batch_size * grid.dp)
+        engine = initialize(model, cfg, grid, accumulation, precision)
+        stepper = DeepSpeedStep(engine, grid, cfg)
+        optimizer = engine.optimizer
+    else:
+        optimizer = build_optimizer(model, cfg.optim)
+        stepper = NativeStep(model, optimizer, grid, cfg)
     loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank,
                           grid.dp)
     val_loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank,
@@ -301,7 +340,11 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     try:
         while step < cfg.trainer.max_steps:
             step_start = time.perf_counter()
-            result = train_step(step, model, optimizer, loader, cfg, env, grid, device, autocast)
+            batches = draw_batches(step, loader, cfg, grid)
+            if cfg.uses_deepspeed and cfg.trainer.batch_ramp_start is not None:
+                engine.set_train_batch_size(len(batches) * cfg.trainer.micro_batch_size * grid.dp)
+            result = train_step(step, stepper, batches, cfg, env, grid, device, autocast,
+                                sum(loader.bad_records["counts"].values()))
             step += 1
             tokens_seen += result.tokens
             skipped += result.skipped

@@ -1,0 +1,162 @@
+"""DeepSpeed as the training engine: ZeRO 0-3 for data parallelism, experts as DeepSpeed MoE parameter groups.
+
+The DeepSpeed config is generated from ours (`deepspeed_config`), with an optional user JSON merged on top. Routed
+expert parameters are registered the way DeepSpeed's own MoE layers register theirs (`allreduce=False`, a
+`group_name`, an optimizer group with `moe: True`), so ZeRO reduces and partitions them over the
+expert-data-parallel group only. DeepSpeed recognises a model with experts by finding one of its `MoE` modules in
+it; `ExpertGroups` is that marker (no parameters, no forward), and it creates DeepSpeed's expert groups with the
+same layout as ours (`ep` consecutive ranks inside each pipeline stage).
+
+Gradient scale: DeepSpeed averages gradients over data-parallel ranks (experts too: divided by the data-parallel
+size, summed over the expert-data-parallel group) and divides each micro-batch's loss by the accumulation steps.
+The built-in engine sums. Multiplying each micro-batch's loss by accumulation x dp before `engine.backward` makes the
+two take exactly the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model import CausalLM
+from model.hf import unwrap
+
+from .config import NonFinite, NonFiniteError, TrainConfig
+from .expert_parallel import ProcessGrid, is_expert_param
+from .optim import build_param_groups
+
+
+def group_name(ep: int) -> str:
+    return f"ep_size_{ep}"  # DeepSpeed's own name for the expert groups of size ep
+
+
+def _moe_marker_class():
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    class ExpertGroups(DeepSpeedMoE):
+        """Tells DeepSpeed the model has experts (it looks for its MoE modules) and creates its expert groups."""
+
+        def __init__(self, n_experts: int, ep: int, pp: int):
+            nn.Module.__init__(self)  # none of DeepSpeedMoE's gate/experts: ours live in model/moe.py
+            self.num_experts, self.ep_size, self.pp = n_experts, ep, pp
+            self.num_local_experts = n_experts // ep
+            self.expert_group_name = group_name(ep)
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            from deepspeed.utils import groups
+            if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+                groups._create_expert_and_data_parallel(self.ep_size, pp_size=self.pp)
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("ExpertGroups is a marker for DeepSpeed, not a layer")
+
+    return ExpertGroups
+
+
+class EngineModel(nn.Module):
+    """What DeepSpeed wraps: the CausalLM (as `module`, which `model.hf.unwrap` follows) plus the expert-group
+    marker when experts are sharded."""
+
+    def __init__(self, model: CausalLM, grid: ProcessGrid):
+        super().__init__()
+        self.module = model
+        if grid.ep > 1 and model.moe_layers():
+            self.expert_groups = _moe_marker_class()(model.config.n_routed_experts, grid.ep, grid.pp)
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def mark_expert_params(model: nn.Module, grid: ProcessGrid) -> list[nn.Parameter]:
+    """Flag routed-expert parameters as DeepSpeed MoE parameters (reduced over the expert-data-parallel group)."""
+    experts = []
+    if grid.ep == 1:
+        return experts
+    for name, p in model.named_parameters():
+        if is_expert_param(name):
+            p.allreduce = False
+            p.group_name = group_name(grid.ep)
+            experts.append(p)
+    return experts
+
+
+def deepspeed_config(cfg: TrainConfig, grid: ProcessGrid, accumulation: int, precision: str) -> dict:
+    """The DeepSpeed JSON for this run, with `parallel.deepspeed_config` (if any) merged over it."""
+    stage = cfg.resolved_zero_stage()
+    micro = cfg.trainer.micro_batch_size
+    ds = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * grid.dp,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
+                              "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+        "bf16": {"enabled": precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW with the paper's groups
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": False},
+    }
+    if stage == 3:
+        ds["zero_optimization"].update(stage3_gather_16bit_weights_on_model_save=False)
+    if cfg.parallel.deepspeed_config:
+        user = json.loads(Path(os.path.expanduser(cfg.parallel.deepspeed_config)).read_text())
+        ds = _merge(ds, user)
+    return ds
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def initialize(model: CausalLM, cfg: TrainConfig, grid: ProcessGrid, accumulation: int, precision: str):
+    """(engine, wrapped module): DeepSpeed's engine over the model, our AdamW wrapped by ZeRO."""
+    import deepspeed
+
+    mark_expert_params(model, grid)
+    wrapped = EngineModel(model, grid)
+    groups = build_param_groups(model, cfg.optim, expert_group=group_name(grid.ep) if grid.ep > 1 else None)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
+                                      config=deepspeed_config(cfg, grid, accumulation, precision))
+    return engine
+
+
+class DeepSpeedStep:
+    """The built-in engine's step protocol (`backward` per micro-batch, then `finish`) over a DeepSpeed engine."""
+
+    def __init__(self, engine, grid: ProcessGrid, cfg: TrainConfig):
+        self.engine, self.grid, self.cfg = engine, grid, cfg
+        self.model = unwrap(engine.module)
+
+    def forward(self, **kwargs):
+        return self.engine(**kwargs)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
+        # DeepSpeed divides by its accumulation steps and averages over dp: undo both to keep our sums.
+        self.engine.backward(loss * (accumulation * self.grid.dp))
+        self.engine.step()  # applies the update only at the accumulation boundary
+
+    def finish(self, loss_value: float, step: int) -> tuple[float, bool]:
+        """(gradient norm before clipping, skipped): DeepSpeed already applied the update at the last micro-batch's
+        `engine.step()`, or skipped it because the gradient norm was not finite (ZeRO 1-3 check it)."""
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        skipped = not self.engine.was_step_applied() or not math.isfinite(loss_value)
+        if skipped and self.cfg.trainer.non_finite == NonFinite.stop:
+            raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss_value}) or gradient norm ({norm}) "
+                                 "(trainer.non_finite=stop)")
+        return norm, skipped

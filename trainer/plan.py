@@ -1,0 +1,300 @@
+"""The layout and per-rank memory of a run, from the config alone: what `trainer.dry_run=true` prints.
+
+Pure arithmetic (no process group, no tensors), so a 128-rank layout of V2 is checked on a laptop before a job is
+queued. The pipeline cuts the model into L + 2 *slots*: 0 the token embedding, 1..L the decoder layers, L + 1 the
+final norm and the output head. `stage_boundaries` is the one place stages are cut; the pipeline engine calls it too,
+so the dry run and the real run agree.
+
+Bytes per parameter held by a rank (weights / gradients / optimizer states):
+
+    DeepSpeed engine, bf16:      2 / 2 / 12   (bf16 weights and gradients; fp32 master copy + Adam m + v)
+    DeepSpeed engine, fp32:      4 / 4 / 8    (Adam m + v)
+    built-in engine (any):       4 / 4 / 8    (fp32 weights: bf16 autocast only casts activations)
+
+ZeRO-1 divides the optimizer states over data parallelism (dense parameters over dp, experts over their edp
+replicas, each rounded up), ZeRO-2 also the gradients, ZeRO-3 also the weights; ZeRO-0 and the built-in engine
+divide nothing. Only trainable parameters get gradients and optimizer states (`plan(..., trainable=...)`).
+
+Activations are a ROUGH estimate, without recomputation: per micro-batch and decoder layer
+`seq_len x micro_batch x hidden x 34` bytes (Korthikanti et al. 2022, 16-bit activations, attention scores left out
+as a fused kernel keeps them; 68 in fp32), plus `seq_len x micro_batch x vocab x 4` for the fp32 logits of the head.
+Under 1F1B pipeline stage s keeps min(pp - s, micro-batches per step) micro-batches in flight (stage 0 up to pp);
+without a pipeline one. Buffers, fragmentation, the all-to-all and the CUDA context are not counted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from model.config import ModelConfig
+from model.flops import _attention_params
+
+from .config import TrainConfig
+
+ACTIVATION_BYTES_PER_HIDDEN = 34
+"""Bytes of saved 16-bit activations per token, hidden unit and decoder layer (no recomputation)."""
+GROUPS_SHOWN = 2
+"""Groups listed per kind; the rest are counted."""
+
+
+@dataclass(frozen=True)
+class SlotParams:
+    """Parameters of one pipeline slot held by one rank: replicated over dp (`dense`) or sharded over the EP group
+    and replicated over edp (`expert`, the routed experts). ZeRO divides the two over different groups."""
+
+    dense: int
+    expert: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+
+def slot_kinds(c: ModelConfig) -> list[str]:
+    """Type names of the slots, matched by `pp_partition=type:<regex>` (like DeepSpeed's layer class names)."""
+    layers = ["moe_layer" if c.is_moe_layer(i) else "dense_layer" for i in range(c.num_hidden_layers)]
+    return ["embedding", *layers, "head"]
+
+
+def slot_params(c: ModelConfig, ep: int = 1) -> list[SlotParams]:
+    """Per-rank parameters of every slot, with each MoE layer's routed experts split over `ep` ranks."""
+    n_experts = c.n_routed_experts or 0
+    if ep < 1 or (ep > 1 and n_experts % ep):
+        raise ValueError(f"parallel.ep={ep}: must divide model.n_routed_experts={c.n_routed_experts}")
+    d = c.hidden_size
+    attn, attn_norms = _attention_params(c)
+    block = attn + attn_norms + 2 * d  # attention with its latent norms, and the two block RMSNorms
+    slots = [SlotParams(c.vocab_size * d)]
+    for i in range(c.num_hidden_layers):
+        if c.is_moe_layer(i):
+            router, shared = n_experts * d, 3 * d * c.shared_intermediate_size
+            slots.append(SlotParams(block + router + shared, n_experts // ep * 3 * d * c.moe_intermediate_size))
+        else:
+            slots.append(SlotParams(block + 3 * d * c.intermediate_size))
+    slots.append(SlotParams(d + c.vocab_size * d))  # final norm + untied head
+    return slots
+
+
+def slot_param_counts(c: ModelConfig, ep: int = 1) -> list[int]:
+    """Parameters held by one rank for each slot (the weights DeepSpeed's `parameters` partitioning balances)."""
+    return [s.total for s in slot_params(c, ep)]
+
+
+def stage_boundaries(c: ModelConfig, pp: int, ep: int = 1, method: str = "parameters") -> list[int]:
+    """pp + 1 slot indices, DeepSpeed's `parts`: stage s holds slots [parts[s], parts[s + 1]).
+
+    `parameters` balances the per-rank parameter counts (experts per EP shard, as each rank holds them), `uniform`
+    the slot counts, `type:<regex>` the slots whose type name (`slot_kinds`) matches, as DeepSpeed's own methods do.
+    """
+    from deepspeed.runtime.utils import partition_balanced, partition_uniform
+
+    n = c.num_hidden_layers + 2
+    if not 1 <= pp <= n:
+        raise ValueError(f"parallel.pp={pp}: each stage needs at least one of the {n} pipeline slots (embedding, "
+                         f"{c.num_hidden_layers} layers, head); use parallel.pp <= {n}")
+    kind = method.lower()
+    if kind == "uniform":
+        parts = partition_uniform(num_items=n, num_parts=pp)
+    elif kind == "parameters":
+        parts = partition_balanced(weights=slot_param_counts(c, ep), num_parts=pp)
+    elif kind.startswith("type:"):
+        try:
+            pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
+        except re.error as e:
+            raise ValueError(f"parallel.pp_partition={method!r}: bad regular expression ({e})") from None
+        weights = [1 if pattern.search(name) else 0 for name in slot_kinds(c)]
+        if not any(weights):
+            raise ValueError(f"parallel.pp_partition={method!r}: matches no slot type (embedding, dense_layer, "
+                             "moe_layer, head)")
+        parts = partition_balanced(weights=weights, num_parts=pp)
+    else:
+        raise ValueError(f"parallel.pp_partition={method!r}: allowed: parameters, uniform, type:moe, type:<regex>")
+    parts = [int(p) for p in parts]
+    empty = [s for s in range(pp) if parts[s + 1] <= parts[s]]
+    if empty or parts[0] != 0 or parts[-1] != n:
+        raise ValueError(f"parallel.pp={pp} with parallel.pp_partition={method!r}: stage(s) {empty} get no slot "
+                         f"(boundaries {parts}); use fewer stages or another partition method")
+    return parts
+
+
+@dataclass
+class GroupKind:
+    """One kind of process group: how many, how many ranks each, and the first few."""
+
+    name: str
+    count: int
+    size: int
+    first: list[list[int]]
+
+
+@dataclass
+class StagePlan:
+    """One pipeline stage as one of its ranks sees it (every rank of a stage holds the same amounts)."""
+
+    stage: int
+    ranks: list[int]
+    slots: range
+    kinds: list[str]
+    params: SlotParams
+    """Parameters held (before any ZeRO-3 partitioning)."""
+    weight_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    in_flight: int
+    """Micro-batches whose activations the stage keeps at once."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+@dataclass
+class Plan:
+    world: int
+    pp: int
+    dp: int
+    ep: int
+    edp: int
+    zero_stage: int | None
+    """None: the built-in engine (nothing partitioned)."""
+    precision: str
+    partition: str
+    n_experts: int
+    experts_per_rank: int
+    total_params: int
+    micro_batch: int
+    seq_len: int
+    micro_batches_per_step: int
+    groups: list[GroupKind]
+    stages: list[StagePlan] = field(default_factory=list)
+
+    @property
+    def peak(self) -> StagePlan:
+        return max(self.stages, key=lambda s: s.total_bytes)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _groups(world: int, pp: int, ep: int) -> list[GroupKind]:
+    """The groups `expert_parallel.build_grid` and DeepSpeed's pipe x data topology create (the first few)."""
+    dp = world // pp
+    edp = dp // ep
+    take = range(min(GROUPS_SHOWN, pp))
+    return [
+        GroupKind("pipeline stage", pp, dp, [list(range(s * dp, (s + 1) * dp)) for s in take]),
+        GroupKind("pipe (p2p)", dp, pp, [list(range(r, world, dp)) for r in range(min(GROUPS_SHOWN, dp))]),
+        GroupKind("data-parallel", pp, dp, [list(range(s * dp, (s + 1) * dp)) for s in take]),
+        GroupKind("expert-parallel", pp * edp, ep, [list(range(e * ep, (e + 1) * ep))
+                                                    for e in range(min(GROUPS_SHOWN, pp * edp))]),
+        GroupKind("expert-data-par.", pp * ep, edp, [list(range((g // ep) * dp + g % ep, (g // ep + 1) * dp, ep))
+                                                     for g in range(min(GROUPS_SHOWN, pp * ep))]),
+    ]
+
+
+def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | None = None) -> Plan:
+    """The layout and per-rank memory of `cfg` on `world_size` processes (validate the config first).
+
+    `trainable`: per-slot trainable parameters held by one rank (default: all of `slot_params`); frozen parameters
+    keep their weights but get no gradients or optimizer states (e.g. expert-specialised fine-tuning).
+    """
+    c, t, par = cfg.model, cfg.trainer, cfg.parallel
+    pp = max(1, par.pp)
+    dp, ep, zero = world_size // pp, cfg.expert_parallel_size(world_size), cfg.resolved_zero_stage()
+    edp = dp // ep
+    held = slot_params(c, ep)
+    trainable = list(held if trainable is None else trainable)
+    if len(trainable) != len(held):
+        raise ValueError(f"trainable: {len(trainable)} slots given, the model has {len(held)}")
+    fp32 = zero is None or t.precision == "fp32"  # the built-in engine keeps fp32 weights under autocast
+    w_bytes, g_bytes, o_bytes = (4, 4, 8) if fp32 else (2, 2, 12)
+    act_scale = 2 if t.precision == "fp32" else 1
+    parts = stage_boundaries(c, pp, ep, par.pp_partition) if pp > 1 else [0, len(held)]
+    per_step = t.global_batch_size // (t.micro_batch_size * dp)
+    tokens = t.micro_batch_size * cfg.data.seq_len
+
+    def sharded(p: SlotParams, divide: bool) -> int:
+        return _ceil_div(p.dense, dp) + _ceil_div(p.expert, edp) if divide else p.total
+
+    out = Plan(world=world_size, pp=pp, dp=dp, ep=ep, edp=edp, zero_stage=zero,
+               precision="fp32" if t.precision == "fp32" else "bf16", partition=par.pp_partition,
+               n_experts=c.n_routed_experts or 0, experts_per_rank=(c.n_routed_experts or 0) // ep,
+               total_params=sum(slot_param_counts(c, 1)), micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
+               micro_batches_per_step=per_step, groups=_groups(world_size, pp, ep))
+    kinds = slot_kinds(c)
+    for s in range(pp):
+        slots = range(parts[s], parts[s + 1])
+        h = SlotParams(sum(held[i].dense for i in slots), sum(held[i].expert for i in slots))
+        tr = SlotParams(sum(trainable[i].dense for i in slots), sum(trainable[i].expert for i in slots))
+        in_flight = min(pp - s, per_step) if pp > 1 else 1
+        n_layers = sum(k.endswith("_layer") for k in (kinds[i] for i in slots))
+        activations = in_flight * n_layers * tokens * c.hidden_size * ACTIVATION_BYTES_PER_HIDDEN * act_scale
+        if kinds[slots[-1]] == "head":
+            activations += tokens * c.vocab_size * 4
+        z = zero or 0
+        out.stages.append(StagePlan(
+            stage=s, ranks=list(range(s * dp, (s + 1) * dp)), slots=slots, kinds=[kinds[i] for i in slots],
+            params=h, weight_bytes=w_bytes * sharded(h, z >= 3), grad_bytes=g_bytes * sharded(tr, z >= 2),
+            optimizer_bytes=o_bytes * sharded(tr, z >= 1), activation_bytes=activations, in_flight=in_flight))
+    return out
+
+
+def _ranks(ranks: list[int]) -> str:
+    """0-7, or 0,8,..,120 for a stride, or the list when short."""
+    if len(ranks) <= 3:
+        return ",".join(map(str, ranks))
+    step = ranks[1] - ranks[0]
+    if all(b - a == step for a, b in itertools.pairwise(ranks)):
+        return f"{ranks[0]}-{ranks[-1]}" if step == 1 else f"{ranks[0]},{ranks[1]},..,{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def _layers(slots: range, kinds: list[str]) -> str:
+    """`embed + L0-3 (3 MoE) + head`: decoder layer indices are slot - 1."""
+    words = []
+    if kinds[0] == "embedding":
+        words.append("embed")
+    layers = [i - 1 for i, k in zip(slots, kinds) if k.endswith("_layer")]
+    if layers:
+        n_moe = sum(k == "moe_layer" for k in kinds)
+        span = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
+        words.append(f"{span} ({n_moe} MoE)" if n_moe < len(layers) else span)
+    if kinds[-1] == "head":
+        words.append("head")
+    return " + ".join(words)
+
+
+def format_plan(p: Plan) -> str:
+    """The dry run's report: layout, groups, then memory per rank for every stage (GiB)."""
+    gib = 1024 ** 3
+    engine = "built-in engine (nothing partitioned)" if p.zero_stage is None else f"DeepSpeed ZeRO-{p.zero_stage}"
+    lines = [
+        f"dry run: {p.world} process{'es' if p.world > 1 else ''} = pp {p.pp} x dp {p.dp}; dp {p.dp} = ep {p.ep} x "
+        f"edp {p.edp}; {engine}, {p.precision}" + (f", pp_partition={p.partition}" if p.pp > 1 else ""),
+        (f"model: {p.total_params:,} parameters; {p.n_experts} routed experts per MoE layer, {p.experts_per_rank} "
+         "per rank" if p.n_experts else f"model: {p.total_params:,} parameters, all layers dense"),
+        (f"batch: {p.micro_batch} x {p.seq_len} tokens per micro-batch; micro-batches per step and data-parallel "
+         f"rank: {p.micro_batches_per_step}"),
+        "process groups (rank = pp_rank*dp + dp_rank, dp_rank = edp_rank*ep + ep_rank):",
+    ]
+    for g in p.groups:
+        shown = "; ".join(f"[{_ranks(r)}]" for r in g.first) + ("; ..." if g.count > len(g.first) else "")
+        lines.append(f"  {g.name:<17} {g.count:>5} x {g.size:<5} {shown}")
+    header = (f"{'stage':>5}  {'ranks':<9} {'layers':<30} {'params/rank':>16}  {'weights':>8} {'grads':>7} "
+              f"{'optim':>7} {'activ':>7} {'total':>7}")
+    lines += ["memory per rank, GiB (activations: rough, no recomputation, micro-batches in flight in brackets):",
+              header]
+    for s in p.stages:
+        lines.append(f"{s.stage:>5}  {_ranks(s.ranks):<9} {_layers(s.slots, s.kinds):<30} {s.params.total:>16,}  "
+                     f"{s.weight_bytes / gib:>8.2f} {s.grad_bytes / gib:>7.2f} {s.optimizer_bytes / gib:>7.2f} "
+                     f"{s.activation_bytes / gib:>7.2f} {s.total_bytes / gib:>7.2f}  [{s.in_flight}]")
+    peak = p.peak
+    lines.append(f"peak: stage {peak.stage}, {peak.total_bytes / gib:.2f} GiB per rank "
+                 f"({(peak.total_bytes - peak.activation_bytes) / gib:.2f} GiB model states + "
+                 f"{peak.activation_bytes / gib:.2f} GiB activations)")
+    return "\n".join(lines)
