@@ -285,12 +285,12 @@ def format_plan(p: Plan) -> str:
     for g in p.groups:
         shown = "; ".join(f"[{_ranks(r)}]" for r in g.first) + ("; ..." if g.count > len(g.first) else "")
         lines.append(f"  {g.name:<17} {g.count:>5} x {g.size:<5} {shown}")
-    header = (f"{'stage':>5}  {'ranks':<9} {'layers':<30} {'params/rank':>16}  {'weights':>8} {'grads':>7} "
+    header = (f"{'stage':>5}  {'ranks':<9} {'layers':<30} {'params/rank':>15}  {'weights':>8} {'grads':>7} "
               f"{'optim':>7} {'activ':>7} {'total':>7}")
     lines += ["memory per rank, GiB (activations: rough, no recomputation, micro-batches in flight in brackets):",
               header]
     for s in p.stages:
-        lines.append(f"{s.stage:>5}  {_ranks(s.ranks):<9} {_layers(s.slots, s.kinds):<30} {s.params.total:>16,}  "
+        lines.append(f"{s.stage:>5}  {_ranks(s.ranks):<9} {_layers(s.slots, s.kinds):<30} {s.params.total:>15,}  "
                      f"{s.weight_bytes / gib:>8.2f} {s.grad_bytes / gib:>7.2f} {s.optimizer_bytes / gib:>7.2f} "
                      f"{s.activation_bytes / gib:>7.2f} {s.total_bytes / gib:>7.2f}  [{s.in_flight}]")
     peak = p.peak
