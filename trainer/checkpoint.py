@@ -20,6 +20,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -280,12 +281,15 @@ def _fault(site: str, step: int, env: DistEnv) -> None:
         os._exit(137)
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    train_state: dict, data_state: dict, env: DistEnv, keep: int, tokenizer=None,
-                    owns_experts: bool | None = None) -> Path:
+def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None, train_state: dict, data_state: dict, env: DistEnv,
+                    keep: int, tokenizer=None, owns_experts: bool | None = None,
+                    extra_save: Callable[[Path], list[Path]] | None = None) -> Path:
     """Collective: every rank calls it. Rank 0 writes the dense entries, and each rank with `owns_experts` (the
-    first expert-data-parallel replica; by default rank 0) its experts. Each rank fsyncs its own files before the
-    commit barrier; rank 0 then writes and fsyncs COMPLETE. Returns the committed directory."""
+    first expert-data-parallel replica; by default rank 0) its experts; `optimizer=None` leaves optimizer state to
+    `extra_save(directory)` (DeepSpeed's partitioned states), which every rank runs and which returns the files it
+    wrote. Each rank fsyncs its own files before the commit barrier; rank 0 then writes and fsyncs COMPLETE.
+    Returns the committed directory."""
     path = step_dir(root, step)
     if env.is_main:
         if path.exists():
@@ -297,6 +301,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
                                    experts=env.is_main if owns_experts is None else owns_experts)
     if weights:
         for stem, tensors in (("model", weights), ("optimizer", optim)):
+            if stem == "optimizer" and optimizer is None:
+                continue
             save_file(tensors, str(path / f"{stem}_rank{env.rank:05d}.safetensors"), metadata={"format": "pt"})
             written.append(f"{stem}_rank{env.rank:05d}.safetensors")
     if env.is_main:
@@ -310,8 +316,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
     save_state(path, f"rng_rank{env.rank:05d}", rng_state())
     for stem in (f"data_rank{env.rank:05d}", f"rng_rank{env.rank:05d}"):
         written += [f"{stem}.json", f"{stem}.safetensors"]
-    for name in written:
-        _fsync_file(path / name)
+    extra = extra_save(path) if extra_save is not None else []
+    for file in [path / name for name in written] + extra:
+        _fsync_file(file)
     barrier(env)
     if env.is_main:
         with open(path / COMPLETE, "w") as f:
@@ -350,14 +357,21 @@ def prune(root: str | os.PathLike, keep: int) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    env: DistEnv, data_resume: str = "strict") -> tuple[dict, dict | None]:
+                    env: DistEnv, data_resume: str = "strict", engine_state: Callable[[Path], None] | None = None,
+                    engine_has_weights: bool = False) -> tuple[dict, dict | None]:
     """Restore weights and optimizer (at any expert-parallel layout) and this rank's RNG and data position;
     returns (train_state, this rank's data state, or None for a weights-only checkpoint or a data reset).
+    Under DeepSpeed, `engine_state(path)` restores its optimizer partitions first (collective, skipped for a
+    weights-only checkpoint); `engine_has_weights` (ZeRO-3) means that state holds the weights too.
 
     The data position is per data-parallel rank: with another number of processes, `data_resume=strict` refuses
     and `reset` restarts the data stream (documents already seen may be seen again)."""
     train_state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
-    load_owned_tensors(path, model, None if train_state.get("weights_only") else optimizer)
+    weights_only = bool(train_state.get("weights_only"))
+    if engine_state is not None and not weights_only:
+        engine_state(path)
+    if weights_only or not engine_has_weights:
+        load_owned_tensors(path, model, None if weights_only else optimizer)
     if train_state.get("weights_only"):
         return train_state, None
     saved_world = train_state["world_size"]

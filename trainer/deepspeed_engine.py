@@ -15,6 +15,7 @@ two take exactly the same step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from model import CausalLM
 from model.hf import unwrap
 
 from .config import NonFinite, NonFiniteError, TrainConfig
-from .expert_parallel import ProcessGrid, is_expert_param
+from .expert_parallel import ProcessGrid, clip_grad_norm, is_expert_param
 from .optim import build_param_groups
 
 
@@ -137,6 +138,7 @@ class DeepSpeedStep:
     def __init__(self, engine, grid: ProcessGrid, cfg: TrainConfig):
         self.engine, self.grid, self.cfg = engine, grid, cfg
         self.model = unwrap(engine.module)
+        self.zero0_norm: float | None = None  # ZeRO-0 has no overflow guard of its own: ours, see backward
 
     def forward(self, **kwargs):
         return self.engine(**kwargs)
@@ -148,15 +150,71 @@ class DeepSpeedStep:
     def backward(self, loss: torch.Tensor, accumulation: int) -> None:
         # DeepSpeed divides by its accumulation steps and averages over dp: undo both to keep our sums.
         self.engine.backward(loss * (accumulation * self.grid.dp))
+        if self.cfg.resolved_zero_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
+            # Gradients are reduced and whole on every rank here. A non-finite norm skips the update the way
+            # ZeRO 1-3 do: AdamW leaves parameters without a gradient (and their state) untouched.
+            self.zero0_norm = clip_grad_norm(self.model, float("inf"), self.grid)
+            if not math.isfinite(self.zero0_norm):
+                for p in self.model.parameters():
+                    p.grad = None
         self.engine.step()  # applies the update only at the accumulation boundary
 
     def finish(self, loss_value: float, step: int) -> tuple[float, bool]:
         """(gradient norm before clipping, skipped): DeepSpeed already applied the update at the last micro-batch's
         `engine.step()`, or skipped it because the gradient norm was not finite (ZeRO 1-3 check it)."""
-        norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
-        skipped = not self.engine.was_step_applied() or not math.isfinite(loss_value)
+        if self.zero0_norm is not None:
+            norm, self.zero0_norm = self.zero0_norm, None
+            skipped = not math.isfinite(norm)
+        else:
+            norm = self.engine.get_global_grad_norm()
+            norm = float(norm) if norm is not None else float("nan")
+            skipped = not self.engine.was_step_applied()
+        skipped = skipped or not math.isfinite(loss_value)
         if skipped and self.cfg.trainer.non_finite == NonFinite.stop:
             raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss_value}) or gradient norm ({norm}) "
                                  "(trainer.non_finite=stop)")
         return norm, skipped
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+# A DeepSpeed run's checkpoint is our usual step directory (weights one entry per expert, data position, RNG, commit
+# marker) plus DeepSpeed's own save in `deepspeed/` for the ZeRO-partitioned optimizer states (and, under ZeRO-3, the
+# partitioned weights). DeepSpeed writes those with torch.save (pickle): they are only ever read back from our own
+# checkpoint directories, never from a downloaded one.
+DEEPSPEED_DIR, TAG = "deepspeed", "state"
+
+
+def save_engine_state(engine, path: Path) -> list[Path]:
+    """Collective. Returns the files this call wrote (for fsync before the commit marker)."""
+    before = set((path / DEEPSPEED_DIR).rglob("*")) if (path / DEEPSPEED_DIR).exists() else set()
+    engine.save_checkpoint(str(path / DEEPSPEED_DIR), tag=TAG, client_state={}, save_latest=False)
+    return [p for p in (path / DEEPSPEED_DIR).rglob("*") if p.is_file() and p not in before]
+
+
+def load_engine_state(engine, path: Path) -> None:
+    """Restore DeepSpeed's optimizer partitions (collective). The expert-group marker is taken out while DeepSpeed
+    loads, so it does not look for per-expert files of its own MoE layers: our experts come from our weight files,
+    which the caller loads afterwards (DeepSpeed's module file holds only the first expert shard's)."""
+    if not (path / DEEPSPEED_DIR / TAG).is_dir():
+        raise ValueError(f"{path}: no DeepSpeed state ({DEEPSPEED_DIR}/{TAG}); it was written by the built-in engine "
+                         "(parallel.zero_stage=null): resume it with the same engine, or start from its weights")
+    marker = engine.module._modules.pop("expert_groups", None)
+    try:
+        engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=TAG, load_optimizer_states=True,
+                               load_lr_scheduler_states=False, load_module_strict=False)
+    finally:
+        if marker is not None:
+            engine.module._modules["expert_groups"] = marker
+
+
+def partitioned(engine) -> bool:
+    return engine is not None and engine.zero_optimization_partition_weights()
+
+
+def gathered(engine, model: nn.Module, modifier_rank: int | None = None):
+    """Under ZeRO-3, a context in which every weight is whole on every rank (collective); otherwise a no-op. With
+    `modifier_rank`, that rank's changes are written back to the partitions."""
+    if not partitioned(engine):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=modifier_rank)

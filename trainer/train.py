@@ -9,6 +9,7 @@ gradient norm are finite (identical on every rank, since both come from reduced 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -26,15 +27,46 @@ from data.sources import expand_globs
 from data.tokenizer import TextTokenizer
 from model import CausalLM, ModelConfig
 from model.flops import training_flops_per_token
-from model.hf import remove_weights, save_pretrained, unwrap, write_metadata, write_shard
+from model.hf import (
+    remove_weights,
+    save_pretrained,
+    write_metadata,
+    write_shard,
+)
 from model.loss import IGNORE_INDEX
 
 from .checkpoint import choose_resume, load_checkpoint, save_checkpoint, set_aside_newer
 from .config import NonFinite, NonFiniteError, TrainConfig
-from .distributed import DistEnv, all_reduce_sum, barrier, init_process_group, pick_device
-from .expert_parallel import (ProcessGrid, attach_dispatchers, broadcast_replicas, build_grid, clip_grad_norm,
-                              reduce_gradients)
-from .metrics import MetricsLogger, Throughput, device_peak_tflops, load_imbalance, peak_memory_gib
+from .deepspeed_engine import (
+    DeepSpeedStep,
+    gathered,
+    initialize,
+    load_engine_state,
+    partitioned,
+    save_engine_state,
+)
+from .distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    init_process_group,
+    pick_device,
+)
+from .expert_parallel import (
+    ProcessGrid,
+    attach_dispatchers,
+    broadcast_replicas,
+    build_grid,
+    clip_grad_norm,
+    reduce_gradients,
+)
+from .metrics import (
+    MetricsLogger,
+    Throughput,
+    device_peak_tflops,
+    load_imbalance,
+    peak_memory_gib,
+)
 from .optim import build_optimizer, global_batch_at, lr_at
 
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids")
@@ -285,12 +317,12 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     dispatchers = attach_dispatchers(model, grid) if grid.ep > 1 else []
     model.set_token_dropping(cfg.moe.capacity_factor, cfg.moe.no_drop_fraction)
     model.train()
+    ds_engine = None
     if cfg.uses_deepspeed:
-        from .deepspeed_engine import DeepSpeedStep, initialize
         accumulation = global_batch_at(0, cfg.trainer, grid.dp) // (cfg.trainer.micro_batch_size * grid.dp)
-        engine = initialize(model, cfg, grid, accumulation, precision)
-        stepper = DeepSpeedStep(engine, grid, cfg)
-        optimizer = engine.optimizer
+        ds_engine = initialize(model, cfg, grid, accumulation, precision)
+        stepper = DeepSpeedStep(ds_engine, grid, cfg)
+        optimizer = ds_engine.optimizer
     else:
         optimizer = build_optimizer(model, cfg.optim)
         stepper = NativeStep(model, optimizer, grid, cfg)
@@ -308,18 +340,28 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
             print(f"resuming from an older checkpoint: {path} moved to {set_aside_newer(path)}")
     barrier(env)
     if resume:
-        train_state, data_state = load_checkpoint(Path(resume), model, optimizer, env, cfg.checkpoint.data_resume)
+        if ds_engine is None:
+            train_state, data_state = load_checkpoint(Path(resume), model, optimizer, env,
+                                                      cfg.checkpoint.data_resume)
+        else:  # DeepSpeed's partitions first, then our weights (ZeRO-3: DeepSpeed's state holds them)
+            train_state, data_state = load_checkpoint(
+                Path(resume), model, None, env, cfg.checkpoint.data_resume,
+                engine_state=lambda p: load_engine_state(ds_engine, p), engine_has_weights=partitioned(ds_engine))
+            if partitioned(ds_engine) and train_state.get("weights_only"):
+                raise ValueError(f"checkpoint.resume={resume}: starting ZeRO-3 from a weights-only checkpoint is "
+                                 "not supported yet; start with parallel.zero_stage=1 or 2")
         if not train_state.get("weights_only"):
             step, tokens_seen, skipped = train_state["step"], train_state["tokens_seen"], train_state["skipped"]
         if data_state is not None:
             loader.load_state_dict(data_state)
-    else:
+    elif ds_engine is None:  # DeepSpeed's engine broadcast the replicas when it was built
         broadcast_replicas(model, grid)
 
     logger = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, step, env.is_main, config_dict(cfg),
                            cfg.trainer.progress)
-    logger.print(f"run dir {run_dir} | {env.world_size} process(es) on {device} ({precision}), data-parallel "
-                 f"{grid.dp} x expert-parallel {grid.ep} | "
+    engine_name = f"DeepSpeed ZeRO-{cfg.resolved_zero_stage()}" if ds_engine else "built-in engine"
+    logger.print(f"run dir {run_dir} | {env.world_size} process(es) on {device} ({precision}, {engine_name}), "
+                 f"pipeline {grid.pp} x data-parallel {grid.dp} x expert-parallel {grid.ep} | "
                  f"{'resumed from ' + resume if resume else 'fresh start'} at step {step} | "
                  f"tokenizer {tokenizer.source} ({tokenizer.vocab_size} ids)")
     flops_per_token = training_flops_per_token(model_cfg, cfg.data.seq_len)
@@ -334,15 +376,18 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     def save(at_step: int) -> Path:
         state = {"step": at_step, "tokens_seen": tokens_seen, "skipped": skipped, "world_size": env.world_size,
                  "config": config_dict(cfg), "time": time.time()}
-        return save_checkpoint(cfg.checkpoint.dir, at_step, model, optimizer, state, loader.state_dict(), env,
-                               cfg.checkpoint.keep, tokenizer=tokenizer.tokenizer, owns_experts=grid.edp_rank == 0)
+        with gathered(ds_engine, model):  # ZeRO-3: whole weights for the weight files
+            return save_checkpoint(cfg.checkpoint.dir, at_step, model, None if ds_engine else optimizer, state,
+                                   loader.state_dict(), env, cfg.checkpoint.keep, tokenizer=tokenizer.tokenizer,
+                                   owns_experts=grid.edp_rank == 0,
+                                   extra_save=(lambda p: save_engine_state(ds_engine, p)) if ds_engine else None)
 
     try:
         while step < cfg.trainer.max_steps:
             step_start = time.perf_counter()
             batches = draw_batches(step, loader, cfg, grid)
             if cfg.uses_deepspeed and cfg.trainer.batch_ramp_start is not None:
-                engine.set_train_batch_size(len(batches) * cfg.trainer.micro_batch_size * grid.dp)
+                ds_engine.set_train_batch_size(len(batches) * cfg.trainer.micro_batch_size * grid.dp)
             result = train_step(step, stepper, batches, cfg, env, grid, device, autocast,
                                 sum(loader.bad_records["counts"].values()))
             step += 1
@@ -387,7 +432,8 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
                 save(step)
                 last_saved = step
         checkpoint = save(step) if last_saved != step else Path(cfg.checkpoint.dir) / f"step_{step:08d}"
-        hf_dir = export_hf(model, tokenizer, run_dir / "hf", grid) if cfg.checkpoint.export_hf else None
+        with gathered(ds_engine, model) if cfg.checkpoint.export_hf else contextlib.nullcontext():
+            hf_dir = export_hf(model, tokenizer, run_dir / "hf", grid) if cfg.checkpoint.export_hf else None
         barrier(env)
     finally:
         loader.close()
@@ -411,4 +457,4 @@ def copy_run_config(run_dir: Path, cfg: TrainConfig) -> None:
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
-__all__ = ["Prepared", "prepare", "train", "train_step", "validate", "export_hf", "copy_run_config"]
+__all__ = ["Prepared", "copy_run_config", "export_hf", "prepare", "train", "train_step", "validate"]

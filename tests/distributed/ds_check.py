@@ -21,13 +21,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from model import CausalLM, next_token_labels  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.distributed import DistEnv  # noqa: E402
-from trainer.expert_parallel import ProcessGrid, attach_dispatchers, build_grid  # noqa: E402
-from trainer.optim import build_optimizer  # noqa: E402
-from trainer.presets import model_preset  # noqa: E402
-from trainer.train import NativeStep, train_step  # noqa: E402
+from model import CausalLM, next_token_labels
+from trainer.config import TrainConfig
+from trainer.distributed import DistEnv
+from trainer.expert_parallel import ProcessGrid, attach_dispatchers, build_grid
+from trainer.optim import build_optimizer
+from trainer.presets import model_preset
+from trainer.train import NativeStep, train_step
 
 B, S, MICRO = 8, 24, 2
 LOSS_RTOL = 1e-5
