@@ -255,8 +255,9 @@ def _read_into(f, shard: Path, name: str, info: dict, data_start: int, target: t
 
 # ---------------------------------------------------------------------------------------------------- writing
 def unwrap(model: torch.nn.Module) -> CausalLM:
-    """The CausalLM inside DDP / DeepSpeed (`.module`) or torch.compile (`._orig_mod`) wrappers."""
-    while not isinstance(model, CausalLM):
+    """The CausalLM inside DDP / DeepSpeed (`.module`) or torch.compile (`._orig_mod`) wrappers (or a pipeline
+    stage's view of its part of the model, which names its tensors as CausalLM does: `hf_names = True`)."""
+    while not isinstance(model, CausalLM) and not getattr(model, "hf_names", False):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
             raise TypeError(f"expected a CausalLM (possibly wrapped), got {type(model).__name__}")

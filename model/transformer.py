@@ -84,6 +84,7 @@ class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, expert_shard: tuple[int, int] | None = None):
         super().__init__()
         self.config = config
+        self.init_seed = weight_seed()  # drawn before any submodule consumes the global RNG
         self.no_drop_fraction = 0.1  # sequences exempt from token dropping (paper: about 10%)
         self.model = Decoder(config, expert_shard)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -93,8 +94,7 @@ class CausalLM(nn.Module):
     def init_weights(self, std: float | None = None) -> None:
         """Normal(0, std) for every matrix (std defaults to `initializer_range`), ones for norms; see
         `init_module_weights`, which makes the values independent of how the model is split over processes."""
-        seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
-        init_module_weights(self, seed, self.config.initializer_range if std is None else std)
+        init_module_weights(self, self.init_seed, self.config.initializer_range if std is None else std)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
@@ -144,6 +144,11 @@ def layer_balance(stats: RoutingStats, config: ModelConfig) -> tuple[torch.Tenso
     terms = balance_losses(stats, config)
     aux = sum((coeffs[n] * terms[n] for n in BALANCE_TERMS if coeffs[n] > 0), torch.zeros_like(terms["expert"]))
     return aux, {name: value.detach() for name, value in terms.items()}
+
+
+def weight_seed() -> int:
+    """The base seed of layout-free initialisation: one draw of the global RNG (so torch.manual_seed fixes it)."""
+    return int(torch.randint(0, 2**62, (1,), device="cpu"))
 
 
 def init_module_weights(module: nn.Module, seed: int, std: float, prefix: str = "") -> None:
