@@ -16,6 +16,7 @@ the next save or prune removes). Only safetensors and JSON are read back: no pic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -283,9 +284,10 @@ def _fault(site: str, step: int, env: DistEnv) -> None:
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, train_state: dict, data_state: dict, env: DistEnv,
-                    keep: int, tokenizer=None, owns_experts: bool | None = None,
+                    keep: int, tokenizer=None, owns_dense: bool | None = None, owns_experts: bool | None = None,
                     extra_save: Callable[[Path], list[Path]] | None = None) -> Path:
-    """Collective: every rank calls it. Rank 0 writes the dense entries, and each rank with `owns_experts` (the
+    """Collective: every rank calls it. Each rank with `owns_dense` (by default rank 0; with pipeline stages each
+    stage's first data-parallel rank) writes the dense entries it holds, and each rank with `owns_experts` (the
     first expert-data-parallel replica; by default rank 0) its experts; `optimizer=None` leaves optimizer state to
     `extra_save(directory)` (DeepSpeed's partitioned states), which every rank runs and which returns the files it
     wrote. Each rank fsyncs its own files before the commit barrier; rank 0 then writes and fsyncs COMPLETE.
@@ -297,7 +299,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module,
         path.mkdir(parents=True)
     barrier(env)
     written = []
-    weights, optim = owned_tensors(model, optimizer, dense=env.is_main,
+    weights, optim = owned_tensors(model, optimizer, dense=env.is_main if owns_dense is None else owns_dense,
                                    experts=env.is_main if owns_experts is None else owns_experts)
     if weights:
         for stem, tensors in (("model", weights), ("optimizer", optim)):
@@ -356,30 +358,62 @@ def prune(root: str | os.PathLike, keep: int) -> list[Path]:
     return doomed
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    env: DistEnv, data_resume: str = "strict", engine_state: Callable[[Path], None] | None = None,
-                    engine_has_weights: bool = False) -> tuple[dict, dict | None]:
-    """Restore weights and optimizer (at any expert-parallel layout) and this rank's RNG and data position;
-    returns (train_state, this rank's data state, or None for a weights-only checkpoint or a data reset).
-    Under DeepSpeed, `engine_state(path)` restores its optimizer partitions first (collective, skipped for a
-    weights-only checkpoint); `engine_has_weights` (ZeRO-3) means that state holds the weights too.
+def describe_layout(layout: dict | None) -> str:
+    if not layout:
+        return "the built-in engine"
+    if layout["engine"] != "deepspeed":
+        return f"the built-in engine (dp {layout['dp']}, ep {layout['ep']})"
+    return f"DeepSpeed ZeRO-{layout['zero_stage']} (pp {layout['pp']}, dp {layout['dp']}, ep {layout['ep']})"
 
-    The data position is per data-parallel rank: with another number of processes, `data_resume=strict` refuses
-    and `reset` restarts the data stream (documents already seen may be seen again)."""
+
+def resume_plan(path: Path, layout: dict, world_size: int, optimizer_resume: str = "strict",
+                data_resume: str = "strict") -> tuple[bool, bool]:
+    """What a resume from `path` restores: (optimizer state, data position and RNG). Raises ValueError naming the
+    key to set when the checkpoint cannot be resumed as it is; cheap, so it runs before any process group.
+
+    Weights load at any layout and engine (one entry per expert, CausalLM names), and so does the built-in engine's
+    optimizer state. DeepSpeed's (its ZeRO partitions) only loads into the layout that wrote it (`layout`: engine,
+    ZeRO stage, pp, dp, ep): across layouts `optimizer_resume=strict` refuses and `reset` continues from the weights
+    with a fresh optimizer. The data position is per data-parallel rank: with another number of processes
+    `data_resume=strict` refuses and `reset` restarts the data stream (documents already seen may be seen again)."""
     train_state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
-    weights_only = bool(train_state.get("weights_only"))
-    if engine_state is not None and not weights_only:
-        engine_state(path)
-    if weights_only or not engine_has_weights:
-        load_owned_tensors(path, model, None if weights_only else optimizer)
     if train_state.get("weights_only"):
-        return train_state, None
-    saved_world = train_state["world_size"]
-    if saved_world != env.world_size:
-        if data_resume != "reset":
-            raise ValueError(f"{path}: saved with {saved_world} data-parallel ranks, resuming with "
-                             f"{env.world_size}; the data position is per rank, so resume with the same number of "
-                             "processes, or set checkpoint.data_resume=reset to restart the data stream")
+        return False, False
+    saved = train_state.get("layout")
+    if saved is None or saved.get("engine") != "deepspeed":
+        same = layout.get("engine") != "deepspeed"
+    else:
+        same = saved == layout
+    if not same and optimizer_resume != "reset":
+        raise ValueError(f"{path}: written by {describe_layout(saved)}, resuming under {describe_layout(layout)}; "
+                         "DeepSpeed's optimizer partitions only load into the layout that wrote them. Resume with "
+                         "that layout, or set checkpoint.optimizer_resume=reset to continue from the weights (any "
+                         "layout) with a fresh optimizer")
+    if train_state["world_size"] != world_size and data_resume != "reset":
+        raise ValueError(f"{path}: saved with {train_state['world_size']} processes, resuming with {world_size}; "
+                         "the data position is per rank, so resume with the same number of processes, or set "
+                         "checkpoint.data_resume=reset to restart the data stream")
+    return same, train_state["world_size"] == world_size
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    env: DistEnv, data_resume: str = "strict", layout: dict | None = None,
+                    optimizer_resume: str = "strict", engine_state: Callable[[Path], None] | None = None,
+                    engine_has_weights: bool = False, weights_context: Callable[[], Any] | None = None
+                    ) -> tuple[dict, dict | None]:
+    """Restore what `resume_plan` allows: weights, optimizer state, this rank's RNG and data position; returns
+    (train_state, this rank's data state or None). Under DeepSpeed, `engine_state(path)` restores its ZeRO
+    partitions (collective); `engine_has_weights` (ZeRO-3) means they hold the weights too; `weights_context()` is
+    entered around reading our weight files (ZeRO-3: the gathered parameters)."""
+    train_state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
+    with_optimizer, with_data = resume_plan(path, layout or {"engine": "builtin"}, env.world_size, optimizer_resume,
+                                            data_resume)
+    if engine_state is not None and with_optimizer:
+        engine_state(path)
+    if not (with_optimizer and engine_has_weights):
+        with weights_context() if weights_context is not None else contextlib.nullcontext():
+            load_owned_tensors(path, model, optimizer if with_optimizer else None)
+    if not with_data:
         return train_state, None
     set_rng_state(load_state(path, f"rng_rank{env.rank:05d}"))
     return train_state, load_state(path, f"data_rank{env.rank:05d}")

@@ -135,6 +135,10 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted (the newest complete one never is)."""
     export_hf: bool = True
     """Export the final model in Hugging Face format to `<run dir>/hf` at the end."""
+    optimizer_resume: str = "strict"
+    """Resuming a DeepSpeed checkpoint under another engine or layout (ZeRO stage, pp, dp, ep): `strict` refuses
+    (DeepSpeed's optimizer partitions only load into the layout that wrote them), `reset` loads the weights and
+    step and starts the optimizer afresh. The built-in engine's own checkpoints load at any layout."""
     data_resume: str = "strict"
     """Resuming with another number of data-parallel processes: `strict` refuses (the data position is per rank),
     `reset` loads weights, optimizer and step and restarts the data stream."""
@@ -226,6 +230,9 @@ class TrainConfig:
             raise ValueError(f"moe.capacity_factor={self.moe.capacity_factor}: must be > 0 (null turns dropping off)")
         if not 0.0 <= self.moe.no_drop_fraction <= 1.0:
             raise ValueError(f"moe.no_drop_fraction={self.moe.no_drop_fraction}: must be in [0, 1]")
+        if self.checkpoint.optimizer_resume not in ("strict", "reset"):
+            raise ValueError(f"checkpoint.optimizer_resume={self.checkpoint.optimizer_resume!r}: allowed: strict, "
+                             "reset")
         if self.checkpoint.data_resume not in ("strict", "reset"):
             raise ValueError(f"checkpoint.data_resume={self.checkpoint.data_resume!r}: allowed: strict, reset")
         world_size = self.data_parallel_size(world_size)  # batch sizes count data-parallel ranks

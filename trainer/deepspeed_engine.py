@@ -207,6 +207,15 @@ def load_engine_state(engine, path: Path) -> None:
             engine.module._modules["expert_groups"] = marker
 
 
+def refresh_master_weights(engine) -> None:
+    """After weights were written into the module (a weights-only start, an optimizer reset): ZeRO's fp32 master
+    copies, made from the initial weights when the engine was built, must be taken from them again, or the first
+    update would bring the initial weights back. (After DeepSpeed restored its own state they already agree.)"""
+    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:
+        refresh()
+
+
 def partitioned(engine) -> bool:
     return engine is not None and engine.zero_optimization_partition_weights()
 

@@ -27,51 +27,21 @@ from data.sources import expand_globs
 from data.tokenizer import TextTokenizer
 from model import CausalLM, ModelConfig
 from model.flops import training_flops_per_token
-from model.hf import (
-    remove_weights,
-    save_pretrained,
-    write_metadata,
-    write_shard,
-)
+from model.hf import hf_tensors, remove_weights, save_pretrained, write_metadata, write_shard
 from model.loss import IGNORE_INDEX
 
-from .checkpoint import choose_resume, load_checkpoint, save_checkpoint, set_aside_newer
+from .checkpoint import choose_resume, load_checkpoint, resume_plan, save_checkpoint, set_aside_newer
 from .config import NonFinite, NonFiniteError, TrainConfig
-from .deepspeed_engine import (
-    DeepSpeedStep,
-    gathered,
-    initialize,
-    load_engine_state,
-    partitioned,
-    save_engine_state,
-)
-from .distributed import (
-    DistEnv,
-    all_reduce_sum,
-    barrier,
-    init_process_group,
-    pick_device,
-)
-from .expert_parallel import (
-    ProcessGrid,
-    attach_dispatchers,
-    broadcast_replicas,
-    build_grid,
-    clip_grad_norm,
-    reduce_gradients,
-)
-from .metrics import (
-    MetricsLogger,
-    Throughput,
-    device_peak_tflops,
-    load_imbalance,
-    peak_memory_gib,
-)
+from .deepspeed_engine import (DeepSpeedStep, gathered, initialize, load_engine_state, partitioned,
+                               refresh_master_weights, save_engine_state)
+from .distributed import DistEnv, all_reduce_sum, barrier, init_process_group, pick_device
+from .expert_parallel import (ProcessGrid, attach_dispatchers, broadcast_replicas, build_grid, clip_grad_norm,
+                              reduce_gradients)
+from .metrics import MetricsLogger, Throughput, device_peak_tflops, load_imbalance, peak_memory_gib
 from .optim import build_optimizer, global_batch_at, lr_at
+from .pipeline import build_pipeline, pipeline_step, pipeline_validate
 
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids")
-
-
 
 
 @dataclass
@@ -123,7 +93,17 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     tokenizer = build_tokenizer(cfg.data)
     cfg.model = fit_model_to_tokenizer(cfg.model, tokenizer, f"data.tokenizer={cfg.data.tokenizer}")
     resume, set_aside = choose_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
+    if resume is not None:  # a checkpoint this layout cannot resume fails here, naming the key to set
+        resume_plan(resume, run_layout(cfg, env.world_size), env.world_size, cfg.checkpoint.optimizer_resume,
+                    cfg.checkpoint.data_resume)
     return Prepared(cfg, tokenizer, resume, set_aside)
+
+
+def run_layout(cfg: TrainConfig, world_size: int) -> dict:
+    """What DeepSpeed's optimizer partitions depend on, recorded in every checkpoint."""
+    pp = cfg.parallel.pp
+    return {"engine": "deepspeed" if cfg.uses_deepspeed else "builtin", "zero_stage": cfg.resolved_zero_stage(),
+            "pp": pp, "dp": world_size // pp, "ep": cfg.expert_parallel_size(world_size)}
 
 
 def _fault_scale(step: int, env: DistEnv) -> float:
@@ -243,11 +223,12 @@ def validate(model: CausalLM, batches: list[dict], env: DistEnv, device: torch.d
 
 def export_hf(model: CausalLM, tokenizer: TextTokenizer, out: Path, grid: ProcessGrid) -> Path | None:
     """Hugging Face directory (collective): weights and config.json in the released layout, tokenizer.json and a
-    tokenizer_config.json. With experts sharded, each rank of the first expert-data-parallel replica writes its
-    experts' shard (`model-0000r-of-0000n`, rank 0 with the dense tensors), and rank 0 writes the index over all of
-    them: the export gathers every expert without any process holding them all. Returns the directory on rank 0."""
+    tokenizer_config.json. With experts sharded or pipeline stages, each (stage, EP rank) writes one shard
+    (`model-0000k-of-0000n`): the stage's first data-parallel rank its dense tensors, the first expert-data-parallel
+    replica its experts; rank 0 writes the index over all of them. No process ever holds the whole model. `model`
+    is the CausalLM, or a pipeline stage's view of its part. Returns the directory on rank 0."""
     dtype = getattr(torch, model.config.torch_dtype or "float32")
-    if grid.ep == 1:
+    if grid.ep == 1 and grid.pp == 1:
         if grid.rank == 0:
             save_pretrained(model, out, dtype=dtype)
     else:
@@ -255,10 +236,12 @@ def export_hf(model: CausalLM, tokenizer: TextTokenizer, out: Path, grid: Proces
             remove_weights(out)
         barrier_grid(grid)
         sizes = {}
-        if grid.edp_rank == 0:
-            filename = f"model-{grid.ep_rank + 1:05d}-of-{grid.ep:05d}.safetensors"
-            sizes = {name: (filename, n) for name, n in write_shard(model, out, filename, dtype, dense=grid.rank == 0,
-                                                                    experts=True).items()}
+        dense, experts = grid.dp_rank == 0, grid.edp_rank == 0
+        if (dense or experts) and any(True for _ in hf_tensors(model, dense=dense, experts=experts)):
+            index, n_files = (grid.rank // grid.dp) * grid.ep + grid.ep_rank, grid.pp * grid.ep
+            filename = f"model-{index + 1:05d}-of-{n_files:05d}.safetensors"
+            sizes = {name: (filename, n) for name, n in write_shard(model, out, filename, dtype, dense=dense,
+                                                                    experts=experts).items()}
         gathered = [None] * grid.world
         torch.distributed.all_gather_object(gathered, sizes)
         if grid.rank == 0:
@@ -281,12 +264,14 @@ def barrier_grid(grid: ProcessGrid) -> None:
 
 def dispatch_metrics(dispatchers: list, env: DistEnv, device: torch.device) -> dict:
     """Distinct ranks each token's copies went to (mean and max over ranks and MoE layers) and bytes sent to other
-    ranks per token, since the last log step; resets the counters."""
+    ranks per token, since the last log step; resets the counters. Collective: every rank calls it, also a pipeline
+    stage without MoE layers (no dispatchers)."""
     sums = torch.tensor([float(sum(d.stats.tokens for d in dispatchers)),
                          float(sum(torch.as_tensor(d.stats.ranks_sum).item() for d in dispatchers)),
                          float(sum(d.stats.rows_sent_remote * d.stats.row_bytes for d in dispatchers))],
                         device=device, dtype=torch.float64)
-    peak = torch.tensor(float(max(torch.as_tensor(d.stats.ranks_max).item() for d in dispatchers)), device=device)
+    peak = torch.tensor(float(max((torch.as_tensor(d.stats.ranks_max).item() for d in dispatchers), default=0)),
+                        device=device)
     all_reduce_sum(sums, env)
     if env.distributed:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
@@ -312,20 +297,26 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     torch.manual_seed(cfg.trainer.seed)  # identical dense weights on every rank; experts seed themselves
     grid = build_grid(env, cfg.parallel.pp, cfg.expert_parallel_size(env.world_size))
 
-    expert_shard = grid.expert_shard(model_cfg.n_routed_experts) if grid.ep > 1 else None
-    model = CausalLM(model_cfg, expert_shard=expert_shard).to(device)
-    dispatchers = attach_dispatchers(model, grid) if grid.ep > 1 else []
-    model.set_token_dropping(cfg.moe.capacity_factor, cfg.moe.no_drop_fraction)
-    model.train()
-    ds_engine = None
-    if cfg.uses_deepspeed:
-        accumulation = global_batch_at(0, cfg.trainer, grid.dp) // (cfg.trainer.micro_batch_size * grid.dp)
-        ds_engine = initialize(model, cfg, grid, accumulation, precision)
-        stepper = DeepSpeedStep(ds_engine, grid, cfg)
+    pipe, ds_engine = None, None
+    accumulation = global_batch_at(0, cfg.trainer, grid.dp) // (cfg.trainer.micro_batch_size * grid.dp)
+    if grid.pp > 1:  # this rank builds only its stage's layers; `model` is the stage's view under CausalLM names
+        pipe = build_pipeline(cfg, grid, accumulation, precision, device)
+        model, ds_engine, stepper = pipe.view, pipe.engine, None
+        dispatchers = [m.dispatcher for m in model.moe_layers()] if grid.ep > 1 else []
         optimizer = ds_engine.optimizer
     else:
-        optimizer = build_optimizer(model, cfg.optim)
-        stepper = NativeStep(model, optimizer, grid, cfg)
+        expert_shard = grid.expert_shard(model_cfg.n_routed_experts) if grid.ep > 1 else None
+        model = CausalLM(model_cfg, expert_shard=expert_shard).to(device)
+        dispatchers = attach_dispatchers(model, grid) if grid.ep > 1 else []
+        model.set_token_dropping(cfg.moe.capacity_factor, cfg.moe.no_drop_fraction)
+        model.train()
+        if cfg.uses_deepspeed:
+            ds_engine = initialize(model, cfg, grid, accumulation, precision)
+            stepper = DeepSpeedStep(ds_engine, grid, cfg)
+            optimizer = ds_engine.optimizer
+        else:
+            optimizer = build_optimizer(model, cfg.optim)
+            stepper = NativeStep(model, optimizer, grid, cfg)
     loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank,
                           grid.dp)
     val_loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank,
@@ -339,17 +330,16 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
         for path in prepared.set_aside:  # a rollback: newer checkpoints of the abandoned timeline are kept aside
             print(f"resuming from an older checkpoint: {path} moved to {set_aside_newer(path)}")
     barrier(env)
+    layout = run_layout(cfg, env.world_size)
     if resume:
-        if ds_engine is None:
-            train_state, data_state = load_checkpoint(Path(resume), model, optimizer, env,
-                                                      cfg.checkpoint.data_resume)
-        else:  # DeepSpeed's partitions first, then our weights (ZeRO-3: DeepSpeed's state holds them)
-            train_state, data_state = load_checkpoint(
-                Path(resume), model, None, env, cfg.checkpoint.data_resume,
-                engine_state=lambda p: load_engine_state(ds_engine, p), engine_has_weights=partitioned(ds_engine))
-            if partitioned(ds_engine) and train_state.get("weights_only"):
-                raise ValueError(f"checkpoint.resume={resume}: starting ZeRO-3 from a weights-only checkpoint is "
-                                 "not supported yet; start with parallel.zero_stage=1 or 2")
+        train_state, data_state = load_checkpoint(
+            Path(resume), model, None if ds_engine else optimizer, env, cfg.checkpoint.data_resume, layout,
+            cfg.checkpoint.optimizer_resume,
+            engine_state=(lambda p: load_engine_state(ds_engine, p)) if ds_engine else None,
+            engine_has_weights=partitioned(ds_engine),
+            weights_context=lambda: gathered(ds_engine, model, modifier_rank=0))
+        if ds_engine is not None:
+            refresh_master_weights(ds_engine)  # ZeRO's fp32 copies were made from the initial weights
         if not train_state.get("weights_only"):
             step, tokens_seen, skipped = train_state["step"], train_state["tokens_seen"], train_state["skipped"]
         if data_state is not None:
@@ -367,7 +357,7 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     flops_per_token = training_flops_per_token(model_cfg, cfg.data.seq_len)
     peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
     throughput = Throughput()
-    moe_layer_ids = [i for i, layer in enumerate(model.model.layers) if layer.is_moe]
+    moe_layer_ids = [i for i in range(model_cfg.num_hidden_layers) if model_cfg.is_moe_layer(i)]
     last_saved = step if resume else None
     first_loss = last_loss = None
     loop_start, loop_first_step = time.time(), step
@@ -375,11 +365,11 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
 
     def save(at_step: int) -> Path:
         state = {"step": at_step, "tokens_seen": tokens_seen, "skipped": skipped, "world_size": env.world_size,
-                 "config": config_dict(cfg), "time": time.time()}
+                 "layout": layout, "config": config_dict(cfg), "time": time.time()}
         with gathered(ds_engine, model):  # ZeRO-3: whole weights for the weight files
             return save_checkpoint(cfg.checkpoint.dir, at_step, model, None if ds_engine else optimizer, state,
                                    loader.state_dict(), env, cfg.checkpoint.keep, tokenizer=tokenizer.tokenizer,
-                                   owns_experts=grid.edp_rank == 0,
+                                   owns_dense=grid.dp_rank == 0, owns_experts=grid.edp_rank == 0,
                                    extra_save=(lambda p: save_engine_state(ds_engine, p)) if ds_engine else None)
 
     try:
@@ -388,8 +378,11 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
             batches = draw_batches(step, loader, cfg, grid)
             if cfg.uses_deepspeed and cfg.trainer.batch_ramp_start is not None:
                 ds_engine.set_train_batch_size(len(batches) * cfg.trainer.micro_batch_size * grid.dp)
-            result = train_step(step, stepper, batches, cfg, env, grid, device, autocast,
-                                sum(loader.bad_records["counts"].values()))
+            bad = sum(loader.bad_records["counts"].values())
+            if pipe is not None:
+                result = pipeline_step(step, pipe, batches, cfg, env, grid, device, bad, _fault_scale(step, env))
+            else:
+                result = train_step(step, stepper, batches, cfg, env, grid, device, autocast, bad)
             step += 1
             tokens_seen += result.tokens
             skipped += result.skipped
@@ -419,11 +412,12 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
                 if result.tokens_per_expert is not None:
                     metrics["load_imbalance"], metrics["load_imbalance_per_layer"] = load_imbalance(
                         result.tokens_per_expert)
-                if dispatchers:
+                if grid.ep > 1:
                     metrics.update(dispatch_metrics(dispatchers, env, device))
                 dropped_window = 0
             if val_batches and (step % cfg.trainer.val_every == 0 or step == cfg.trainer.max_steps):
-                val_loss = validate(model, val_batches, env, device, autocast)
+                val_loss = (pipeline_validate(pipe, val_batches, env, device) if pipe is not None else
+                            validate(model, val_batches, env, device, autocast))
                 metrics = metrics or {"loss": result.loss}
                 metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
             if metrics is not None:

@@ -1,7 +1,7 @@
 """Run under torchrun: the DeepSpeed engine (ZeRO 0-3, optionally with expert parallelism or pipeline stages)
 against the built-in engine in one process, on the same initial weights and the same global batches.
 
-    torchrun --standalone --nproc_per_node=2 tests/distributed/ds_check.py --zero 2 --ep 2 --out result.json
+    torchrun --standalone --nproc_per_node=2 tests/distributed/ds_check.py zero1 zero2-ep2 zero3 --out result.json
 
 Every rank also runs the one-process reference itself (the whole model, every micro-batch of the global batch), so
 each rank checks the losses it sees. Any mismatch raises (non-zero exit); rank 0 writes the figures to --out.
@@ -122,45 +122,55 @@ def first_stage_router_needs_balance_grads(cfg: TrainConfig, under_test: UnderTe
     return {n: float((a[n] - b[n]).abs().max()) for n in gates}
 
 
+def check(layout: str, env: DistEnv, steps: int) -> dict:
+    """One layout, `zero<Z>[-ep<E>][-pp<P>]`, against the reference over `steps` steps."""
+    zero, ep, pp = int(layout.split("zero")[1].split("-")[0]), 1, 1
+    for part in layout.split("-")[1:]:
+        if part.startswith("ep"):
+            ep = int(part[2:])
+        elif part.startswith("pp"):
+            pp = int(part[2:])
+    cfg = config(zero, ep, pp)
+    cfg.validate(env.world_size)
+    ours, ref = UnderTest(cfg, env), Reference(config(None, 1, 1))
+    if cfg.resolved_zero_stage() != 3:  # ZeRO-3 holds only partitions of the weights
+        ours.compare_params(ref.model, {})  # layout-free initialisation: the same starting weights
+    worst: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0}
+    result: dict = {"losses": [], "reference": [], "grad_norms": [], "reference_norms": [], "aux_loss": []}
+    for step in range(steps):
+        r, want = ours.step(step), ref.step(step)
+        assert abs(r.loss - want.loss) <= LOSS_RTOL * abs(want.loss), (layout, env.rank, step, r.loss, want.loss)
+        assert abs(r.aux_loss - want.aux_loss) <= LOSS_RTOL * abs(want.aux_loss), (layout, step, r.aux_loss)
+        worst["loss"] = max(worst["loss"], abs(r.loss - want.loss) / abs(want.loss))
+        worst["grad_norm"] = max(worst["grad_norm"], abs(r.grad_norm - want.grad_norm) / abs(want.grad_norm))
+        for key, value in (("losses", r.loss), ("reference", want.loss), ("grad_norms", r.grad_norm),
+                           ("reference_norms", want.grad_norm), ("aux_loss", r.aux_loss)):
+            result[key].append(value)
+        if cfg.resolved_zero_stage() != 3:  # ZeRO-3 holds only partitions of the weights
+            ours.compare_params(ref.model, worst)
+    result["max_rel_diff"] = worst
+    if pp > 1:
+        # Stage 0's figures: how far one step without balance losses moves its routers.
+        moved = first_stage_router_needs_balance_grads(cfg, ours) if ours.grid.rank // ours.grid.dp == 0 else {}
+        gathered = [None] * env.world_size
+        dist.all_gather_object(gathered, moved)
+        result["first_stage_gate_shift_without_balance"] = gathered[0]
+        assert gathered[0] and min(gathered[0].values()) > 10 * PARAM_TOL["atol"], gathered[0]
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--zero", type=int, required=True)
-    p.add_argument("--ep", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("layouts", nargs="+", help="e.g. zero1 zero2-ep2 zero3 zero1-pp2-ep2")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    cfg = config(args.zero, args.ep, args.pp)
-    cfg.validate(env.world_size)
-    ours, ref = UnderTest(cfg, env), Reference(config(None, 1, 1))
-    ours.compare_params(ref.model, {})  # layout-free initialisation: the same starting weights
-    worst: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0}
-    result: dict = {"losses": [], "reference": [], "grad_norms": [], "reference_norms": []}
-    for step in range(args.steps):
-        r, want = ours.step(step), ref.step(step)
-        assert abs(r.loss - want.loss) <= LOSS_RTOL * abs(want.loss), (env.rank, step, r.loss, want.loss)
-        worst["loss"] = max(worst["loss"], abs(r.loss - want.loss) / abs(want.loss))
-        worst["grad_norm"] = max(worst["grad_norm"], abs(r.grad_norm - want.grad_norm) / abs(want.grad_norm))
-        for key, value in (("losses", r.loss), ("reference", want.loss), ("grad_norms", r.grad_norm),
-                           ("reference_norms", want.grad_norm)):
-            result[key].append(value)
-        result.setdefault("aux_loss", []).append((r.aux_loss, want.aux_loss))
-        assert abs(r.aux_loss - want.aux_loss) <= 1e-5 * abs(want.aux_loss), (step, r.aux_loss, want.aux_loss)
-        if cfg.resolved_zero_stage() != 3:  # ZeRO-3 holds only partitions of the weights
-            ours.compare_params(ref.model, worst)
-    result["max_rel_diff"] = worst
-    if args.pp > 1:
-        # Stage 0's first-rank figures: how far one step without balance losses moves its routers.
-        moved = first_stage_router_needs_balance_grads(cfg, ours) if ours.grid.rank // ours.grid.dp == 0 else {}
-        gathered = [None] * env.world_size
-        dist.all_gather_object(gathered, moved)
-        result["first_stage_gate_shift_without_balance"] = gathered[0]
-        assert gathered[0] and min(gathered[0].values()) > 10 * PARAM_TOL["atol"], gathered[0]
+    results = {layout: check(layout, env, args.steps) for layout in args.layouts}
     if env.rank == 0:
-        args.out.write_text(json.dumps(result, indent=1))
+        args.out.write_text(json.dumps(results, indent=1))
     dist.barrier()
     dist.destroy_process_group()
 
