@@ -42,3 +42,9 @@ def transformers_ds():
     if not hasattr(transformers, "DeepseekV2ForCausalLM"):
         pytest.skip("this transformers has no native DeepseekV2ForCausalLM")
     return transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One built-in BPE for the whole session (training it takes seconds), shared by every end-to-end test."""
+    return tmp_path_factory.mktemp("bpe-cache")

@@ -9,17 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 PRETRAIN = str(ROOT / "launch" / "pretrain.py")
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """One built-in BPE for the whole session (training it takes seconds)."""
-    return tmp_path_factory.mktemp("bpe-cache")
 
 
 def run_pretrain(run_dir: Path, cache: Path, *overrides: str, nproc: int = 1, fault: str | None = None,
@@ -40,6 +33,19 @@ def run_pretrain(run_dir: Path, cache: Path, *overrides: str, nproc: int = 1, fa
 
 def metrics(run_dir: Path) -> dict[int, dict]:
     return {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+def assert_export_matches(hf_dir: Path, checkpoint: Path, transformers_ds) -> None:
+    """transformers loads the export with the same logits as our model loaded from the training checkpoint."""
+    from model import CausalLM
+    from model.hf import load_config
+    from trainer.checkpoint import load_model_weights
+    _, model_cls = transformers_ds
+    ours = load_model_weights(checkpoint, CausalLM(load_config(hf_dir))).eval()
+    theirs = model_cls.from_pretrained(hf_dir).float().eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert (ours(ids).logits - theirs(ids).logits).abs().max() < 1e-4
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -63,15 +69,7 @@ def test_smoke_run_logs_checkpoints_and_exports(tmp_path, cache_dir, transformer
     assert complete == ["step_00000003", "step_00000006"]
 
     # The HF export loads in transformers with the same logits as the trained model's checkpoint.
-    from model import CausalLM
-    from model.hf import load_config
-    from trainer.checkpoint import load_model_weights
-    _, model_cls = transformers_ds
-    ours = load_model_weights(run / "checkpoints" / "step_00000006", CausalLM(load_config(run / "hf"))).eval()
-    theirs = model_cls.from_pretrained(run / "hf").float().eval()
-    ids = torch.randint(0, 4096, (1, 24))
-    with torch.no_grad():
-        assert (ours(ids).logits - theirs(ids).logits).abs().max() < 1e-4
+    assert_export_matches(run / "hf", run / "checkpoints" / "step_00000006", transformers_ds)
     assert (run / "hf" / "tokenizer.json").exists()
 
 
