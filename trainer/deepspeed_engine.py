@@ -32,6 +32,16 @@ from .expert_parallel import ProcessGrid, clip_grad_norm, is_expert_param
 from .optim import build_param_groups
 
 
+def import_deepspeed():
+    """`deepspeed`, set up for this machine. On CPU, DeepSpeed would JIT-compile a shared-memory all-reduce kernel on
+    first use (about a minute on 2 cores, and a C++ toolchain required); gloo does the same job, so it is skipped."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
 def group_name(ep: int) -> str:
     return f"ep_size_{ep}"  # DeepSpeed's own name for the expert groups of size ep
 
@@ -120,7 +130,7 @@ def _merge(base: dict, override: dict) -> dict:
 
 def initialize(model: CausalLM, cfg: TrainConfig, grid: ProcessGrid, accumulation: int, precision: str):
     """(engine, wrapped module): DeepSpeed's engine over the model, our AdamW wrapped by ZeRO."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     mark_expert_params(model, grid)
     wrapped = EngineModel(model, grid)

@@ -159,6 +159,15 @@ def check(layout: str, env: DistEnv, steps: int) -> dict:
     return result
 
 
+def forget_deepspeed_expert_groups() -> None:
+    """DeepSpeed keeps one set of expert groups per EP size for the life of the process; a job has one layout, this
+    check runs several, so each starts from none (the new ones are created by the engine it builds)."""
+    from deepspeed.utils import groups
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS"):
+        getattr(groups, name).clear()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("layouts", nargs="+", help="e.g. zero1 zero2-ep2 zero3 zero1-pp2-ep2")
@@ -168,7 +177,10 @@ def main() -> None:
     env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    results = {layout: check(layout, env, args.steps) for layout in args.layouts}
+    results = {}
+    for layout in args.layouts:
+        forget_deepspeed_expert_groups()
+        results[layout] = check(layout, env, args.steps)
     if env.rank == 0:
         args.out.write_text(json.dumps(results, indent=1))
     dist.barrier()

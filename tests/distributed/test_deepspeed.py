@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.trainer.test_pretrain_e2e import _ok, assert_export_matches, metrics, run_pretrain
 
@@ -30,7 +31,7 @@ def ds_check(tmp_path: Path, nproc: int, *layouts: str) -> dict:
 
 
 @pytest.mark.parametrize("nproc,layouts", [(2, ("zero1", "zero2-ep2", "zero3", "zero1-pp2")),
-                                           (4, ("zero2-ep2",)), (4, ("zero1-pp2-ep2",))])
+                                           (4, ("zero2-ep2", "zero1-pp2-ep2"))])
 def test_layouts_match_one_process(tmp_path, nproc, layouts):
     """Four AdamW steps with clipping, token-weighted loss and balance losses. ds_check asserts on every rank:
     losses and aux losses within 1e-5 relative of the built-in engine in one process, and (except under ZeRO-3,
@@ -47,41 +48,43 @@ def test_layouts_match_one_process(tmp_path, nproc, layouts):
             assert min(r["first_stage_gate_shift_without_balance"].values()) > 1e-4
 
 
-def test_zero2_and_zero3_resume_bitwise_export_and_start_from_imported_weights(tmp_path, cache_dir,
-                                                                              transformers_ds):
-    """ZeRO-2 with ep=2: bitwise resume, and an export (experts from both EP ranks) that transformers loads with the
-    training weights' logits. That export imported as a weights-only checkpoint: the built-in engine, ZeRO-2 and
-    ZeRO-3 (which loads it into gathered partitions) train from it alike, so ZeRO's fp32 master copies came from
-    the loaded weights, not the initial ones; and ZeRO-3 resumes bitwise too."""
-    args = ("trainer.max_steps=4", "checkpoint.every=2", "parallel.zero_stage=2", "parallel.ep=2")
-    run = tmp_path / "run"
-    out = _ok(run_pretrain(run, cache_dir, *args, nproc=2)).stdout
-    assert "DeepSpeed ZeRO-2" in out
-    ckpt = run / "checkpoints" / "step_00000002"
-    assert (ckpt / "COMPLETE").exists() and list((ckpt / "deepspeed" / "state").glob("*optim_states.pt"))
-    resumed = tmp_path / "resumed"
-    _ok(run_pretrain(resumed, cache_dir, *args, f"checkpoint.resume={ckpt}", nproc=2))
-    a, b = metrics(run), metrics(resumed)
-    assert [(a[s]["loss"], a[s]["grad_norm"]) for s in (3, 4)] == [(b[s]["loss"], b[s]["grad_norm"]) for s in (3, 4)]
-    assert a[4]["val_loss"] == b[4]["val_loss"]
+def test_zero2_and_zero3_train_like_the_builtin_engine_from_given_weights_and_resume_bitwise(
+        tmp_path, cache_dir, transformers_ds):
+    """From a weights-only checkpoint (what `convert.py import` writes), ZeRO-2 x ep=2 and ZeRO-3 have the built-in
+    engine's losses step for step: ZeRO's fp32 master copies were taken from the loaded weights (ZeRO-3 loads them
+    into gathered partitions), not from the initial ones. All three (two processes each) resume bitwise, and the
+    ZeRO-2 export (experts from both EP ranks) loads in transformers with the training weights' logits."""
+    from model import CausalLM
+    from trainer.checkpoint import write_weights_only
+    from trainer.presets import model_preset
 
-    assert_export_matches(run / "hf", run / "checkpoints" / "step_00000004", transformers_ds)
-
-    start = tmp_path / "start"
-    subprocess.run([sys.executable, str(ROOT / "launch" / "convert.py"), "import", str(run / "hf"), str(start)],
-                   check=True, capture_output=True, timeout=120)
-    common = ("trainer.max_steps=2", "checkpoint.every=1", "checkpoint.export_hf=false", "optim.warmup_steps=0")
-    for name, extra in (("builtin", ()), ("zero2", ("parallel.zero_stage=2",)), ("zero3", ("parallel.zero_stage=3",))):
-        _ok(run_pretrain(tmp_path / name, cache_dir, *common, f"checkpoint.resume={start}", *extra, nproc=2))
+    torch.manual_seed(7)
+    start = write_weights_only(tmp_path / "start", CausalLM(model_preset("tiny_lite")), {})
+    common = ("trainer.max_steps=4", "checkpoint.every=2", "optim.warmup_steps=0")
+    runs = {"builtin": (), "zero2": ("parallel.zero_stage=2", "parallel.ep=2"), "zero3": ("parallel.zero_stage=3",)}
+    for name, extra in runs.items():
+        out = _ok(run_pretrain(tmp_path / name, cache_dir, *common, f"checkpoint.resume={start}", *extra,
+                               nproc=2)).stdout
+        assert f"resumed from {start} at step 0" in out
     ref = metrics(tmp_path / "builtin")
-    for name in ("zero2", "zero3"):
+    ckpt = tmp_path / "builtin" / "checkpoints" / "step_00000002"
+    assert (ckpt / "data_rank00000.json").exists() and (ckpt / "data_rank00001.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["builtin", "start", "zero2", "zero3"]  # rank 1 wrote none
+    for name in runs:
         m = metrics(tmp_path / name)
-        for step in (1, 2):
+        for step in (1, 2, 3, 4):
             assert abs(m[step]["loss"] - ref[step]["loss"]) <= 1e-5 * ref[step]["loss"], (name, step)
-    zero3 = tmp_path / "zero3"
-    _ok(run_pretrain(tmp_path / "zero3-resumed", cache_dir, *common, "parallel.zero_stage=3",
-                     f"checkpoint.resume={zero3 / 'checkpoints' / 'step_00000001'}", nproc=2))
-    assert metrics(tmp_path / "zero3-resumed")[2]["loss"] == metrics(zero3)[2]["loss"]
+        ckpt = tmp_path / name / "checkpoints" / "step_00000002"
+        if name != "builtin":
+            assert list((ckpt / "deepspeed" / "state").glob("*optim_states.pt"))
+        resumed = tmp_path / f"{name}-resumed"
+        _ok(run_pretrain(resumed, cache_dir, *common, *runs[name], f"checkpoint.resume={ckpt}",
+                         "checkpoint.export_hf=false", nproc=2))
+        a, b = metrics(tmp_path / name), metrics(resumed)
+        assert [(a[s]["loss"], a[s]["grad_norm"]) for s in (3, 4)] == [(b[s]["loss"], b[s]["grad_norm"]) for s in (3, 4)]
+        assert a[4]["val_loss"] == b[4]["val_loss"]
+    assert_export_matches(tmp_path / "zero2" / "hf", tmp_path / "zero2" / "checkpoints" / "step_00000004",
+                          transformers_ds)
 
 
 def test_pipeline_with_experts_resumes_bitwise_exports_and_guards_its_layout(tmp_path, cache_dir, transformers_ds):

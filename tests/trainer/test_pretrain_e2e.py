@@ -109,18 +109,6 @@ def test_non_finite_loss_is_skipped_or_stops_the_run(tmp_path, cache_dir):
     assert not (tmp_path / "stop" / "checkpoints").exists()  # nothing saved after the bad step
 
 
-def test_two_processes_under_torchrun_and_their_bitwise_resume(tmp_path, cache_dir):
-    run = tmp_path / "ddp"
-    _ok(run_pretrain(run, cache_dir, "trainer.max_steps=4", "checkpoint.every=2", nproc=2))
-    ckpt = run / "checkpoints" / "step_00000002"
-    assert (ckpt / "data_rank00000.json").exists() and (ckpt / "data_rank00001.json").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name not in ("ddp", "resumed")]  # rank 1 wrote no run dir
-    resumed = tmp_path / "resumed"
-    _ok(run_pretrain(resumed, cache_dir, "trainer.max_steps=4", f"checkpoint.resume={ckpt}", nproc=2))
-    a, b = metrics(run), metrics(resumed)
-    assert [a[s]["loss"] for s in (3, 4)] == [b[s]["loss"] for s in (3, 4)]
-
-
 def test_config_errors_stop_before_anything_starts(tmp_path, cache_dir):
     proc = run_pretrain(tmp_path / "bad", cache_dir, "trainer.global_batch_size=5", timeout=120)
     assert proc.returncode == 2
