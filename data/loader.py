@@ -57,6 +57,28 @@ def build_source(cfg: DataConfig, split: str, seed: int, rank: int, world: int):
     return HubSource(cfg.hub_path, cfg.hub_name, cfg.hub_split, list(cfg.hub_data_files), extract, seed, rank, world)
 
 
+def epoch_rows(cfg: DataConfig, tokenizer: TextTokenizer, seed: int, rank: int = 0, world: int = 1) -> int:
+    """Rows (packed sequences) that one pass over this rank's training records makes: what `trainer.epochs`
+    counts. Reads and tokenizes the pass once, a chunk at a time, without keeping it."""
+    source = build_source(cfg, "train", seed, rank, world)
+    pipeline = Pipeline(cfg, tokenizer, source, 1, seed, rank, world)
+    rows, chunk = 0, []
+
+    def flush() -> int:
+        for example in pipeline._examples(chunk):
+            pipeline.packer.add(example)
+        chunk.clear()
+        return sum(1 for _ in pipeline.packer.rows())
+
+    for record in source.records(Position()):
+        if record.position.epoch > 0:  # the first record of the second pass
+            break
+        chunk.append(record.payload)
+        if len(chunk) == cfg.docs_per_chunk:
+            rows += flush()
+    return rows + flush()
+
+
 class Pipeline:
     """One rank's deterministic stream of micro-batches, each paired with a snapshot of the state after it."""
 
@@ -180,6 +202,12 @@ class StatefulLoader:
         if self._snapshot is None:  # nothing drawn yet: the state we start from
             return self.pipeline.state_from(self.pipeline.snapshot())
         return self.pipeline.state_from(self._snapshot)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the source was reading when the last batch handed out was made (0 before the first pass ends)."""
+        snapshot = self._snapshot or self.pipeline.snapshot()
+        return int(snapshot[0]["epoch"])
 
     @property
     def bad_records(self) -> dict[str, Any]:

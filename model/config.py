@@ -117,6 +117,9 @@ class ModelConfig:
     """Unused; kept for round trips."""
     torch_dtype: str | None = "bfloat16"
     """Dtype of the weights on disk."""
+    pretrained: str | None = None
+    """A released-layout directory (config.json + safetensors) whose weights the run starts from; ours, never written
+    to config.json. Its config must agree with this one on the architecture (see `architecture_differences`)."""
     attention_type: str = "mla"
     """`mla` (DeepSeek-V2), or the ablation baselines `mha` / `gqa` (standard attention, RoPE on the whole head of
     width `v_head_dim`). Not part of the released config."""
@@ -257,7 +260,7 @@ class ModelConfig:
         if unknown:
             warnings.warn(f"config.json keys ignored (not part of the DeepSeek-V2 architecture): {unknown}",
                           stacklevel=2)
-        kwargs = {k: v for k, v in hf.items() if k in names}
+        kwargs = {k: v for k, v in hf.items() if k in names and k != "pretrained"}
         kwargs.update(overrides)
         if kwargs.get("n_group") is None:
             kwargs["n_group"] = 1
@@ -273,9 +276,20 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             out[f.name] = dict(value) if isinstance(value, dict) else value
+        del out["pretrained"]  # a training input, not part of the network
         if self.attention_type == "mla":
             del out["attention_type"]  # the released layout; absent means mla
         return out
+
+    def architecture_differences(self, other: "ModelConfig") -> list[tuple[str, Any, Any]]:
+        """(field, ours, theirs) for every field that decides tensor shapes or the computation of the network.
+        Training choices may differ: token ids (the tokenizer's), dtype, init, the balance-loss coefficients, and
+        the RoPE/YaRN settings and context length (what long-context extension changes)."""
+        free = {"pretrained", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
+                "aux_loss_alpha", "device_aux_loss_alpha", "comm_aux_loss_alpha", "seq_aux", "rope_scaling",
+                "rope_theta", "max_position_embeddings", "attention_dropout", "pretraining_tp"}
+        return [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
+                if f.name not in free and getattr(self, f.name) != getattr(other, f.name)]
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

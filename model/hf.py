@@ -50,7 +50,9 @@ class CheckpointError(ValueError):
 def _hf_slots(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF tensor name, view of our parameter that holds it), in checkpoint order, for the experts this model owns."""
     experts = {name: module for name, module in model.named_modules() if isinstance(module, RoutedExperts)}
-    for name, param in model.state_dict(keep_vars=True).items():
+    for name, param in model.state_dict(keep_vars=True).items():  # (syncs ESFT's trainable expert copies first)
+        if name.endswith("_trainable"):
+            continue
         tensor = param.detach()
         prefix, _, leaf = name.rpartition(".")
         module = experts.get(prefix)
@@ -173,7 +175,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     """Load a released-layout DeepSeek-V2 directory (config.json + safetensors shards) into a CausalLM.
 
     `dtype` defaults to the config's `torch_dtype` (bf16 for the released weights). `model` may be given to load into
-    an already built (e.g. expert-sharded) model; then only the tensors it owns are read. Raises CheckpointError
+    an already built (e.g. expert-sharded) model, or a pipeline stage's part of one (`hf_names`); then only the
+    tensors it holds are read, and the others must still be valid tensors of its config. Raises CheckpointError
     naming the file or tensor for any missing, unexpected, mis-shaped, truncated, corrupt or non-finite tensor.
     """
     directory = Path(path)
@@ -192,6 +195,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     # Pass 1: headers only. Every naming and shape problem is reported before any tensor data is read.
     plan = dict(_hf_slots(model))
     expert_layers = {n for n, m in model.named_modules() if isinstance(m, RoutedExperts)}
+    elsewhere = _whole_model_names(config) if not isinstance(model, CausalLM) else set()  # other pipeline stages
     located: dict[str, Path] = {}
     headers: dict[Path, tuple[dict[str, dict], int]] = {}
     for shard, names in shards.items():
@@ -206,7 +210,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
             if _IGNORED.match(name):
                 continue
             if name not in plan:
-                if _owned_elsewhere(name, expert_layers, config.n_routed_experts):
+                if _owned_elsewhere(name, expert_layers, config.n_routed_experts) or name in elsewhere:
                     continue
                 raise CheckpointError(f"{shard}: unexpected tensor {name!r} (no such parameter in a "
                                       f"{config.attention_type} model with this config.json)")
@@ -231,6 +235,12 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
                     if name in located:
                         _read_into(f, shard, name, header[name], data_start, plan[name], check_finite)
     return model
+
+
+def _whole_model_names(config: ModelConfig) -> set[str]:
+    """Every HF tensor name of a model with this config (built on the meta device: no memory, no init)."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return {name for name, _ in _hf_slots(CausalLM(config))}
 
 
 def _read_into(f, shard: Path, name: str, info: dict, data_start: int, target: torch.Tensor,

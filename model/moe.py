@@ -91,10 +91,64 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
         self.impl = "grouped"
+        self.trainable_ids: list[int] | None = None
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync_trainable())
+
+    # ---- expert-specialised fine-tuning: train some experts of the stack, freeze the rest
+    def set_trainable_experts(self, local_ids: list[int] | None) -> None:
+        """Train only these local experts (ESFT). The stacked tensors become frozen and the selected experts get
+        trainable copies (`gate_up_proj_trainable`, `down_proj_trainable`), so gradients and optimizer state exist
+        for them alone; the stacked tensors are refreshed from the copies whenever the state is read
+        (`sync_trainable`, run by `state_dict`). None trains the whole stack again."""
+        self.sync_trainable()
+        for name in ("gate_up_proj_trainable", "down_proj_trainable"):
+            self._parameters.pop(name, None)
+        self.trainable_ids = None
+        if local_ids is None:
+            self.gate_up_proj.requires_grad_(True)
+            self.down_proj.requires_grad_(True)
+            return
+        ids = sorted(set(int(i) for i in local_ids))
+        if ids and not 0 <= ids[0] <= ids[-1] < self.n_experts:
+            raise ValueError(f"trainable experts {ids}: local ids must be in [0, {self.n_experts})")
+        self.gate_up_proj.requires_grad_(False)
+        self.down_proj.requires_grad_(False)
+        self.trainable_ids = ids
+        if ids:
+            index = torch.tensor(ids, device=self.gate_up_proj.device)
+            self.gate_up_proj_trainable = nn.Parameter(self.gate_up_proj.detach()[index].clone())
+            self.down_proj_trainable = nn.Parameter(self.down_proj.detach()[index].clone())
+
+    @torch.no_grad()
+    def sync_trainable(self) -> None:
+        """Copy the trained experts back into the stacked tensors (what checkpoints and exports read)."""
+        if getattr(self, "trainable_ids", None):
+            index = torch.tensor(self.trainable_ids, device=self.gate_up_proj.device)
+            self.gate_up_proj.index_copy_(0, index, self.gate_up_proj_trainable.detach().to(self.gate_up_proj.dtype))
+            self.down_proj.index_copy_(0, index, self.down_proj_trainable.detach().to(self.down_proj.dtype))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, D) sorted by expert, counts (E,) -> (N, D) in the compute dtype (the autocast dtype if enabled)."""
-        w_gate_up, w_down = self.gate_up_proj, self.down_proj
+        if getattr(self, "trainable_ids", None):
+            return self._forward_split(x, counts)
+        return self._compute(x, counts, self.gate_up_proj, self.down_proj)
+
+    def _forward_split(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """ESFT: the copies of the selected experts go through their trainable weights, the rest through the
+        frozen stack (with zero rows for the selected experts), then the rows are put back in order."""
+        selected = torch.zeros(self.n_experts, dtype=torch.bool, device=x.device)
+        selected[self.trainable_ids] = True
+        row_selected = torch.repeat_interleave(selected, counts, output_size=x.shape[0])  # (N,)
+        rows_t, rows_f = row_selected.nonzero().squeeze(1), (~row_selected).nonzero().squeeze(1)
+        y_frozen = self._compute(x.index_select(0, rows_f), counts.masked_fill(selected, 0), self.gate_up_proj,
+                                 self.down_proj)
+        y_train = self._compute(x.index_select(0, rows_t), counts[selected], self.gate_up_proj_trainable,
+                                self.down_proj_trainable)
+        out = y_frozen.new_empty(x.shape[0], y_frozen.shape[-1])
+        return out.index_copy(0, rows_f, y_frozen).index_copy(0, rows_t, y_train.to(y_frozen.dtype))
+
+    def _compute(self, x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
+                 w_down: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast like F.linear would
             dtype = torch.get_autocast_dtype(x.device.type)
             x, w_gate_up, w_down = x.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)

@@ -12,6 +12,7 @@ import zlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .attention import build_attention, document_causal_mask, rope_dim
@@ -86,6 +87,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.init_seed = weight_seed()  # drawn before any submodule consumes the global RNG
         self.no_drop_fraction = 0.1  # sequences exempt from token dropping (paper: about 10%)
+        self.activation_checkpointing = False  # recompute each layer in backward (long context)
         self.model = Decoder(config, expert_shard)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if not any(p.is_meta for p in self.parameters()):
@@ -120,7 +122,10 @@ class CausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids)  # (B, S, rope/2) each
         routing = []
         for layer in self.model.layers:
-            x, stats = layer(x, cos, sin, mask, exempt)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, stats = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, exempt, use_reentrant=False)
+            else:
+                x, stats = layer(x, cos, sin, mask, exempt)
             if stats is not None:
                 routing.append(stats)
         logits = self.lm_head(self.model.norm(x))  # (B, S, V)

@@ -194,17 +194,24 @@ def _expert_params(model: torch.nn.Module) -> dict[str, RoutedExperts]:
 
 
 def _entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dense: bool, experts: bool):
-    """(entry name, parameter, index into its first dim or None, optimizer state) for the selected entries."""
+    """(entry name, parameter, index into its first dim or None, optimizer state) for the selected entries. An
+    expert trained on its own (ESFT: `RoutedExperts.set_trainable_experts`) is read from and written to its
+    trainable copy, so its weights and AdamW moments keep the layout-independent entry names."""
     stacked = _expert_params(model)
     for name, p in model.named_parameters():
-        state = optimizer.state.get(p, {}) if optimizer is not None else {}
+        if name.endswith("_trainable"):
+            continue  # entered under the stacked tensor's per-expert names below
         module = stacked.get(name)
         if module is None:
             if dense:
-                yield name, p, None, state
+                yield name, p, None, optimizer.state.get(p, {}) if optimizer is not None else {}
         elif experts:
+            copy = getattr(module, f"{name.rpartition('.')[2]}_trainable", None)
+            position = {local: j for j, local in enumerate(module.trainable_ids or [])}
             for local in range(module.n_experts):
-                yield f"{name}.{module.expert_offset + local}", p, local, state
+                target, index = (copy, position[local]) if local in position else (p, local)
+                state = optimizer.state.get(target, {}) if optimizer is not None else {}
+                yield f"{name}.{module.expert_offset + local}", target, index, state
 
 
 def owned_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dense: bool, experts: bool
@@ -263,9 +270,14 @@ def load_owned_tensors(directory: Path, model: torch.nn.Module, optimizer: torch
                     state[slot] = entry
                 else:
                     state.setdefault(slot, []).append(entry)
+    for module in model.modules():
+        if isinstance(module, RoutedExperts):
+            module.sync_trainable()
     if optimizer is not None and states:
         optimizer.state.clear()
         for p, state in states.items():
+            if not p.requires_grad:
+                continue  # frozen (ESFT): the optimizer does not hold it
             optimizer.state[p] = {k: (torch.stack(v) if isinstance(v, list) else v).to(
                 "cpu" if k == "step" else p.device) for k, v in state.items()}
 

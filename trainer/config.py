@@ -119,9 +119,34 @@ class TrainerConfig:
     """Hardware peak for MFU on GPUs; default from the device name (H100/H200: 989 bf16 dense)."""
     progress: bool = True
     """Show a progress bar with ETA on rank 0."""
+    epochs: float | None = None
+    """Train for this many passes over the training data instead of `max_steps` (SFT): the steps of one epoch are
+    counted before training by reading the data once (the smallest count over data-parallel ranks), and
+    max_steps = epochs x that (rounded down, at least 1) for the schedule and the progress."""
+    trainable: list[str] | None = None
+    """Partial fine-tuning: only parameters whose CausalLM name matches one of these regexes (re.search) train, the
+    rest are frozen and kept out of the optimizer. Routed experts match per expert as
+    `model.layers.<L>.mlp.experts.<E>`. null: everything trains."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass instead of keeping its activations (long context)."""
     dry_run: bool = False
     """Print the resolved layout (pp/dp/ep/edp groups, experts per rank, layers per stage) and the per-rank memory
     estimate, then exit without starting training (no process group, nothing downloaded)."""
+
+
+@dataclass
+class ESFTConfig:
+    """Expert-specialised fine-tuning (arXiv 2407.01906): train only the experts most relevant to the task data."""
+
+    enabled: bool = False
+    score: str = "gate"
+    """`gate`: average gate score (router probability averaged over tokens); `token`: token selection ratio."""
+    threshold: float = 0.2
+    """Per layer, keep the top experts until their share of the layer's relevance reaches this (ESFT's p)."""
+    sample_batches: int = 16
+    """Micro-batches per data-parallel rank scored before training (from the start of the training data)."""
+    plan_fraction: float = 0.15
+    """Dry run only: fraction of routed experts assumed selected (the selection depends on the data)."""
 
 
 @dataclass
@@ -160,6 +185,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    esft: ESFTConfig = field(default_factory=ESFTConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -230,6 +256,20 @@ class TrainConfig:
             raise ValueError(f"moe.capacity_factor={self.moe.capacity_factor}: must be > 0 (null turns dropping off)")
         if not 0.0 <= self.moe.no_drop_fraction <= 1.0:
             raise ValueError(f"moe.no_drop_fraction={self.moe.no_drop_fraction}: must be in [0, 1]")
+        if self.esft.enabled:
+            if self.esft.score not in ("gate", "token"):
+                raise ValueError(f"esft.score={self.esft.score!r}: allowed: gate, token")
+            if not 0 < self.esft.threshold <= 1:
+                raise ValueError(f"esft.threshold={self.esft.threshold}: must be in (0, 1]")
+            if self.esft.sample_batches < 1:
+                raise ValueError(f"esft.sample_batches={self.esft.sample_batches}: must be >= 1")
+            if self.parallel.pp > 1:
+                raise ValueError("esft.enabled with parallel.pp > 1: expert scoring runs the whole model in one "
+                                 "stage; use parallel.pp=1 (ESFT of V2-Lite fits one GPU)")
+            if not self.model.n_routed_experts:
+                raise ValueError("esft.enabled: the model has no routed experts")
+        if self.trainer.epochs is not None and self.trainer.epochs <= 0:
+            raise ValueError(f"trainer.epochs={self.trainer.epochs}: must be > 0 (or null to use max_steps)")
         if self.checkpoint.optimizer_resume not in ("strict", "reset"):
             raise ValueError(f"checkpoint.optimizer_resume={self.checkpoint.optimizer_resume!r}: allowed: strict, "
                              "reset")

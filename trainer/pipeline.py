@@ -22,6 +22,7 @@ the names and layout of every other engine.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -189,8 +190,9 @@ class Pipeline:
 
 
 def build_pipeline(cfg: TrainConfig, grid: ProcessGrid, accumulation: int, precision: str,
-                   device: torch.device) -> Pipeline:
-    """This rank's stage of the model, initialised layout-free, inside DeepSpeed's pipeline engine."""
+                   device: torch.device, before_engine: Callable[[StageView], None] | None = None) -> Pipeline:
+    """This rank's stage of the model, initialised layout-free (then `before_engine(view)`, e.g. released weights
+    loaded into it), inside DeepSpeed's pipeline engine."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.pipe import LayerSpec
@@ -229,6 +231,8 @@ def build_pipeline(cfg: TrainConfig, grid: ProcessGrid, accumulation: int, preci
             init_module_weights(stage, seed, config.initializer_range, prefix="")  # `lm_head`, and the norm
     view = StageView(config, stages)
     module.to(device)
+    if before_engine is not None:
+        before_engine(view)
     if grid.ep > 1:
         attach_dispatchers(view, grid)
         mark_expert_params(view, grid)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from data.loader import build_loader, build_tokenizer
+from data.loader import build_loader, build_tokenizer, epoch_rows
 from data.sources import expand_globs
 from data.tokenizer import TextTokenizer
 from model import CausalLM, ModelConfig
@@ -38,6 +38,7 @@ from .distributed import DistEnv, all_reduce_sum, barrier, init_process_group, p
 from .expert_parallel import (ProcessGrid, attach_dispatchers, broadcast_replicas, build_grid, clip_grad_norm,
                               reduce_gradients)
 from .metrics import MetricsLogger, Throughput, device_peak_tflops, load_imbalance, peak_memory_gib
+from .esft import apply_trainable
 from .optim import build_optimizer, global_batch_at, lr_at
 from .pipeline import build_pipeline, pipeline_step, pipeline_validate
 
@@ -77,6 +78,8 @@ class Prepared:
     tokenizer: TextTokenizer
     resume: Path | None
     set_aside: list[Path]
+    esft_selection: dict[int, list[int]] | None = None
+    """The experts an ESFT run trains, as stored in the checkpoint it resumes (else chosen before training)."""
 
 
 def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
@@ -86,6 +89,8 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
         raise ValueError(f"parallel.world_size={cfg.parallel.world_size}, but {env.world_size} process(es) were "
                          "launched; check the launcher's node and process counts (or drop the key)")
     cfg.validate(env.world_size)
+    if cfg.model.pretrained:
+        check_pretrained(cfg)
     if cfg.data.source == "files":
         expand_globs(cfg.data.paths)
     if cfg.data.val_paths:
@@ -93,10 +98,66 @@ def prepare(cfg: TrainConfig, env: DistEnv) -> Prepared:
     tokenizer = build_tokenizer(cfg.data)
     cfg.model = fit_model_to_tokenizer(cfg.model, tokenizer, f"data.tokenizer={cfg.data.tokenizer}")
     resume, set_aside = choose_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
+    selection = None
     if resume is not None:  # a checkpoint this layout cannot resume fails here, naming the key to set
         resume_plan(resume, run_layout(cfg, env.world_size), env.world_size, cfg.checkpoint.optimizer_resume,
                     cfg.checkpoint.data_resume)
-    return Prepared(cfg, tokenizer, resume, set_aside)
+        saved = json.loads((resume / "train_state.json").read_text(encoding="utf-8")).get("esft_selection")
+        if cfg.esft.enabled and saved is not None:
+            selection = {int(k): v for k, v in saved.items()}
+    return Prepared(cfg, tokenizer, resume, set_aside, selection)
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """`model.pretrained`: its config.json must agree with the composed model config on the architecture (the
+    preset's shapes come from the released directory), and `data.tokenizer` defaults to its tokenizer.json."""
+    from model.hf import load_config
+    directory = Path(os.path.expanduser(cfg.model.pretrained))
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"model.pretrained={cfg.model.pretrained}: no config.json there (a released-layout "
+                         "directory is expected: config.json + safetensors)")
+    released = load_config(directory)
+    diffs = cfg.model.architecture_differences(released)
+    if diffs:
+        listed = "; ".join(f"model.{f}={ours!r} but config.json has {theirs!r}" for f, ours, theirs in diffs[:4])
+        raise ValueError(f"model.pretrained={cfg.model.pretrained}: {listed}"
+                         f"{f' (and {len(diffs) - 4} more)' if len(diffs) > 4 else ''}; compose the matching "
+                         "preset (e.g. model=v2_lite) and drop the conflicting overrides")
+    if not cfg.data.tokenizer and (directory / "tokenizer.json").is_file():
+        cfg.data.tokenizer = str(directory)
+
+
+def steps_per_epoch(cfg: TrainConfig, tokenizer: TextTokenizer, grid: ProcessGrid) -> int:
+    """Optimizer steps in one pass over the training data: the packed rows of each rank's pass (counted by reading
+    and tokenizing it once), the smallest over data-parallel ranks, per micro-batch and accumulation step."""
+    rows = torch.tensor(float(epoch_rows(cfg.data, tokenizer, cfg.trainer.seed, grid.dp_rank, grid.dp)))
+    if grid.world > 1:
+        torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MIN)
+    accumulation = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * grid.dp)
+    return max(1, int(rows) // cfg.trainer.micro_batch_size // accumulation)
+
+
+def choose_experts(cfg: TrainConfig, model: CausalLM, tokenizer: TextTokenizer, grid: ProcessGrid,
+                   device: torch.device, run_dir: Path, env: DistEnv) -> dict[int, list[int]]:
+    """ESFT: score the experts on the first `esft.sample_batches` micro-batches of each rank's training data."""
+    from .esft import esft_selection
+    loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank, grid.dp)
+    try:
+        batches = [next(loader) for _ in range(cfg.esft.sample_batches)]
+    finally:
+        loader.close()
+    selection, relevance = esft_selection(model, batches, cfg.esft, device, grid.dp_group)
+    if env.is_main:
+        (run_dir / "esft_selection.json").write_text(json.dumps(
+            {"score": cfg.esft.score, "threshold": cfg.esft.threshold, "selection": selection,
+             "relevance": relevance}, indent=1))
+    return selection
+
+
+def load_pretrained_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """The released weights into this rank's model: only the tensors it holds (its experts, its pipeline stage)."""
+    from model.hf import load_pretrained
+    load_pretrained(os.path.expanduser(cfg.model.pretrained), model=model)
 
 
 def run_layout(cfg: TrainConfig, world_size: int) -> dict:
@@ -297,10 +358,22 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     torch.manual_seed(cfg.trainer.seed)  # identical dense weights on every rank; experts seed themselves
     grid = build_grid(env, cfg.parallel.pp, cfg.expert_parallel_size(env.world_size))
 
-    pipe, ds_engine = None, None
+    pipe, ds_engine, selection = None, None, prepared.esft_selection
+    if cfg.trainer.epochs is not None:
+        per_epoch = steps_per_epoch(cfg, tokenizer, grid)
+        cfg.trainer.max_steps = max(1, int(cfg.trainer.epochs * per_epoch))
+        if env.is_main:
+            print(f"trainer.epochs={cfg.trainer.epochs:g}: {cfg.trainer.max_steps} steps ({per_epoch} per epoch)")
+    start_pretrained = bool(model_cfg.pretrained) and not resume  # a resumed run has its own weights
     accumulation = global_batch_at(0, cfg.trainer, grid.dp) // (cfg.trainer.micro_batch_size * grid.dp)
     if grid.pp > 1:  # this rank builds only its stage's layers; `model` is the stage's view under CausalLM names
-        pipe = build_pipeline(cfg, grid, accumulation, precision, device)
+        def prepare_stage(view) -> None:
+            if start_pretrained:
+                load_pretrained_weights(cfg, view)
+            trainable.update(apply_trainable(view, cfg.trainer.trainable))
+
+        trainable: dict = {}
+        pipe = build_pipeline(cfg, grid, accumulation, precision, device, before_engine=prepare_stage)
         model, ds_engine, stepper = pipe.view, pipe.engine, None
         dispatchers = [m.dispatcher for m in model.moe_layers()] if grid.ep > 1 else []
         optimizer = ds_engine.optimizer
@@ -310,6 +383,12 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
         dispatchers = attach_dispatchers(model, grid) if grid.ep > 1 else []
         model.set_token_dropping(cfg.moe.capacity_factor, cfg.moe.no_drop_fraction)
         model.train()
+        if start_pretrained:  # before DeepSpeed copies (ZeRO masters) or partitions (ZeRO-3) the weights
+            load_pretrained_weights(cfg, model)
+        model.activation_checkpointing = cfg.trainer.activation_checkpointing
+        if cfg.esft.enabled and selection is None:
+            selection = choose_experts(cfg, model, tokenizer, grid, device, run_dir, env)
+        trainable = apply_trainable(model, cfg.trainer.trainable, selection if cfg.esft.enabled else None)
         if cfg.uses_deepspeed:
             ds_engine = initialize(model, cfg, grid, accumulation, precision)
             stepper = DeepSpeedStep(ds_engine, grid, cfg)
@@ -354,6 +433,10 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
                  f"pipeline {grid.pp} x data-parallel {grid.dp} x expert-parallel {grid.ep} | "
                  f"{'resumed from ' + resume if resume else 'fresh start'} at step {step} | "
                  f"tokenizer {tokenizer.source} ({tokenizer.vocab_size} ids)")
+    if trainable.get("trainable", 0) != trainable.get("total", 0):
+        logger.print(f"training {trainable['trainable']:,} of {trainable['total']:,} parameters on this rank"
+                     + (f" (ESFT: {sum(map(len, selection.values()))} experts over {len(selection)} MoE layers)"
+                        if selection else ""))
     flops_per_token = training_flops_per_token(model_cfg, cfg.data.seq_len)
     peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
     throughput = Throughput()
@@ -366,6 +449,8 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     def save(at_step: int) -> Path:
         state = {"step": at_step, "tokens_seen": tokens_seen, "skipped": skipped, "world_size": env.world_size,
                  "layout": layout, "config": config_dict(cfg), "time": time.time()}
+        if selection is not None:
+            state["esft_selection"] = {str(k): v for k, v in selection.items()}
         with gathered(ds_engine, model):  # ZeRO-3: whole weights for the weight files
             return save_checkpoint(cfg.checkpoint.dir, at_step, model, None if ds_engine else optimizer, state,
                                    loader.state_dict(), env, cfg.checkpoint.keep, tokenizer=tokenizer.tokenizer,

@@ -51,7 +51,17 @@ def test_every_group_option_composes(group, name):
 
 @pytest.mark.parametrize("experiment", _group("experiment"))
 def test_every_experiment_composes(experiment):
-    compose_config(f"experiment={experiment}")
+    """Fine-tuning experiments read the user's files: they compose once given some."""
+    needs_files = experiment.startswith(("cpt_", "sft_", "esft_", "long_context_"))
+    cfg = compose_config(f"experiment={experiment}", *(["data.paths=[/data/*.jsonl]"] if needs_files else []))
+    if experiment.startswith(("sft_", "esft_")):
+        assert cfg.data.kind == "sft" and cfg.trainer.epochs == 2
+    if experiment in ("sft_v2", "sft_v2_lite"):
+        assert cfg.optim.lr == 5e-6  # the paper's SFT learning rate
+    if experiment.startswith("long_context_"):
+        assert cfg.trainer.activation_checkpointing and cfg.model.rope_scaling["type"] == "yarn"
+    if experiment == "long_context_v2_lite":
+        assert cfg.data.seq_len == 32768 and cfg.model.rope_scaling["factor"] == 40
 
 
 def test_public_keys_are_accepted(tmp_path):
