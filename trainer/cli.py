@@ -72,11 +72,19 @@ def dry_run(cfg: TrainConfig, env: DistEnv) -> None:
     """`trainer.dry_run=true`: validate for the planned world (`parallel.world_size`, else the launched one) and
     print the layout and memory plan. Runs before `prepare`, whose launched-world guard would refuse a plan for a
     bigger job, and creates no process group and no tokenizer."""
-    from .plan import format_plan, plan
+    from .plan import format_plan, plan, trainable_slot_params
 
     world = cfg.parallel.world_size or env.world_size
     cfg.validate(world)
     report = format_plan(plan(cfg, world))
+    partial = trainable_slot_params(cfg, cfg.expert_parallel_size(world))
+    if partial is not None:  # the same run training everything, for comparison, then as configured
+        full = report.replace("memory per rank", "full fine-tuning, memory per rank", 1)
+        what = (f"ESFT (assuming {cfg.esft.plan_fraction:.0%} of the experts selected)" if cfg.esft.enabled
+                else "trainer.trainable")
+        mine = format_plan(plan(cfg, world, partial))
+        report = full + "\n" + mine[mine.index("memory per rank"):].replace("memory per rank",
+                                                                           f"{what}, memory per rank", 1)
     if env.is_main:
         print(report, flush=True)
 

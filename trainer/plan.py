@@ -171,6 +171,8 @@ class Plan:
     micro_batches_per_step: int
     groups: list[GroupKind]
     stages: list[StagePlan] = field(default_factory=list)
+    recompute: bool = False
+    """Activation checkpointing: layers keep only their inputs."""
 
     @property
     def peak(self) -> StagePlan:
@@ -225,7 +227,8 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
                precision="fp32" if t.precision == "fp32" else "bf16", partition=par.pp_partition,
                n_experts=c.n_routed_experts or 0, experts_per_rank=(c.n_routed_experts or 0) // ep,
                total_params=sum(slot_param_counts(c, 1)), micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
-               micro_batches_per_step=per_step, groups=_groups(world_size, pp, ep))
+               micro_batches_per_step=per_step, groups=_groups(world_size, pp, ep),
+               recompute=t.activation_checkpointing)
     kinds = slot_kinds(c)
     for s in range(pp):
         slots = range(parts[s], parts[s + 1])
@@ -233,7 +236,11 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
         tr = SlotParams(sum(trainable[i].dense for i in slots), sum(trainable[i].expert for i in slots))
         in_flight = min(pp - s, per_step) if pp > 1 else 1
         n_layers = sum(k.endswith("_layer") for k in (kinds[i] for i in slots))
-        activations = in_flight * n_layers * tokens * c.hidden_size * ACTIVATION_BYTES_PER_HIDDEN * act_scale
+        if t.activation_checkpointing:  # each layer keeps its input; one layer at a time is recomputed in full
+            activations = (in_flight * n_layers * tokens * c.hidden_size * 2
+                           + tokens * c.hidden_size * ACTIVATION_BYTES_PER_HIDDEN) * act_scale
+        else:
+            activations = in_flight * n_layers * tokens * c.hidden_size * ACTIVATION_BYTES_PER_HIDDEN * act_scale
         if kinds[slots[-1]] == "head":
             activations += tokens * c.vocab_size * 4
         z = zero or 0
@@ -242,6 +249,39 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
             params=h, weight_bytes=w_bytes * sharded(h, z >= 3), grad_bytes=g_bytes * sharded(tr, z >= 2),
             optimizer_bytes=o_bytes * sharded(tr, z >= 1), activation_bytes=activations, in_flight=in_flight))
     return out
+
+
+def trainable_slot_params(cfg: TrainConfig, ep: int) -> list[SlotParams] | None:
+    """Per-slot trainable parameters of one rank under `trainer.trainable` and ESFT (None: everything trains).
+    The patterns are applied to the model built on the meta device (no memory); ESFT's selection depends on the
+    data, so the plan assumes `esft.plan_fraction` of each MoE layer's experts."""
+    import torch
+
+    from model import CausalLM
+
+    from .esft import apply_trainable
+    c = cfg.model
+    if cfg.trainer.trainable is None and not cfg.esft.enabled:
+        return None
+    selection = None
+    if cfg.esft.enabled:
+        keep = max(1, round(cfg.esft.plan_fraction * (c.n_routed_experts or 0)))
+        selection = {i: list(range(keep)) for i in range(c.num_hidden_layers) if c.is_moe_layer(i)}
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = CausalLM(c)
+    apply_trainable(model, cfg.trainer.trainable, selection)
+    dense = [0] * (c.num_hidden_layers + 2)
+    expert = [0] * (c.num_hidden_layers + 2)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        slot = int(layer.group(1)) + 1 if layer else (0 if name.startswith("model.embed_tokens") else len(dense) - 1)
+        if ".mlp.experts." in name:
+            expert[slot] += p.numel() // ep
+        else:
+            dense[slot] += p.numel()
+    return [SlotParams(d, e) for d, e in zip(dense, expert, strict=True)]
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -287,7 +327,8 @@ def format_plan(p: Plan) -> str:
         lines.append(f"  {g.name:<17} {g.count:>5} x {g.size:<5} {shown}")
     header = (f"{'stage':>5}  {'ranks':<9} {'layers':<30} {'params/rank':>15}  {'weights':>8} {'grads':>7} "
               f"{'optim':>7} {'activ':>7} {'total':>7}")
-    lines += ["memory per rank, GiB (activations: rough, no recomputation, micro-batches in flight in brackets):",
+    recompute = "activation checkpointing" if p.recompute else "no recomputation"
+    lines += [f"memory per rank, GiB (activations: rough, {recompute}, micro-batches in flight in brackets):",
               header]
     for s in p.stages:
         lines.append(f"{s.stage:>5}  {_ranks(s.ranks):<9} {_layers(s.slots, s.kinds):<30} {s.params.total:>15,}  "

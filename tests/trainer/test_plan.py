@@ -143,3 +143,18 @@ def test_dry_run_refuses_a_combination_deepspeed_cannot_run(tmp_path):
     assert proc.returncode == 2 and "dry run" not in proc.stdout
     assert "config error: parallel.zero_stage=2 with parallel.pp=2: DeepSpeed's pipeline engine only supports" \
         in proc.stderr
+
+
+def test_esft_plan_counts_optimizer_state_for_the_assumed_experts_only():
+    """V2-Lite ESFT on one GPU (DeepSpeed ZeRO-0, bf16): with 15% of each MoE layer's 64 experts assumed selected
+    (10), gradients and optimizer states cover 26 layers x 10 experts x 3 x 2048 x 1408 parameters, nothing else."""
+    from trainer.plan import plan, trainable_slot_params
+    cfg = compose_config("experiment=esft_v2_lite", "data.paths=[/data/*.jsonl]")
+    cfg.validate(1)
+    trained = 26 * 10 * 3 * 2048 * 1408
+    partial = trainable_slot_params(cfg, ep=1)
+    assert sum(s.total for s in partial) == trained and sum(s.dense for s in partial) == 0
+    stage = plan(cfg, 1, partial).stages[0]
+    assert (stage.grad_bytes, stage.optimizer_bytes) == (2 * trained, 12 * trained)
+    assert stage.weight_bytes == 2 * 15_706_484_224
+    assert stage.total_bytes < 80 * 1024**3 < plan(cfg, 1).stages[0].total_bytes  # fits 80 GB; full FT does not
