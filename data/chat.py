@@ -87,3 +87,12 @@ def encode_conversations(tokenizer: TextTokenizer, conversations: list[list[dict
             mask.append(np.full(len(part), trained))
         out.append((np.concatenate(ids), np.concatenate(mask)))
     return out
+
+
+def encode_prompt(tokenizer: TextTokenizer, messages: list[dict]) -> list[int]:
+    """A generation prompt tokenized exactly as training saw the same turns (BOS, each segment on its own, EOS ids
+    after earlier answers), ending with "Assistant:" so the model writes the answer."""
+    ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    for text, _ in segments(messages) + [("Assistant:", False)]:
+        ids += [tokenizer.eos_id] if text == "<eos>" else tokenizer.encode(text)
+    return ids

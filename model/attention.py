@@ -40,6 +40,25 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal).unsqueeze(1)
 
 
+class LatentCache:
+    """MLA's inference cache for one layer: the compressed latent c^KV (after its norm) and the shared RoPE key
+    (rotated), r + dr numbers per token instead of H x (dn + dr + dv) (paper §2.1.2). Keys and values of the heads
+    are re-expanded from the latent with kv_b_proj at each step."""
+
+    def __init__(self):
+        self.latent: torch.Tensor | None = None  # (B, T, r)
+        self.k_pe: torch.Tensor | None = None  # (B, 1, T, dr)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.latent is None else self.latent.shape[1]
+
+    def append(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.latent = latent if self.latent is None else torch.cat((self.latent, latent), dim=1)
+        self.k_pe = k_pe if self.k_pe is None else torch.cat((self.k_pe, k_pe), dim=2)
+        return self.latent, self.k_pe
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA: low-rank joint KV compression plus a decoupled RoPE key shared by all heads (paper §2.1, Eqs. 37-47).
 
@@ -67,7 +86,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.scale = softmax_scale(qk_dim, config.rope_scaling)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: LatentCache | None = None) -> torch.Tensor:
+        """With `cache` (generation): x holds the new positions only, which attend to the cached ones too."""
         B, S, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -77,15 +97,23 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
 
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)  # (B,S,r), (B,S,dr)
-        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
-        kv = kv.view(B, S, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)  # (B, H, S, dn + dv)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin)  # (B, 1, S, dr): one RoPE key for all heads
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            latent, k_pe = cache.append(latent, k_pe)  # (B, T, r), (B, 1, T, dr) with T = past + S
+        T = latent.shape[1]
+        kv = self.kv_b_proj(latent)
+        kv = kv.view(B, T, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)  # (B, H, T, dn + dv)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
 
         q_pe = apply_rope(q_pe, cos, sin)  # (B, H, S, dr)
-        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin)  # (B, 1, S, dr): one RoPE key for all heads
         q = torch.cat((q_nope, q_pe), dim=-1)  # (B, H, S, dn + dr)
-        k = torch.cat((k_nope, k_pe.expand(-1, self.n_heads, -1, -1)), dim=-1)  # (B, H, S, dn + dr)
+        k = torch.cat((k_nope, k_pe.expand(-1, self.n_heads, -1, -1)), dim=-1)  # (B, H, T, dn + dr)
 
+        if past and mask is None:  # new position i (absolute past + i) sees keys 0 .. past + i
+            mask = (torch.arange(T, device=x.device)[None, :] <= past + torch.arange(S, device=x.device)[:, None])
+            mask = mask[None, None]
         out = _causal_attention(q, k, v, self.scale, mask)  # (B, H, S, dv)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim))
 

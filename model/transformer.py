@@ -15,7 +15,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .attention import build_attention, document_causal_mask, rope_dim
+from .attention import LatentCache, build_attention, document_causal_mask, rope_dim
 from .balance import BALANCE_TERMS, balance_coefficients, balance_losses
 from .config import ModelConfig
 from .layers import MLP, RMSNorm
@@ -54,8 +54,9 @@ class DecoderLayer(nn.Module):
         return isinstance(self.mlp, MoE)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                exempt: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingStats | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+                exempt: torch.Tensor | None = None, cache=None) -> tuple[torch.Tensor, RoutingStats | None]:
+        h = self.input_layernorm(x)
+        x = x + (self.self_attn(h, cos, sin, mask) if cache is None else self.self_attn(h, cos, sin, mask, cache))
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             h, stats = self.mlp(h, exempt)
@@ -98,6 +99,13 @@ class CausalLM(nn.Module):
         `init_module_weights`, which makes the values independent of how the model is split over processes."""
         init_module_weights(self, self.init_seed, self.config.initializer_range if std is None else std)
 
+    def new_cache(self) -> list:
+        """An empty inference cache, one MLA latent cache per layer (`forward(..., cache=...)` fills it)."""
+        if self.config.attention_type != "mla":
+            raise ValueError(f"the inference cache is MLA's latent cache; attention_type={self.config.attention_type}"
+                             " runs without one")
+        return [LatentCache() for _ in self.model.layers]
+
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers if layer.is_moe]
 
@@ -108,24 +116,26 @@ class CausalLM(nn.Module):
             moe.capacity_factor = capacity_factor
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> CausalLMOutput:
+                labels: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                cache: list | None = None) -> CausalLMOutput:
         """input_ids (B, S); position_ids (B, S) default 0..S-1; labels (B, S) are the *targets* of each position
         (the next token, already shifted, -100 where no loss is taken); document_ids (B, S), when given, keep
         attention inside each packed document (SFT packing); without them attention is plainly causal."""
         B, S = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+            start = cache[0].length if cache else 0
+            position_ids = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
         mask = document_causal_mask(document_ids) if document_ids is not None else None
         dropping = self.training and any(m.capacity_factor for m in self.moe_layers())
         exempt = exempt_sequences(input_ids, self.no_drop_fraction) if dropping else None
         x = self.model.embed_tokens(input_ids)  # (B, S, D)
         cos, sin = self.model.rotary_emb(position_ids)  # (B, S, rope/2) each
         routing = []
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x, stats = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, exempt, use_reentrant=False)
             else:
-                x, stats = layer(x, cos, sin, mask, exempt)
+                x, stats = layer(x, cos, sin, mask, exempt, cache[i] if cache else None)
             if stats is not None:
                 routing.append(stats)
         logits = self.lm_head(self.model.norm(x))  # (B, S, V)

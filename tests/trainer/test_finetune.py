@@ -5,13 +5,15 @@ epochs, and expert-specialised fine-tuning (ESFT)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from tests.trainer.test_pretrain_e2e import _ok, assert_export_matches, metrics, run_pretrain
+from tests.trainer.test_pretrain_e2e import ROOT, _ok, assert_export_matches, metrics, run_pretrain
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon "
          "phi chi psi omega red green blue cyan magenta yellow black white one two three four five six seven").split()
@@ -95,8 +97,10 @@ def test_a_preset_that_disagrees_with_the_released_config_is_refused(tmp_path, c
     assert proc.returncode == 2 and "model.hidden_size=96 but config.json has 128" in proc.stderr
 
 
-def test_sft_by_epochs_from_a_released_directory(tmp_path, cache_dir, released):
-    """trainer.epochs sets the number of steps from one counted pass over the conversations."""
+def test_sft_by_epochs_from_a_released_directory_then_generate(tmp_path, cache_dir, released, transformers_ds):
+    """trainer.epochs sets the number of steps from one counted pass over the conversations; launch/generate.py
+    then answers a chat prompt from the exported model, and transformers, given the same tokens, has the same
+    logits at every generated position (so the same greedy choices)."""
     directory, _, sft = released
     run = tmp_path / "sft"
     out = _ok(run_pretrain(run, cache_dir, "experiment=sft_tiny", f"model.pretrained={directory}",
@@ -109,6 +113,25 @@ def test_sft_by_epochs_from_a_released_directory(tmp_path, cache_dir, released):
     _ok(run_pretrain(again, cache_dir, "experiment=sft_tiny", f"model.pretrained={directory}",
                      f"data.paths=[{sft}]", "trainer.epochs=2", "checkpoint.export_hf=false"))
     assert max(metrics(again)) in (2 * steps, 2 * steps + 1)
+
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), str(run / "hf"), "--prompt",
+                           "alpha beta gamma", "--max-new-tokens", "8", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    prompt, completion = result["prompt_ids"], result["completion_ids"]
+    assert completion, "no token generated"
+    from model.generation import generate
+    from model.hf import load_pretrained
+    ours = load_pretrained(run / "hf", dtype=torch.float32)
+    ids, steps = generate(ours, torch.tensor([prompt]), len(completion))
+    assert ids[0, len(prompt):].tolist() == completion
+    _, model_cls = transformers_ds
+    theirs = model_cls.from_pretrained(run / "hf").float().eval()
+    with torch.no_grad():
+        logits = theirs(ids).logits[0]
+    for i, step in enumerate(steps):
+        torch.testing.assert_close(step[0], logits[len(prompt) - 1 + i].float(), rtol=1e-4, atol=1e-4)
 
 
 def test_esft_trains_only_the_selected_experts(tmp_path, cache_dir, released):
