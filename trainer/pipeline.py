@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from model import ModelConfig
@@ -99,12 +100,17 @@ class DecoderStage(nn.Module):
         self.rotary_emb = RotaryEmbedding(rope_dim(config), config)
         self.records = records
         self.aux_scale = 1.0  # set by the step: 1 / micro-batches
+        self.checkpointing = False  # trainer.activation_checkpointing: recompute the layer in backward
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, position_ids, exempt, *documents = inputs
         cos, sin = self.rotary_emb(position_ids)
         mask = document_causal_mask(documents[0]) if documents else None
-        hidden, stats = self.layer(hidden, cos, sin, mask, exempt.bool())
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            hidden, stats = torch.utils.checkpoint.checkpoint(self.layer, hidden, cos, sin, mask, exempt.bool(),
+                                                              use_reentrant=False)
+        else:
+            hidden, stats = self.layer(hidden, cos, sin, mask, exempt.bool())
         if stats is not None and self.training:
             aux, terms = layer_balance(stats, self.config)
             hidden = inject_aux(hidden, aux, self.aux_scale)
@@ -223,6 +229,7 @@ def build_pipeline(cfg: TrainConfig, grid: ProcessGrid, accumulation: int, preci
         if isinstance(stage, DecoderStage):
             init_module_weights(stage.layer, seed, config.initializer_range, prefix=f"model.layers.{stage.layer_idx}.")
             stage.moe_index = moe_ids.index(stage.layer_idx) if stage.layer.is_moe else None
+            stage.checkpointing = cfg.trainer.activation_checkpointing
             if stage.layer.is_moe:
                 stage.layer.mlp.capacity_factor = cfg.moe.capacity_factor
         elif isinstance(stage, EmbeddingStage):
