@@ -34,6 +34,13 @@ class NonFinite(str, Enum):
     stop = "stop"      # end the run on every rank with an error naming the step
 
 
+def stop_if_non_finite(skipped: bool, step: int, loss: float, norm: float, policy: NonFinite) -> None:
+    """With trainer.non_finite=stop, a skipped update ends the run (on every rank: the values are reduced)."""
+    if skipped and policy == NonFinite.stop:
+        raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({norm}); no update was "
+                             "applied (trainer.non_finite=stop)")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-3

@@ -27,7 +27,7 @@ from torch import nn
 from model import CausalLM
 from model.hf import unwrap
 
-from .config import NonFinite, NonFiniteError, TrainConfig
+from .config import TrainConfig, stop_if_non_finite
 from .expert_parallel import ProcessGrid, clip_grad_norm, is_expert_param
 from .optim import build_param_groups
 
@@ -180,9 +180,7 @@ class DeepSpeedStep:
             norm = float(norm) if norm is not None else float("nan")
             skipped = not self.engine.was_step_applied()
         skipped = skipped or not math.isfinite(loss_value)
-        if skipped and self.cfg.trainer.non_finite == NonFinite.stop:
-            raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss_value}) or gradient norm ({norm}) "
-                                 "(trainer.non_finite=stop)")
+        stop_if_non_finite(skipped, step, loss_value, norm, self.cfg.trainer.non_finite)
         return norm, skipped
 
 

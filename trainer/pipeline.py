@@ -42,7 +42,7 @@ from model.transformer import (
     weight_seed,
 )
 
-from .config import NonFinite, NonFiniteError, TrainConfig
+from .config import TrainConfig, stop_if_non_finite
 from .distributed import DistEnv
 from .expert_parallel import ProcessGrid
 from .optim import build_param_groups, lr_at
@@ -306,9 +306,7 @@ def pipeline_step(step: int, pipe: Pipeline, batches: list[dict], cfg: TrainConf
     norm = pipe.engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else float("nan")
     skipped = not pipe.engine.was_step_applied() or not math.isfinite(loss_value)
-    if skipped and cfg.trainer.non_finite == NonFinite.stop:
-        raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss_value}) or gradient norm ({norm}) "
-                             "(trainer.non_finite=stop)")
+    stop_if_non_finite(skipped, step, loss_value, norm, cfg.trainer.non_finite)
     tokens = int(sum(b["input_ids"].numel() for b in batches)) * grid.dp
     load = stats[7:].view(pipe.n_moe_layers, n_experts).float().cpu() if pipe.n_moe_layers else None
     return StepResult(loss_value, float(stats[1]), {n: float(stats[2 + i]) for i, n in

@@ -31,7 +31,7 @@ from model.hf import hf_tensors, remove_weights, save_pretrained, write_metadata
 from model.loss import IGNORE_INDEX
 
 from .checkpoint import choose_resume, load_checkpoint, resume_plan, save_checkpoint, set_aside_newer
-from .config import NonFinite, NonFiniteError, TrainConfig
+from .config import NonFiniteError, TrainConfig, stop_if_non_finite
 from .deepspeed_engine import (DeepSpeedStep, gathered, initialize, load_engine_state, partitioned,
                                refresh_master_weights, save_engine_state)
 from .distributed import DistEnv, all_reduce_sum, barrier, init_process_group, pick_device
@@ -199,17 +199,11 @@ class NativeStep:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self.model, max_norm, self.grid)
         skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-        _stop_if_non_finite(skipped, step, loss_value, grad_norm, self.cfg, "no update was applied")
+        stop_if_non_finite(skipped, step, loss_value, grad_norm, self.cfg.trainer.non_finite)
         if not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, skipped
-
-
-def _stop_if_non_finite(skipped: bool, step: int, loss: float, norm: float, cfg: TrainConfig, what: str) -> None:
-    if skipped and cfg.trainer.non_finite == NonFinite.stop:
-        raise NonFiniteError(f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({norm}); {what} "
-                             "(trainer.non_finite=stop)")
 
 
 def draw_batches(step: int, loader, cfg: TrainConfig, grid: ProcessGrid) -> list[dict]:
