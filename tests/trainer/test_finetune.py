@@ -106,13 +106,9 @@ def test_sft_by_epochs_from_a_released_directory_then_generate(tmp_path, cache_d
     out = _ok(run_pretrain(run, cache_dir, "experiment=sft_tiny", f"model.pretrained={directory}",
                            f"data.paths=[{sft}]", "trainer.epochs=1")).stdout
     steps = max(metrics(run))
-    assert f"trainer.epochs=1: {steps} steps" in out
-    # 60 conversations of ~30 tokens packed into 64-token rows, 4 rows a step: a handful of steps, not max_steps.
-    assert 3 <= steps <= 20
-    again = tmp_path / "sft2"
-    _ok(run_pretrain(again, cache_dir, "experiment=sft_tiny", f"model.pretrained={directory}",
-                     f"data.paths=[{sft}]", "trainer.epochs=2", "checkpoint.export_hf=false"))
-    assert max(metrics(again)) in (2 * steps, 2 * steps + 1)
+    assert f"trainer.epochs=1: {steps} steps ({steps} per epoch)" in out
+    # 60 conversations of ~40 tokens, one per 64-token row, 4 rows a step: about 15 steps, not max_steps.
+    assert 10 <= steps <= 20
 
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "generate.py"), str(run / "hf"), "--prompt",
                            "alpha beta gamma", "--max-new-tokens", "8", "--json"],
