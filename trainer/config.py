@@ -234,15 +234,33 @@ class TrainConfig:
             raise ValueError(f"parallel.zero_stage=3 with parallel.ep={ep}: ZeRO-3 cannot partition expert-parallel "
                              "parameters; use parallel.ep=1 with ZeRO-3 (e.g. fine-tuning on a few GPUs), or "
                              "parallel.zero_stage=1/2 to keep expert parallelism")
-        if par.pp > 1 and self.trainer.batch_ramp_start is not None:
-            raise ValueError(f"trainer.batch_ramp_start={self.trainer.batch_ramp_start} with parallel.pp={par.pp}: "
-                             "the pipeline schedule has a fixed number of micro-batches; leave the ramp off")
+        if stage is not None and self.trainer.batch_ramp_start is not None:
+            raise ValueError(f"trainer.batch_ramp_start={self.trainer.batch_ramp_start} with the DeepSpeed engine "
+                             f"(parallel.zero_stage={stage}): its accumulation boundaries follow a fixed number of "
+                             "micro-batches per step; leave the ramp off, or use the built-in engine "
+                             "(parallel.zero_stage=null, parallel.pp=1)")
+        if (self.trainer.trainable is not None or self.esft.enabled) and par.pp > 1:
+            raise ValueError("trainer.trainable / esft with parallel.pp > 1: partial fine-tuning is not supported "
+                             "across pipeline stages yet; use parallel.pp=1")
+        if (self.trainer.trainable is not None or self.esft.enabled) and stage in (1, 2) and ep > 1:
+            raise ValueError(f"trainer.trainable / esft with parallel.zero_stage={stage} and parallel.ep={ep}: an "
+                             "expert shard whose experts are all frozen would leave ZeRO's optimizer groups "
+                             "unequal across ranks; use parallel.ep=1, parallel.zero_stage=0, or the built-in "
+                             "engine (parallel.zero_stage=null)")
         if par.pp > 1 and self.model.num_hidden_layers < par.pp:
             raise ValueError(f"parallel.pp={par.pp}: more stages than model.num_hidden_layers="
                              f"{self.model.num_hidden_layers}")
         if par.pp_partition not in ("parameters", "uniform") and not par.pp_partition.startswith("type:"):
             raise ValueError(f"parallel.pp_partition={par.pp_partition!r}: allowed: parameters, uniform, type:moe, "
                              "type:<layer class regex>")
+        if par.pp > 1 and ep > 1 and self.model.num_hidden_layers >= par.pp:
+            from .plan import slot_kinds, stage_boundaries
+            parts, kinds = stage_boundaries(self.model, par.pp, ep, par.pp_partition), slot_kinds(self.model)
+            empty = [st for st in range(par.pp) if "moe_layer" not in kinds[parts[st]:parts[st + 1]]]
+            if empty:
+                raise ValueError(f"parallel.pp_partition={par.pp_partition}: pipeline stage {empty[0]} would hold no "
+                                 f"MoE layer, which expert parallelism (parallel.ep={ep}) does not support; use "
+                                 "parallel.pp_partition=type:moe, fewer stages, or parallel.ep=1")
         if par.deepspeed_config is not None:
             if stage is None:
                 raise ValueError(f"parallel.deepspeed_config={par.deepspeed_config!r} needs the DeepSpeed engine: "

@@ -42,6 +42,19 @@ def import_deepspeed():
     return deepspeed
 
 
+def create_expert_groups(grid: ProcessGrid) -> None:
+    """DeepSpeed's expert groups (collective: every rank creates every group). Done on every rank before the engine
+    is built, also where a pipeline stage holds no MoE layer and so no marker, or the ranks would disagree."""
+    if grid.ep == 1 or grid.world == 1:
+        return
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+    deepspeed = import_deepspeed()
+    deepspeed.init_distributed(dist_backend=dist.get_backend())
+    if group_name(grid.ep) not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(grid.ep, pp_size=grid.pp)
+
+
 def group_name(ep: int) -> str:
     return f"ep_size_{ep}"  # DeepSpeed's own name for the expert groups of size ep
 
@@ -104,7 +117,9 @@ def deepspeed_config(cfg: TrainConfig, grid: ProcessGrid, accumulation: int, pre
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": micro * accumulation * grid.dp,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # ZeRO 1-3 clip by the global norm; ZeRO-0's own clipping averages per-rank norms (and in bf16 leaves the
+        # experts out), so there DeepSpeedStep clips with the built-in engine's norm instead.
+        "gradient_clipping": cfg.optim.grad_clip if stage else 0.0,
         "zero_optimization": {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
                               "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
         "bf16": {"enabled": precision == "bf16"},
@@ -133,6 +148,7 @@ def initialize(model: CausalLM, cfg: TrainConfig, grid: ProcessGrid, accumulatio
     deepspeed = import_deepspeed()
 
     mark_expert_params(model, grid)
+    create_expert_groups(grid)
     wrapped = EngineModel(model, grid)
     groups = build_param_groups(model, cfg.optim, expert_group=group_name(grid.ep) if grid.ep > 1 else None)
     o = cfg.optim
@@ -161,10 +177,12 @@ class DeepSpeedStep:
         # DeepSpeed divides by its accumulation steps and averages over dp: undo both to keep our sums.
         self.engine.backward(loss * (accumulation * self.grid.dp))
         if self.cfg.resolved_zero_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
-            # Gradients are reduced and whole on every rank here. A non-finite norm skips the update the way
-            # ZeRO 1-3 do: AdamW leaves parameters without a gradient (and their state) untouched.
-            self.zero0_norm = clip_grad_norm(self.model, float("inf"), self.grid)
-            if not math.isfinite(self.zero0_norm):
+            # Gradients are reduced and whole on every rank here: clip by the global norm (each expert once).
+            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+            self.zero0_norm = clip_grad_norm(self.model, max_norm, self.grid)
+            if not math.isfinite(self.zero0_norm) and not self.engine.bfloat16_enabled():
+                # fp32: torch AdamW leaves parameters without a gradient (and their state) untouched. (bf16: the
+                # gradients stay non-finite and DeepSpeed's bf16 optimizer skips the step itself.)
                 for p in self.model.parameters():
                     p.grad = None
         self.engine.step()  # applies the update only at the accumulation boundary
@@ -174,7 +192,7 @@ class DeepSpeedStep:
         `engine.step()`, or skipped it because the gradient norm was not finite (ZeRO 1-3 check it)."""
         if self.zero0_norm is not None:
             norm, self.zero0_norm = self.zero0_norm, None
-            skipped = not math.isfinite(norm)
+            skipped = not math.isfinite(norm) or not self.engine.was_step_applied()
         else:
             norm = self.engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else float("nan")

@@ -4,6 +4,7 @@ lives in trainer/, never in model/."""
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -42,9 +43,20 @@ def pick_device(choice: str, env: DistEnv) -> torch.device:
     return torch.device(choice)
 
 
-def init_process_group(env: DistEnv, device: torch.device, backend: str, timeout_s: int) -> None:
-    if not env.distributed or dist.is_initialized():
+def init_process_group(env: DistEnv, device: torch.device, backend: str, timeout_s: int,
+                       single: bool = False) -> None:
+    """The default process group of a launched job. `single`: a one-process group also when run under plain
+    `python` (DeepSpeed's engine needs one, and would otherwise look for MPI)."""
+    if dist.is_initialized() or not (env.distributed or single):
         return
+    if not env.distributed:
+        with socket.socket() as s:  # a free local port for the one-process rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(key, value)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":

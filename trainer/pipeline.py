@@ -199,18 +199,14 @@ def build_pipeline(cfg: TrainConfig, grid: ProcessGrid, accumulation: int, preci
                    device: torch.device, before_engine: Callable[[StageView], None] | None = None) -> Pipeline:
     """This rank's stage of the model, initialised layout-free (then `before_engine(view)`, e.g. released weights
     loaded into it), inside DeepSpeed's pipeline engine."""
-    import deepspeed
     import torch.distributed as dist
+
+    from .deepspeed_engine import (_moe_marker_class, create_expert_groups, deepspeed_config, group_name,
+                                   import_deepspeed, mark_expert_params)
+    from .expert_parallel import attach_dispatchers
+    deepspeed = import_deepspeed()  # before anything of DeepSpeed's initialises on CPU
     from deepspeed.pipe import LayerSpec
     from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
-
-    from .deepspeed_engine import (
-        _moe_marker_class,
-        deepspeed_config,
-        group_name,
-        mark_expert_params,
-    )
-    from .expert_parallel import attach_dispatchers
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps our process group for PipelineModule
     config = cfg.model
     seed = weight_seed()  # after torch.manual_seed(trainer.seed): the same base seed as CausalLM's
@@ -243,6 +239,7 @@ def build_pipeline(cfg: TrainConfig, grid: ProcessGrid, accumulation: int, preci
     if grid.ep > 1:
         attach_dispatchers(view, grid)
         mark_expert_params(view, grid)
+        create_expert_groups(grid)  # on every stage, with or without MoE layers
         if view.moe_layers():
             module.expert_groups = _moe_marker_class()(config.n_routed_experts, grid.ep, grid.pp)
     o = cfg.optim

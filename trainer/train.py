@@ -30,7 +30,8 @@ from model.flops import training_flops_per_token
 from model.hf import hf_tensors, remove_weights, save_pretrained, write_metadata, write_shard
 from model.loss import IGNORE_INDEX
 
-from .checkpoint import choose_resume, load_checkpoint, resume_plan, save_checkpoint, set_aside_newer
+from .checkpoint import (choose_resume, load_checkpoint, load_model_weights, resume_plan, save_checkpoint,
+                         set_aside_newer)
 from .config import NonFiniteError, TrainConfig, stop_if_non_finite
 from .deepspeed_engine import (DeepSpeedStep, gathered, initialize, load_engine_state, partitioned,
                                refresh_master_weights, save_engine_state)
@@ -127,10 +128,11 @@ def check_pretrained(cfg: TrainConfig) -> None:
         cfg.data.tokenizer = str(directory)
 
 
-def steps_per_epoch(cfg: TrainConfig, tokenizer: TextTokenizer, grid: ProcessGrid) -> int:
+def steps_per_epoch(cfg: TrainConfig, tokenizer: TextTokenizer, grid: ProcessGrid, device: torch.device) -> int:
     """Optimizer steps in one pass over the training data: the packed rows of each rank's pass (counted by reading
     and tokenizing it once), the smallest over data-parallel ranks, per micro-batch and accumulation step."""
-    rows = torch.tensor(float(epoch_rows(cfg.data, tokenizer, cfg.trainer.seed, grid.dp_rank, grid.dp)))
+    rows = torch.tensor(float(epoch_rows(cfg.data, tokenizer, cfg.trainer.seed, grid.dp_rank, grid.dp)),
+                        device=device)
     if grid.world > 1:
         torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MIN)
     accumulation = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * grid.dp)
@@ -342,7 +344,7 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     cfg, tokenizer, model_cfg = prepared.cfg, prepared.tokenizer, prepared.cfg.model
     resume = str(prepared.resume or "")
     device = pick_device(cfg.trainer.device, env)
-    init_process_group(env, device, cfg.parallel.backend, cfg.parallel.timeout_s)
+    init_process_group(env, device, cfg.parallel.backend, cfg.parallel.timeout_s, single=cfg.uses_deepspeed)
     precision = cfg.trainer.precision if cfg.trainer.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
     # bf16: autocast over fp32 weights in the built-in engine; DeepSpeed keeps bf16 weights and fp32 master copies.
@@ -354,20 +356,17 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
 
     pipe, ds_engine, selection = None, None, prepared.esft_selection
     if cfg.trainer.epochs is not None:
-        per_epoch = steps_per_epoch(cfg, tokenizer, grid)
+        per_epoch = steps_per_epoch(cfg, tokenizer, grid, device)
         cfg.trainer.max_steps = max(1, int(cfg.trainer.epochs * per_epoch))
         if env.is_main:
             print(f"trainer.epochs={cfg.trainer.epochs:g}: {cfg.trainer.max_steps} steps ({per_epoch} per epoch)")
     start_pretrained = bool(model_cfg.pretrained) and not resume  # a resumed run has its own weights
     accumulation = global_batch_at(0, cfg.trainer, grid.dp) // (cfg.trainer.micro_batch_size * grid.dp)
     if grid.pp > 1:  # this rank builds only its stage's layers; `model` is the stage's view under CausalLM names
-        def prepare_stage(view) -> None:
-            if start_pretrained:
-                load_pretrained_weights(cfg, view)
-            trainable.update(apply_trainable(view, cfg.trainer.trainable))
-
-        trainable: dict = {}
-        pipe = build_pipeline(cfg, grid, accumulation, precision, device, before_engine=prepare_stage)
+        trainable: dict = {}  # partial fine-tuning is refused with pipelines (config validation)
+        pipe = build_pipeline(cfg, grid, accumulation, precision, device,
+                              before_engine=(lambda view: load_pretrained_weights(cfg, view)) if start_pretrained
+                              else None)
         model, ds_engine, stepper = pipe.view, pipe.engine, None
         dispatchers = [m.dispatcher for m in model.moe_layers()] if grid.ep > 1 else []
         optimizer = ds_engine.optimizer
@@ -381,6 +380,8 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
             load_pretrained_weights(cfg, model)
         model.activation_checkpointing = cfg.trainer.activation_checkpointing
         if cfg.esft.enabled and selection is None:
+            if resume:  # score the experts of the weights training starts from, not of the initial ones
+                load_model_weights(Path(resume), model)
             selection = choose_experts(cfg, model, tokenizer, grid, device, run_dir, env)
         trainable = apply_trainable(model, cfg.trainer.trainable, selection if cfg.esft.enabled else None)
         if cfg.uses_deepspeed:
@@ -411,8 +412,12 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
             engine_state=(lambda p: load_engine_state(ds_engine, p)) if ds_engine else None,
             engine_has_weights=partitioned(ds_engine),
             weights_context=lambda: gathered(ds_engine, model, modifier_rank=0))
-        if ds_engine is not None:
-            refresh_master_weights(ds_engine)  # ZeRO's fp32 copies were made from the initial weights
+        restored, _ = resume_plan(Path(resume), layout, env.world_size, cfg.checkpoint.optimizer_resume,
+                                  cfg.checkpoint.data_resume)
+        if ds_engine is not None and not restored:
+            # Weights only (or a fresh optimizer): ZeRO's fp32 copies were made from the initial weights. (When
+            # DeepSpeed restored its own state, its fp32 copies are exact and must not be rebuilt from bf16.)
+            refresh_master_weights(ds_engine)
         if not train_state.get("weights_only"):
             step, tokens_seen, skipped = train_state["step"], train_state["tokens_seen"], train_state["skipped"]
         if data_state is not None:
@@ -455,8 +460,6 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
         while step < cfg.trainer.max_steps:
             step_start = time.perf_counter()
             batches = draw_batches(step, loader, cfg, grid)
-            if cfg.uses_deepspeed and cfg.trainer.batch_ramp_start is not None:
-                ds_engine.set_train_batch_size(len(batches) * cfg.trainer.micro_batch_size * grid.dp)
             bad = sum(loader.bad_records["counts"].values())
             if pipe is not None:
                 result = pipeline_step(step, pipe, batches, cfg, env, grid, device, bad, _fault_scale(step, env))

@@ -151,3 +151,20 @@ def test_batch_ramp_grows_in_whole_micro_batches():
     sizes = [global_batch_at(s, cfg, 2) for s in range(12)]
     assert sizes[0] == 4 and sizes[-1] == 16 and sizes == sorted(sizes)
     assert all(s % 4 == 0 for s in sizes)
+
+
+@pytest.mark.parametrize("world,overrides,message", [
+    (4, ["parallel.pp=2", "parallel.zero_stage=2"], "use parallel.zero_stage=1, or parallel.pp=1 for ZeRO-2/3"),
+    (4, ["parallel.pp=2", "parallel.zero_stage=3"], "use parallel.zero_stage=1, or parallel.pp=1 for ZeRO-2/3"),
+    (4, ["parallel.zero_stage=3", "parallel.ep=2"], "use parallel.ep=1 with ZeRO-3"),
+    (2, ["parallel.zero_stage=1", "trainer.batch_ramp_start=16", "trainer.batch_ramp_steps=5",
+         "trainer.global_batch_size=32"], "leave the ramp off, or use the built-in engine"),
+    (4, ["parallel.pp=2", "parallel.ep=2", "parallel.pp_partition=type:head", "model=tiny_lite"],
+     "stage 1 would hold no MoE layer"),
+    (2, ["parallel.pp=2", "trainer.trainable=[mlp]"], "partial fine-tuning is not supported across pipeline"),
+    (4, ["parallel.zero_stage=2", "parallel.ep=2", "esft.enabled=true"], "use parallel.ep=1, parallel.zero_stage=0"),
+    (1, ["parallel.zero_stage=5"], "allowed: null (built-in engine), 0, 1, 2, 3"),
+])
+def test_combinations_deepspeed_cannot_run_are_refused_with_what_to_use(world, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compose_config(*overrides, world_size=world)
