@@ -412,9 +412,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     env: DistEnv, data_resume: str = "strict", layout: dict | None = None,
                     optimizer_resume: str = "strict", engine_state: Callable[[Path], None] | None = None,
                     engine_has_weights: bool = False, weights_context: Callable[[], Any] | None = None
-                    ) -> tuple[dict, dict | None]:
+                    ) -> tuple[dict, dict | None, bool]:
     """Restore what `resume_plan` allows: weights, optimizer state, this rank's RNG and data position; returns
-    (train_state, this rank's data state or None). Under DeepSpeed, `engine_state(path)` restores its ZeRO
+    (train_state, this rank's data state or None, whether the optimizer state was restored). Under DeepSpeed, `engine_state(path)` restores its ZeRO
     partitions (collective); `engine_has_weights` (ZeRO-3) means they hold the weights too; `weights_context()` is
     entered around reading our weight files (ZeRO-3: the gathered parameters)."""
     train_state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
@@ -426,9 +426,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         with weights_context() if weights_context is not None else contextlib.nullcontext():
             load_owned_tensors(path, model, optimizer if with_optimizer else None)
     if not with_data:
-        return train_state, None
+        return train_state, None, with_optimizer
     set_rng_state(load_state(path, f"rng_rank{env.rank:05d}"))
-    return train_state, load_state(path, f"data_rank{env.rank:05d}")
+    return train_state, load_state(path, f"data_rank{env.rank:05d}"), with_optimizer
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:

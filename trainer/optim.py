@@ -7,6 +7,7 @@ import math
 import torch
 
 from .config import OptimConfig, Schedule, TrainerConfig
+from .expert_parallel import is_expert_param
 
 
 def build_param_groups(model: torch.nn.Module, cfg: OptimConfig, expert_group: str | None = None) -> list[dict]:
@@ -17,7 +18,7 @@ def build_param_groups(model: torch.nn.Module, cfg: OptimConfig, expert_group: s
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if expert_group and ".mlp.experts." in name:
+        if expert_group and is_expert_param(name):
             experts.append(p)
         else:
             (no_decay if p.ndim < 2 else decay).append(p)

@@ -191,7 +191,6 @@ class Pipeline:
     view: StageView
     records: StageRecords
     stages: list[nn.Module]  # this rank's pipeline layers
-    boundaries: list[int]
     n_moe_layers: int
 
 
@@ -247,7 +246,7 @@ def build_pipeline(cfg: TrainConfig, grid: ProcessGrid, accumulation: int, preci
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
                                       config=deepspeed_config(cfg, grid, accumulation, precision))
-    return Pipeline(engine, view, records, stages, boundaries, len(moe_ids))
+    return Pipeline(engine, view, records, stages, len(moe_ids))
 
 
 def _micro_batches(batches: list[dict], scale: float, fault: float, device: torch.device, with_documents: bool):
@@ -267,7 +266,7 @@ def pipeline_step(step: int, pipe: Pipeline, batches: list[dict], cfg: TrainConf
     """One optimizer step through DeepSpeed's 1F1B schedule; returns the built-in step's StepResult."""
     import torch.distributed as dist
 
-    from .train import StepResult
+    from .train import step_result
 
     accumulation = len(batches)
     supervised = torch.tensor(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)), device=device)
@@ -287,14 +286,16 @@ def pipeline_step(step: int, pipe: Pipeline, batches: list[dict], cfg: TrainConf
 
     n_experts = cfg.model.n_routed_experts or 0
     stats = torch.zeros(7 + pipe.n_moe_layers * n_experts, device=device, dtype=torch.float64)
-    stats[0] = sum(float(ce) for ce, _ in pipe.records.ce)
+    for ce, _ in pipe.records.ce:  # device tensors throughout: one host sync, at the reduction
+        stats[0] += ce.double()
     stats[5] = bad_records if env.rank < grid.dp else 0  # the first stage's ranks count the data once
     per_term = accumulation * grid.dp
     for index, aux, terms, tokens, dropped in pipe.records.balance:
-        stats[1] += float(aux) / per_term
+        stats[1] += aux.double() / per_term
         for i, name in enumerate(("expert", "device", "comm")):
-            stats[2 + i] += float(terms[name]) / (per_term * pipe.n_moe_layers)
-        stats[6] += float(dropped) if dropped is not None else 0.0
+            stats[2 + i] += terms[name].double() / (per_term * pipe.n_moe_layers)
+        if dropped is not None:
+            stats[6] += dropped.double()
         stats[7 + index * n_experts:7 + (index + 1) * n_experts] += tokens.double()
     pipe.records.clear()
     if env.distributed:
@@ -304,11 +305,7 @@ def pipeline_step(step: int, pipe: Pipeline, batches: list[dict], cfg: TrainConf
     norm = float(norm) if norm is not None else float("nan")
     skipped = not pipe.engine.was_step_applied() or not math.isfinite(loss_value)
     stop_if_non_finite(skipped, step, loss_value, norm, cfg.trainer.non_finite)
-    tokens = int(sum(b["input_ids"].numel() for b in batches)) * grid.dp
-    load = stats[7:].view(pipe.n_moe_layers, n_experts).float().cpu() if pipe.n_moe_layers else None
-    return StepResult(loss_value, float(stats[1]), {n: float(stats[2 + i]) for i, n in
-                                                     enumerate(("expert", "device", "comm"))},
-                      norm, skipped, tokens, load, int(stats[5]), int(stats[6]))
+    return step_result(stats, loss_value, norm, skipped, batches, grid, pipe.n_moe_layers, n_experts)
 
 
 @torch.no_grad()
@@ -327,14 +324,6 @@ def pipeline_validate(pipe: Pipeline, batches: list[dict], env: DistEnv, device:
     if env.distributed:
         dist.all_reduce(total)
     return float(total[0] / total[1].clamp(min=1))
-
-
-def stage_summary(pipe: Pipeline, grid: ProcessGrid) -> str:
-    names = []
-    for stage in pipe.stages:
-        names.append("embed" if isinstance(stage, EmbeddingStage) else "head" if isinstance(stage, HeadStage)
-                     else f"L{stage.layer_idx}")
-    return f"stage {grid.rank // grid.dp}: {' '.join(names)}"
 
 
 __all__ = ["Pipeline", "StageView", "build_pipeline", "inject_aux", "pipeline_step", "pipeline_validate"]

@@ -260,6 +260,7 @@ def trainable_slot_params(cfg: TrainConfig, ep: int) -> list[SlotParams] | None:
     from model import CausalLM
 
     from .esft import apply_trainable
+    from .expert_parallel import is_expert_param
     c = cfg.model
     if cfg.trainer.trainable is None and not cfg.esft.enabled:
         return None
@@ -277,7 +278,7 @@ def trainable_slot_params(cfg: TrainConfig, ep: int) -> list[SlotParams] | None:
             continue
         layer = re.match(r"model\.layers\.(\d+)\.", name)
         slot = int(layer.group(1)) + 1 if layer else (0 if name.startswith("model.embed_tokens") else len(dense) - 1)
-        if ".mlp.experts." in name:
+        if is_expert_param(name):
             expert[slot] += p.numel() // ep
         else:
             dense[slot] += p.numel()

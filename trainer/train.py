@@ -254,10 +254,17 @@ def train_step(step: int, stepper, batches: list[dict], cfg: TrainConfig, env: D
     all_reduce_sum(stats, env)
     loss_value = float(stats[0]) / max(global_supervised, 1.0)
     grad_norm, skipped = stepper.finish(loss_value, step)
+    return step_result(stats, loss_value, grad_norm, skipped, batches, grid, len(moe_layers), n_experts)
+
+
+def step_result(stats: torch.Tensor, loss: float, grad_norm: float, skipped: bool, batches: list[dict],
+                grid: ProcessGrid, n_moe_layers: int, n_experts: int) -> StepResult:
+    """The StepResult of a step whose reduced `stats` are [CE sum, aux loss, 3 balance terms, bad records, dropped
+    copies, tokens per expert of every MoE layer] (both engines' steps fill them so)."""
     tokens = int(sum(b["input_ids"].numel() for b in batches)) * grid.dp
-    load = stats[7:].view(len(moe_layers), n_experts).float().cpu() if moe_layers else None
-    return StepResult(loss_value, float(stats[1]), {n: float(stats[2 + i]) for i, n in
-                                                     enumerate(("expert", "device", "comm"))},
+    load = stats[7:].view(n_moe_layers, n_experts).float().cpu() if n_moe_layers else None
+    return StepResult(loss, float(stats[1]), {n: float(stats[2 + i]) for i, n in
+                                              enumerate(("expert", "device", "comm"))},
                       grad_norm, skipped, tokens, load, int(stats[5]), int(stats[6]))
 
 
@@ -406,14 +413,12 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     barrier(env)
     layout = run_layout(cfg, env.world_size)
     if resume:
-        train_state, data_state = load_checkpoint(
+        train_state, data_state, restored = load_checkpoint(
             Path(resume), model, None if ds_engine else optimizer, env, cfg.checkpoint.data_resume, layout,
             cfg.checkpoint.optimizer_resume,
             engine_state=(lambda p: load_engine_state(ds_engine, p)) if ds_engine else None,
             engine_has_weights=partitioned(ds_engine),
             weights_context=lambda: gathered(ds_engine, model, modifier_rank=0))
-        restored, _ = resume_plan(Path(resume), layout, env.world_size, cfg.checkpoint.optimizer_resume,
-                                  cfg.checkpoint.data_resume)
         if ds_engine is not None and not restored:
             # Weights only (or a fresh optimizer): ZeRO's fp32 copies were made from the initial weights. (When
             # DeepSpeed restored its own state, its fp32 copies are exact and must not be rebuilt from bf16.)
