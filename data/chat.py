@@ -1,4 +1,4 @@
-"""SFT formatting with the DeepSeek-V2 chat template (SPEC §4.4):
+"""SFT formatting with the DeepSeek-V2 chat template (docs/model.md §7.2):
 
     <bos>{system}\\n\\nUser: {user}\\n\\nAssistant: {answer}<eos>User: {user}\\n\\nAssistant: {answer}<eos>
 

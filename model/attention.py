@@ -1,4 +1,5 @@
-"""Attention: Multi-head Latent Attention (DeepSeek-V2, SPEC §2) and the MHA/GQA baselines of the paper's ablations.
+"""Attention: Multi-head Latent Attention (DeepSeek-V2, docs/model.md §2) and the MHA/GQA baselines of the paper's
+ablations.
 
 Shape legend: B batch, S sequence, D model width, H query heads, Hkv key/value heads, r kv_lora_rank,
 dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, dh head width of the baselines.
@@ -21,8 +22,8 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     `mask` (B, 1, S, S) bool, True = may attend, replaces the plain causal mask (packed documents).
 
     When v is narrower than q/k (MLA: 128 vs 192) it is zero-padded to the q/k width and the output sliced back, as
-    the released FlashAttention-2 path does (SPEC §2.2): flash kernels need equal head widths, and on CPU the flash
-    kernel beats the unfused math path that unequal widths would fall back to.
+    the released FlashAttention-2 path does (docs/model.md §2.4): flash kernels need equal head widths, and on CPU
+    the flash kernel beats the unfused math path that unequal widths would fall back to.
     """
     v_dim = v.shape[-1]
     if v_dim < q.shape[-1]:

@@ -1,4 +1,4 @@
-"""The paper's three balance losses (SPEC §3.4), as pure functions of one layer's `RoutingStats`.
+"""The paper's three balance losses (paper §2.2.3; docs/model.md §5), as pure functions of one layer's `RoutingStats`.
 
 With T tokens in a sequence, K experts per token, E experts in G routing groups of E/G consecutive experts and
 M = groups a token may use:

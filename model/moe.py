@@ -1,5 +1,5 @@
-"""DeepSeekMoE (SPEC §3): fp32 softmax router, greedy or group-limited top-k, stacked routed experts computed with a
-grouped GEMM, shared experts as one fused MLP, and explicit routing statistics for the balance losses.
+"""DeepSeekMoE (docs/model.md §4): fp32 softmax router, greedy or group-limited top-k, stacked routed experts
+computed with a grouped GEMM, shared experts as one fused MLP, and explicit routing statistics for the balance losses.
 
 Shape legend: B batch, S sequence, T = B*S tokens, D model width, E routed experts, K experts per token,
 G routing groups, I expert width, N = T*K token copies.
@@ -43,7 +43,8 @@ class RoutingStats:
 
 
 class MoEGate(nn.Module):
-    """The router: logits and softmax in fp32 (paper Eq. 22), then greedy or group-limited top-k (SPEC §3.2)."""
+    """The router: logits and softmax in fp32 (paper Eq. 22), then greedy or group-limited top-k
+    (docs/model.md §4.2)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -243,7 +244,7 @@ class _WeightedCombine(torch.autograd.Function):
 def combine(expert_out: torch.Tensor, weights: torch.Tensor, token_of_copy: torch.Tensor, n_tokens: int
             ) -> torch.Tensor:
     """Sum each token's weighted expert outputs: (N, D) x (N,) scattered onto (T, D), in fp32 as the released
-    router weights are (SPEC §5 pitfall 1: the caller casts back to the activation dtype)."""
+    router weights are (docs/model.md §8.1: the caller casts back to the activation dtype)."""
     return _WeightedCombine.apply(expert_out, weights, token_of_copy, n_tokens)
 
 

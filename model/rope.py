@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN, in the released checkpoints' interleaved-pair layout (SPEC §2.3-2.4).
+"""Rotary position embedding with YaRN, in the released checkpoints' interleaved-pair layout (docs/model.md §3).
 
 The released weights store each RoPE vector as adjacent pairs (x0, x1), (x2, x3), ...; pair i is rotated by
 angle position * inv_freq_i (a complex multiplication, GPT-J style). We rotate the pairs in place, so no weight
@@ -61,7 +61,8 @@ def rope_cos_sin_scale(rope_scaling: dict | None) -> float:
 
 
 def softmax_scale(head_dim: int, rope_scaling: dict | None) -> float:
-    """The attention logit scale: head_dim^-0.5 times m^2, m = mscale(s, mscale_all_dim) (SPEC §2.4: 0.114721 for V2)."""
+    """The attention logit scale: head_dim^-0.5 times m^2, m = mscale(s, mscale_all_dim) (docs/model.md §2.3:
+    0.114721 for V2)."""
     scale = head_dim ** -0.5
     if rope_scaling is not None and rope_scaling.get("mscale_all_dim"):
         m = yarn_get_mscale(float(rope_scaling["factor"]), float(rope_scaling["mscale_all_dim"]))

@@ -1,4 +1,5 @@
-"""The three balance losses (SPEC §3.4) against hand-computed values, the released seq_aux formula, and the model."""
+"""The three balance losses (docs/model.md §5) against hand-computed values, the released seq_aux formula, and the
+model."""
 
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def test_perfectly_uniform_routing_gives_exactly_one(per_sequence):
 
 
 def test_expert_loss_matches_the_released_seq_aux_formula():
-    """SPEC §3.3: ce[b,e] = count / (S K / E); aux = mean_b sum_e ce[b,e] * mean_t s[b,t,e]; and the batch form."""
+    """docs/model.md §5.1: ce[b,e] = count / (S K / E); aux = mean_b sum_e ce[b,e] * mean_t s[b,t,e]; and the
+    batch form."""
     torch.manual_seed(0)
     config = ModelConfig.from_hf_config(tiny_hf_config())
     moe = MoE(config)

@@ -1,4 +1,5 @@
-"""DeepSeekMoE: router semantics (SPEC §3.2), grouped GEMM vs the per-expert loop, the dispatcher seam, stats."""
+"""DeepSeekMoE: router semantics (docs/model.md §4.2), grouped GEMM vs the per-expert loop, the dispatcher seam,
+stats."""
 
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def test_group_limited_routing_stays_within_topk_group_groups():
     ids, weights, scores = moe.gate(tokens)
     groups = ids // 2  # 4 groups of 2 consecutive experts
     assert max(len(set(row.tolist())) for row in groups) <= 2
-    # Kept groups are those with the highest *max* expert score (SPEC §3.2), and top-k is taken inside them.
+    # Kept groups are those with the highest *max* expert score (docs/model.md §4.2), and top-k is taken inside them.
     group_best = scores.view(200, 4, 2).amax(-1)
     kept = group_best.topk(2, dim=-1).indices.sort(-1).values
     for t in range(200):
@@ -133,7 +134,7 @@ def test_norm_topk_prob_renormalises_and_skips_the_scaling_factor():
 
 
 def test_router_runs_in_fp32_and_the_layer_returns_the_activation_dtype():
-    """SPEC §5 pitfall 1: fp32 gate weights must not leak an fp32 residual stream into a bf16 model."""
+    """docs/model.md §8.1: fp32 gate weights must not leak an fp32 residual stream into a bf16 model."""
     moe = _moe().to(torch.bfloat16)
     x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
     ids, weights, scores = moe.gate(x.view(-1, 64))

@@ -1,4 +1,5 @@
-"""RoPE/YaRN numbers from SPEC §2.3-2.4, the interleaved-pair layout, and causal MLA / MHA / GQA attention."""
+"""RoPE/YaRN numbers from docs/model.md §2.3 and §3, the interleaved-pair layout, and causal MLA / MHA / GQA
+attention."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_yarn_frequencies_match_transformers(transformers_ds):
 
 
 def test_softmax_scale_carries_the_mscale_correction():
-    """SPEC §2.4: 192^-0.5 * (0.1 * 0.707 * ln 40 + 1)^2 = 0.114721 for the released configs."""
+    """docs/model.md §2.3: 192^-0.5 * (0.1 * 0.707 * ln 40 + 1)^2 = 0.114721 for the released configs."""
     c = model_preset("v2")
     m = 0.1 * 0.707 * math.log(40) + 1
     assert softmax_scale(192, c.rope_scaling) == pytest.approx(192 ** -0.5 * m * m)
@@ -51,7 +52,7 @@ def test_rope_rotates_adjacent_pairs_like_a_complex_product():
     ref = torch.view_as_real(torch.view_as_complex(x.reshape(2, 3, 5, 4, 2)) * torch.polar(
         torch.ones_like(angles), angles)[:, None]).flatten(-2)
     torch.testing.assert_close(out, ref)
-    # NeoX rotate-half on the raw (interleaved) layout is a different function: the SPEC §2.3 pitfall.
+    # NeoX rotate-half on the raw (interleaved) layout is a different function: the docs/model.md §3.2 pitfall.
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = torch.cat([angles.cos()] * 2, -1)[:, None], torch.cat([angles.sin()] * 2, -1)[:, None]
     neox = x * cos + torch.cat((-x2, x1), -1) * sin

@@ -46,7 +46,7 @@ def test_slots_sum_to_the_model_and_ep_shrinks_only_the_routed_experts(name, tot
 
 
 def test_paper_layout_stage_figures_by_hand():
-    """V2 (SPEC numbers written out) on 128 ranks: pp 16, ep 8, dp 8, edp 1, ZeRO-1, bf16."""
+    """V2 (docs/model.md §1 numbers written out) on 128 ranks: pp 16, ep 8, dp 8, edp 1, ZeRO-1, bf16."""
     d, vocab, heads, q_lora, kv_lora, nope, rope, v = 5120, 102400, 128, 1536, 512, 128, 64, 128
     attention = (d * q_lora + q_lora * heads * (nope + rope) + d * (kv_lora + rope)
                  + kv_lora * heads * (nope + v) + heads * v * d)           # 149,225,472
