@@ -1,6 +1,6 @@
 """The model configuration: one dataclass whose field names are the Hugging Face `config.json` keys.
 
-Every field of the released DeepSeek-V2 / V2-Lite `config.json` (DEEPSEEK_V2_SPEC.md §1) is here, plus three of
+Every field of the released DeepSeek-V2 / V2-Lite `config.json` (docs/model.md §1.1) is here, plus three of
 ours: `attention_type` (MLA, or the MHA/GQA baselines of the paper's ablations) and the coefficients of the
 device-level and communication balance losses, which the released config does not carry.
 
@@ -15,7 +15,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 ATTENTION_TYPES = ("mla", "mha", "gqa")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -123,6 +123,14 @@ class ModelConfig:
     attention_type: str = "mla"
     """`mla` (DeepSeek-V2), or the ablation baselines `mha` / `gqa` (standard attention, RoPE on the whole head of
     width `v_head_dim`). Not part of the released config."""
+
+    TRAINING_FIELDS: ClassVar[frozenset[str]] = frozenset({
+        "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "aux_loss_alpha",
+        "device_aux_loss_alpha", "comm_aux_loss_alpha", "seq_aux", "rope_scaling", "rope_theta",
+        "max_position_embeddings", "attention_dropout", "pretraining_tp"})
+    """Fields a training run may choose on its own over a released config: token ids (the tokenizer's), dtype,
+    init, the balance-loss coefficients, and the RoPE/YaRN settings and context length (what long-context
+    extension changes). Every other field decides tensor shapes or the computation of the network."""
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -282,12 +290,9 @@ class ModelConfig:
         return out
 
     def architecture_differences(self, other: "ModelConfig") -> list[tuple[str, Any, Any]]:
-        """(field, ours, theirs) for every field that decides tensor shapes or the computation of the network.
-        Training choices may differ: token ids (the tokenizer's), dtype, init, the balance-loss coefficients, and
-        the RoPE/YaRN settings and context length (what long-context extension changes)."""
-        free = {"pretrained", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range",
-                "aux_loss_alpha", "device_aux_loss_alpha", "comm_aux_loss_alpha", "seq_aux", "rope_scaling",
-                "rope_theta", "max_position_embeddings", "attention_dropout", "pretraining_tp"}
+        """(field, ours, theirs) for every field that decides tensor shapes or the computation of the network
+        (all but `TRAINING_FIELDS` and `pretrained`)."""
+        free = self.TRAINING_FIELDS | {"pretrained"}
         return [(f.name, getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
                 if f.name not in free and getattr(self, f.name) != getattr(other, f.name)]
 

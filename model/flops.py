@@ -23,7 +23,7 @@ class ParamCounts:
     """Activated parameters that take part in a matmul (active minus the embedding lookup and the norms)."""
 
 
-def _attention_params(c: ModelConfig) -> tuple[int, int]:
+def attention_params(c: ModelConfig) -> tuple[int, int]:
     """(matmul params, norm params) of one attention block."""
     d, h = c.hidden_size, c.num_attention_heads
     if c.attention_type != "mla":
@@ -40,7 +40,7 @@ def _attention_params(c: ModelConfig) -> tuple[int, int]:
 
 def parameter_counts(c: ModelConfig) -> ParamCounts:
     d = c.hidden_size
-    attn, attn_norms = _attention_params(c)
+    attn, attn_norms = attention_params(c)
     total = active = 2 * c.vocab_size * d + d  # embedding, head, final norm
     active_matmul = c.vocab_size * d  # the head
     for i in range(c.num_hidden_layers):

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint I/O: the released DeepSeek-V2 directory layout (SPEC §4), safetensors only.
+"""Hugging Face checkpoint I/O: the released DeepSeek-V2 directory layout (docs/model.md §6), safetensors only.
 
 Our module names are the checkpoint's names except for the routed experts, which we keep stacked:
 
@@ -175,7 +175,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     """Load a released-layout DeepSeek-V2 directory (config.json + safetensors shards) into a CausalLM.
 
     `dtype` defaults to the config's `torch_dtype` (bf16 for the released weights). `model` may be given to load into
-    an already built (e.g. expert-sharded) model, or a pipeline stage's part of one (`hf_names`); then only the
+    an already built (e.g. expert-sharded) model, or a part of one (a pipeline stage); then only the
     tensors it holds are read, and the others must still be valid tensors of its config. Raises CheckpointError
     naming the file or tensor for any missing, unexpected, mis-shaped, truncated, corrupt or non-finite tensor.
     """
@@ -195,7 +195,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     # Pass 1: headers only. Every naming and shape problem is reported before any tensor data is read.
     plan = dict(_hf_slots(model))
     expert_layers = {n for n, m in model.named_modules() if isinstance(m, RoutedExperts)}
-    elsewhere = _whole_model_names(config) if not isinstance(model, CausalLM) else set()  # other pipeline stages
+    elsewhere = _whole_model_names(config) if model.is_partial else set()  # other pipeline stages
     located: dict[str, Path] = {}
     headers: dict[Path, tuple[dict[str, dict], int]] = {}
     for shard, names in shards.items():
@@ -265,14 +265,33 @@ def _read_into(f, shard: Path, name: str, info: dict, data_start: int, target: t
 
 # ---------------------------------------------------------------------------------------------------- writing
 def unwrap(model: torch.nn.Module) -> CausalLM:
-    """The CausalLM inside DDP / DeepSpeed (`.module`) or torch.compile (`._orig_mod`) wrappers (or a pipeline
-    stage's view of its part of the model, which names its tensors as CausalLM does: `hf_names = True`)."""
-    while not isinstance(model, CausalLM) and not getattr(model, "hf_names", False):
+    """The CausalLM (or part of one) inside DDP / DeepSpeed (`.module`) or torch.compile (`._orig_mod`) wrappers."""
+    while not isinstance(model, CausalLM):
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if inner is None:
             raise TypeError(f"expected a CausalLM (possibly wrapped), got {type(model).__name__}")
         model = inner
     return model
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` with the permissions of a normally created file (0666 minus the umask):
+    safetensors creates its files 0600, which another user or a serving container could not read."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc allows (os.umask can only be read by setting it,
+    which would race with threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
 
 
 def _parse_size(size: int | str) -> int:
@@ -296,6 +315,9 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: in
     interrupted save never looks like a complete checkpoint. Stale shards of an earlier save are removed.
     """
     model = unwrap(model)
+    if model.is_partial:
+        raise ValueError("save_pretrained: this is a part of the model (a pipeline stage); each stage writes its "
+                         "tensors with write_shard, one rank the index with write_metadata")
     partial = [n for n, m in model.named_modules() if isinstance(m, RoutedExperts) and m.n_experts != m.n_total]
     if partial:
         raise ValueError(f"save_pretrained: {partial[0]} holds {model.get_submodule(partial[0]).n_experts} of "
@@ -312,7 +334,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: in
 
     def flush() -> None:
         tmp = directory / f".tmp-shard-{len(tmp_files):05d}.safetensors"
-        save_file(current, str(tmp), metadata={"format": "pt"})
+        save_safetensors(current, tmp, metadata={"format": "pt"})
         tmp_files.append(tmp)
         current.clear()
 
@@ -355,7 +377,7 @@ def write_shard(model: CausalLM, directory: str | os.PathLike, filename: str, dt
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.to(device="cpu", dtype=dtype).contiguous() for name, t in hf_tensors(model, dense, experts)}
     tmp = directory / f".tmp-{filename}"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    save_safetensors(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, directory / filename)
     return {name: t.numel() * t.element_size() for name, t in tensors.items()}
 

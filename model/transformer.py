@@ -26,8 +26,8 @@ from .rope import RotaryEmbedding
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
-    """(B, S, V) in the activation dtype."""
+    logits: torch.Tensor | None
+    """(B, S, V) in the activation dtype; None for a part of the model without the head (a pipeline stage)."""
     loss: torch.Tensor | None = None
     """Mean next-token cross-entropy in fp32 over labels != -100 (only when labels are given). Excludes aux_loss."""
     aux_loss: torch.Tensor | None = None
@@ -36,6 +36,8 @@ class CausalLMOutput:
     """Unweighted balance terms summed over MoE layers, detached, for metrics (training only)."""
     routing: list[RoutingStats] = field(default_factory=list)
     """One record per MoE layer, in layer order."""
+    hidden_states: torch.Tensor | None = None
+    """(B, S, D) output of the last layer, given only by a part of the model without the head."""
 
 
 class DecoderLayer(nn.Module):
@@ -65,14 +67,24 @@ class DecoderLayer(nn.Module):
         return x + h, stats
 
 
-class Decoder(nn.Module):
-    """`model.*` of the checkpoint: embed_tokens, layers, norm (and the rotary frequencies, which are not saved)."""
+class LayerStack(nn.ModuleDict):
+    """Decoder layers under their global index (`model.layers.<i>`), so a part of the model that holds only some of
+    them (a pipeline stage) names every tensor as the whole model does. `stack[i]` takes an int."""
 
-    def __init__(self, config: ModelConfig, expert_shard: tuple[int, int] | None = None):
+    def __getitem__(self, index: int | str) -> DecoderLayer:
+        return super().__getitem__(str(index))
+
+
+class Decoder(nn.Module):
+    """`model.*` of the checkpoint: embed_tokens, layers, norm (and the rotary frequencies, which are not saved).
+    A part of the model leaves out the embedding and/or the final norm (None) and holds some of the layers."""
+
+    def __init__(self, config: ModelConfig, expert_shard: tuple[int, int] | None, layers: range, embedding: bool,
+                 head: bool):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, expert_shard) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if embedding else None
+        self.layers = LayerStack({str(i): DecoderLayer(config, i, expert_shard) for i in layers})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if head else None
         self.rotary_emb = RotaryEmbedding(rope_dim(config), config)
 
 
@@ -80,19 +92,33 @@ class CausalLM(nn.Module):
     """DeepSeek-V2 (and the MHA/GQA ablation variants) as a next-token language model.
 
     `expert_shard=(offset, count)` builds only those routed experts in every MoE layer (expert parallelism: the
-    trainer plugs an all-to-all dispatcher into each layer); the default is all of them.
+    trainer plugs an all-to-all dispatcher into each layer); the default is all of them. `layers`, `embedding` and
+    `head` build a contiguous part of the model (a pipeline stage): the decoder layers in `layers` (global indices,
+    so tensor names are the whole model's), with or without the token embedding and the final norm + output head.
+    A part without the embedding takes `hidden_states` instead of `input_ids`; a part without the head returns
+    `hidden_states` instead of logits. Its forward is the model's forward.
     """
 
-    def __init__(self, config: ModelConfig, expert_shard: tuple[int, int] | None = None):
+    def __init__(self, config: ModelConfig, expert_shard: tuple[int, int] | None = None, layers: range | None = None,
+                 embedding: bool = True, head: bool = True):
         super().__init__()
         self.config = config
         self.init_seed = weight_seed()  # drawn before any submodule consumes the global RNG
         self.no_drop_fraction = 0.1  # sequences exempt from token dropping (paper: about 10%)
         self.activation_checkpointing = False  # recompute each layer in backward (long context)
-        self.model = Decoder(config, expert_shard)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        layers = range(config.num_hidden_layers) if layers is None else layers
+        if layers and not 0 <= layers[0] <= layers[-1] < config.num_hidden_layers:
+            raise ValueError(f"layers={layers}: outside the model's {config.num_hidden_layers} layers")
+        self.model = Decoder(config, expert_shard, layers, embedding, head)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if head else None
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
+
+    @property
+    def is_partial(self) -> bool:
+        """Whether this is only a part of the model (a pipeline stage)."""
+        return (self.model.embed_tokens is None or self.lm_head is None
+                or len(self.model.layers) != self.config.num_hidden_layers)
 
     def init_weights(self, std: float | None = None) -> None:
         """Normal(0, std) for every matrix (std defaults to `initializer_range`), ones for norms; see
@@ -107,7 +133,7 @@ class CausalLM(nn.Module):
         return [LatentCache() for _ in self.model.layers]
 
     def moe_layers(self) -> list[MoE]:
-        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+        return [layer.mlp for layer in self.model.layers.values() if layer.is_moe]
 
     def set_token_dropping(self, capacity_factor: float | None, no_drop_fraction: float = 0.1) -> None:
         """Device-level token dropping for training (None turns it off; evaluation never drops)."""
@@ -115,33 +141,40 @@ class CausalLM(nn.Module):
         for moe in self.moe_layers():
             moe.capacity_factor = capacity_factor
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                cache: list | None = None) -> CausalLMOutput:
-        """input_ids (B, S); position_ids (B, S) default 0..S-1; labels (B, S) are the *targets* of each position
-        (the next token, already shifted, -100 where no loss is taken); document_ids (B, S), when given, keep
-        attention inside each packed document (SFT packing); without them attention is plainly causal."""
-        B, S = input_ids.shape
+                cache: list | None = None, hidden_states: torch.Tensor | None = None,
+                exempt: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids (B, S), or hidden_states (B, S, D) for a part of the model without the embedding; position_ids
+        (B, S) default 0..S-1; labels (B, S) are the *targets* of each position (the next token, already shifted,
+        -100 where no loss is taken); document_ids (B, S), when given, keep attention inside each packed document
+        (SFT packing); without them attention is plainly causal. exempt (B,) bool: the sequences token dropping
+        spares (default: chosen from input_ids, see `exempt_sequences`); a later pipeline stage is handed the
+        first stage's choice."""
+        x = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else hidden_states  # (B, S, D)
+        B, S = x.shape[:2]
         if position_ids is None:
             start = cache[0].length if cache else 0
-            position_ids = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
+            position_ids = torch.arange(start, start + S, device=x.device).expand(B, S)
         mask = document_causal_mask(document_ids) if document_ids is not None else None
-        dropping = self.training and any(m.capacity_factor for m in self.moe_layers())
-        exempt = exempt_sequences(input_ids, self.no_drop_fraction) if dropping else None
-        x = self.model.embed_tokens(input_ids)  # (B, S, D)
+        if exempt is None and self.training and any(m.capacity_factor for m in self.moe_layers()):
+            exempt = exempt_sequences(input_ids, self.no_drop_fraction)
         cos, sin = self.model.rotary_emb(position_ids)  # (B, S, rope/2) each
         routing = []
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in self.model.layers.items():
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x, stats = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, exempt, use_reentrant=False)
             else:
-                x, stats = layer(x, cos, sin, mask, exempt, cache[i] if cache else None)
+                x, stats = layer(x, cos, sin, mask, exempt, cache[int(i)] if cache else None)
             if stats is not None:
                 routing.append(stats)
-        logits = self.lm_head(self.model.norm(x))  # (B, S, V)
-        out = CausalLMOutput(logits=logits, routing=routing)
-        if labels is not None:
-            out.loss = cross_entropy(logits.flatten(0, 1), labels.flatten())
+        out = CausalLMOutput(logits=None, routing=routing)
+        if self.lm_head is None:
+            out.hidden_states = x
+        else:
+            out.logits = self.lm_head(self.model.norm(x))  # (B, S, V)
+            if labels is not None:
+                out.loss = cross_entropy(out.logits.flatten(0, 1), labels.flatten())
         if self.training and routing:
             out.aux_loss, out.balance = self._balance(routing)
         return out

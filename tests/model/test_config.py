@@ -1,4 +1,5 @@
-"""ModelConfig: presets copy the released configs, derived sizes match SPEC §1.2, bad values name their field."""
+"""ModelConfig: presets copy the released configs, derived sizes match docs/model.md §1.2, bad values name their
+field."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from trainer.presets import available_model_presets, model_preset
 def test_presets_exist_and_release_presets_use_mla():
     assert {"tiny", "tiny_lite", "v2", "v2_lite"} <= set(available_model_presets())
     for name in ("v2", "v2_lite"):
-        assert model_preset(name).attention_type == "mla"  # V2 is not GQA (SPEC §6)
+        assert model_preset(name).attention_type == "mla"  # V2 is not GQA (docs/model.md §8.2)
 
 
 def test_v2_preset_matches_released_config():
@@ -45,7 +46,7 @@ def test_v2_lite_preset_matches_released_config():
     ("v2_lite", 15_706_484_224, 2_661_150_208, 15_552),
 ])
 def test_derived_sizes_match_spec(name, total, active, kv):
-    """SPEC §1.2: totals counted from the released checkpoints; the built module tree must agree."""
+    """docs/model.md §1.2: totals counted from the released checkpoints; the built module tree must agree."""
     c = model_preset(name)
     counts = parameter_counts(c)
     assert counts.total == total
@@ -61,7 +62,7 @@ def test_activated_matmul_params_match_the_module_tree():
     c = model_preset("tiny")
     model = CausalLM(c)
     counted = model.lm_head.weight.numel()
-    for layer in model.model.layers:
+    for layer in model.model.layers.values():
         counted += sum(p.numel() for n, p in layer.self_attn.named_parameters() if "layernorm" not in n)
         if layer.is_moe:
             moe = layer.mlp
@@ -77,7 +78,8 @@ def test_activated_matmul_params_match_the_module_tree():
 
 def test_kv_cache_of_ablation_variants():
     v2 = model_preset("v2")
-    assert v2.replace(attention_type="mha").kv_cache_elements_per_token() == 1_966_080  # SPEC §1.2 MHA equivalent
+    # The MHA equivalent of docs/model.md §1.2.
+    assert v2.replace(attention_type="mha").kv_cache_elements_per_token() == 1_966_080
     gqa = v2.replace(attention_type="gqa", num_key_value_heads=8)
     assert gqa.kv_cache_elements_per_token() == 2 * 8 * 128 * 60
 

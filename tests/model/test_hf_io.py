@@ -92,10 +92,10 @@ def test_gqa_ablation_round_trips(tmp_path):
 def test_a_model_holding_an_expert_shard_reads_only_its_experts(single, model):
     """Expert parallelism: a layer holding experts 4..7 loads those and skips the others without error."""
     sharded = CausalLM(model.config)
-    for layer in sharded.model.layers[1:]:
+    for layer in list(sharded.model.layers.values())[1:]:
         layer.mlp.experts = RoutedExperts(4, 64, 24, expert_offset=4, n_total=8)
     load_pretrained(single, model=sharded)
-    for ours, full in zip(sharded.model.layers[1:], model.model.layers[1:]):
+    for ours, full in zip(list(sharded.model.layers.values())[1:], list(model.model.layers.values())[1:]):
         assert torch.equal(ours.mlp.experts.gate_up_proj, full.mlp.experts.gate_up_proj[4:])
         assert torch.equal(ours.mlp.experts.down_proj, full.mlp.experts.down_proj[4:])
 
@@ -256,7 +256,9 @@ def test_nothing_to_load_is_named(tmp_path, single):
 
 
 def test_loading_never_holds_the_checkpoint_twice(tmp_path):
-    """Peak resident memory of a fresh process loading a ~160 MB single-file checkpoint stays near one model copy."""
+    """Peak resident memory of a fresh process loading a ~160 MB single-file checkpoint stays near one model copy:
+    growth below 1.15 x the model's bytes + 16 MiB (measured 170 MiB for a 162 MiB checkpoint, where a memory-mapped
+    read took 332 MiB)."""
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to read the peak resident memory")
     import subprocess

@@ -42,6 +42,9 @@ def _report(name: str, a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_load_transformers_checkpoint_same_logits_loss_and_grads(transformers_ds, tmp_path, variant):
+    """A checkpoint transformers wrote, loaded through our converter, in fp32: logits within 1e-4 absolute of
+    transformers' (measured about 4e-6), the loss within 1e-5, and every gradient within 1e-4 of its tensor's largest
+    gradient (measured about 2e-6)."""
     hf_model = _reference(transformers_ds, tmp_path, **VARIANTS[variant])
     ours = load_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
@@ -70,6 +73,7 @@ def test_load_transformers_checkpoint_same_logits_loss_and_grads(transformers_ds
 
 @pytest.mark.parametrize("variant", ["q_lora+group_limited+yarn", "no_q_lora+greedy+yarn"])
 def test_our_export_loads_in_transformers_with_same_logits(transformers_ds, tmp_path, variant):
+    """Our save_pretrained, loaded by transformers: logits within 1e-4 absolute of ours (fp32)."""
     _, model_cls = transformers_ds
     _reference(transformers_ds, tmp_path, **VARIANTS[variant])
     ours = load_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
