@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 KINDS = ("pretrain", "sft")
@@ -39,9 +40,12 @@ class DataConfig:
     """Tokens per training sequence."""
     val_paths: list[str] = field(default_factory=list)
     """Held-out files for validation (same formats as `paths`). Default: a held-out slice of the built-in corpus
-    (every document whose name hashes to 0 mod `val_every`) that the training stream never reads."""
-    val_every: int = 50
-    """The built-in corpus puts 1 in `val_every` documents (by a stable hash of their name) in the validation split."""
+    (every document whose name hashes to 0 mod `holdout_every`) that the training stream never reads."""
+    holdout_every: int = 50
+    """The built-in corpus puts 1 in `holdout_every` documents (by a stable hash of their name) in the validation
+    split. (How often validation runs is `trainer.val_every`.)"""
+    val_every: int | None = None
+    """Deprecated name of `holdout_every` (it read like `trainer.val_every`); still accepted."""
     shuffle_buffer: int = 128
     """Packed sequences held in the seeded shuffle buffer (part of the resumable state)."""
     prefetch: int = 8
@@ -55,7 +59,14 @@ class DataConfig:
     cache_dir: str = "~/.cache/latentmoe"
     """Where the built-in BPE is cached."""
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        if self.val_every is not None:
+            warnings.warn("data.val_every is deprecated: it is data.holdout_every (the held-out share of the "
+                          "built-in corpus); how often validation runs is trainer.val_every", stacklevel=2)
+            self.holdout_every, self.val_every = self.val_every, None
+
+    def validate(self, require_paths: bool = True) -> None:
+        """Raises ValueError naming the key. `require_paths=False` (the dry run): data.paths may be left empty."""
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"data.{key}={getattr(self, key)!r}: {why}")
 
@@ -63,13 +74,13 @@ class DataConfig:
             raise bad("kind", f"allowed: {', '.join(KINDS)}")
         if self.source not in SOURCES:
             raise bad("source", f"allowed: {', '.join(SOURCES)}")
-        if self.source == "files" and not self.paths:
+        if self.source == "files" and not self.paths and require_paths:
             raise bad("paths", "data.source=files needs data.paths=[<glob>, ...]")
         if self.source == "hub" and not self.hub_path:
             raise bad("hub_path", "data.source=hub needs data.hub_path=<dataset name or builder>")
         if self.source == "stdlib" and self.kind == "sft":
             raise bad("source", "the built-in corpus has no conversations; SFT needs data.source=files")
-        for key in ("seq_len", "shuffle_buffer", "prefetch", "docs_per_chunk", "vocab_size", "val_every"):
+        for key in ("seq_len", "shuffle_buffer", "prefetch", "docs_per_chunk", "vocab_size", "holdout_every"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         if self.seq_len < 2:

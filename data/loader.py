@@ -26,7 +26,7 @@ from .chat import encode_conversations, messages_extractor
 from .config import DataConfig
 from .packing import ConcatPacker, ConversationPacker, ShuffleBuffer
 from .sources import (BadRecords, DataError, FileSource, HubSource, Position, StdlibSource, expand_globs,
-                      text_extractor)
+                      text_extractor, what_to_fix)
 from .tokenizer import TextTokenizer, cached_bpe, load_tokenizer
 
 
@@ -34,7 +34,7 @@ def build_tokenizer(cfg: DataConfig) -> TextTokenizer:
     """`data.tokenizer` if given, else the built-in byte-level BPE trained on the built-in corpus (cached)."""
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
-    corpus = StdlibSource("train", cfg.val_every, seed=0, rank=0, world=1)
+    corpus = StdlibSource("train", cfg.holdout_every, seed=0, rank=0, world=1)
     fingerprint = f"python-{platform.python_version()}|{corpus.fingerprint()}"
     return cached_bpe(corpus.texts, fingerprint, cfg.vocab_size, cfg.cache_dir)
 
@@ -49,7 +49,7 @@ def build_source(cfg: DataConfig, split: str, seed: int, rank: int, world: int):
         return FileSource(expand_globs(cfg.val_paths, "data.val_paths"), extract, field_name, seed, rank, world,
                           shuffle_files=False)
     if cfg.source == "stdlib":
-        return StdlibSource(split, cfg.val_every, seed, rank, world, shuffle=shuffle)
+        return StdlibSource(split, cfg.holdout_every, seed, rank, world, shuffle=shuffle)
     if split == "val":
         return None
     if cfg.source == "files":
@@ -176,7 +176,7 @@ class Pipeline:
             raise DataError(
                 f"data: {bad.bad} of {bad.good + bad.bad} records read were unusable ({bad.fraction():.1%}, above "
                 f"data.max_bad_fraction={self.cfg.max_bad_fraction}); by reason: {dict(bad.counts)}; first: "
-                f"{bad.examples[:5]}")
+                f"{bad.examples[:5]}{what_to_fix(bad.counts)}")
 
 
 _DONE = object()

@@ -95,6 +95,14 @@ class Record:
     position: Position
 
 
+def what_to_fix(counts: Counter | dict) -> str:
+    """A hint for a stream whose records are unusable: a missing field usually means the wrong field name."""
+    if any(reason.startswith("missing field") for reason in counts):
+        return ("; the records lack the configured field: set data.text_field=<field> (data.messages_field=<field> "
+                "for SFT) to the one holding the text")
+    return ""
+
+
 def check_text(value: Any, field_name: str) -> str | None:
     """None if `value` is a usable document text, else the reason it is not."""
     if value is None:
@@ -111,15 +119,24 @@ def check_text(value: Any, field_name: str) -> str | None:
 
 
 def expand_globs(patterns: list[str], key: str = "data.paths") -> list[Path]:
-    """Sorted files matching the globs; a pattern that matches no file is an error naming it."""
+    """Sorted files matching the globs; a directory stands for the supported files under it (recursively). A
+    pattern that matches no file is an error naming it."""
+    supported = JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
     files: list[Path] = []
     for pattern in patterns:
-        matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if Path(p).is_file())
+        path = Path(os.path.expanduser(pattern))
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in supported)
+            if not matches:
+                raise DataError(f"{key}: {pattern!r} is a directory without .jsonl/.json, .parquet or .txt/.md "
+                                f"files; give the files or a glob (e.g. {str(path / '*.jsonl')!r})")
+        else:
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not matches:
             raise DataError(f"{key}: {pattern!r} matches no file")
-        for path in matches:
-            if path.suffix.lower() not in JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES:
-                raise DataError(f"{key}: {path} has an unsupported format (use .jsonl/.json, .parquet or .txt/.md)")
+        for match in matches:
+            if match.suffix.lower() not in supported:
+                raise DataError(f"{key}: {match} has an unsupported format (use .jsonl/.json, .parquet or .txt/.md)")
         files += matches
     return list(dict.fromkeys(files))  # a file named by two globs is read once
 
@@ -172,7 +189,8 @@ class FileSource:
                 pos.file, pos.offset, pos.line = pos.file + 1, 0, 0
             if full_pass and self.bad.good == good_before:
                 raise DataError(f"data: a whole pass over {len(self.files)} files gave rank {self.rank} no usable "
-                                f"record; skipped: {dict(self.bad.counts)}; first: {self.bad.examples[:3]}")
+                                f"record; skipped: {dict(self.bad.counts)}; first: {self.bad.examples[:3]}"
+                                f"{what_to_fix(self.bad.counts)}")
             pos.epoch, pos.file, pos.offset, pos.line = pos.epoch + 1, 0, 0, 0
 
     def _mine(self, pos: Position) -> bool:
@@ -288,18 +306,18 @@ def stdlib_documents() -> list[tuple[str, Callable[[], bytes]]]:
     return docs
 
 
-def stdlib_split(split: str, val_every: int) -> list[tuple[str, Callable[[], bytes]]]:
-    """The train or val documents: 1 in `val_every` by a stable hash of the name goes to val, never to train."""
+def stdlib_split(split: str, holdout_every: int) -> list[tuple[str, Callable[[], bytes]]]:
+    """The train or val documents: 1 in `holdout_every` by a stable hash of the name goes to val, never to train."""
     def held_out(name: str) -> bool:
-        return zlib.crc32(name.encode()) % val_every == 0
+        return zlib.crc32(name.encode()) % holdout_every == 0
     return [d for d in stdlib_documents() if held_out(d[0]) == (split == "val")]
 
 
 class StdlibSource:
     """The built-in corpus as whole-document records, document order reshuffled per epoch."""
 
-    def __init__(self, split: str, val_every: int, seed: int, rank: int, world: int, shuffle: bool = True):
-        self.docs = stdlib_split(split, val_every)
+    def __init__(self, split: str, holdout_every: int, seed: int, rank: int, world: int, shuffle: bool = True):
+        self.docs = stdlib_split(split, holdout_every)
         if len(self.docs) < world:
             raise DataError(f"the built-in corpus {split} split has {len(self.docs)} documents, fewer than the "
                             f"{world} data-parallel ranks")
@@ -382,5 +400,6 @@ class HubSource:
                 yield Record(payload, f"hub:{pos.record}", Position(**pos.state()))
             if self.bad.good == good_before and not pos.extra.get("datasets_state"):
                 raise DataError(f"data: a whole pass over the hub dataset gave rank {self.rank} no usable record; "
-                                f"skipped: {dict(self.bad.counts)}; first: {self.bad.examples[:3]}")
+                                f"skipped: {dict(self.bad.counts)}; first: {self.bad.examples[:3]}"
+                                f"{what_to_fix(self.bad.counts)}")
             pos.epoch, pos.extra = pos.epoch + 1, {}

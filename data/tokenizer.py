@@ -55,6 +55,17 @@ class TextTokenizer:
     def save(self, path: str | os.PathLike) -> None:
         self.tokenizer.save(str(path))
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """`tokenizer.json` plus a `tokenizer_config.json` naming BOS/EOS/pad, so that transformers' AutoTokenizer
+        (and `load_tokenizer`) find the special tokens in an exported model directory."""
+        directory = Path(directory)
+        self.save(directory / "tokenizer.json")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        for key, token_id in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
+            if token_id is not None and self.tokenizer.id_to_token(token_id) is not None:
+                config[key] = self.tokenizer.id_to_token(token_id)
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
 
 def _special_id(tokenizer: Tokenizer, configured: str | None, names: tuple[str, ...]) -> int | None:
     for name in ((configured,) if configured else ()) + names:

@@ -104,10 +104,25 @@ def test_a_glob_that_matches_nothing_is_named(tmp_path):
         expand_globs([str(tmp_path / "*.xyz")])
 
 
+def test_a_directory_stands_for_the_supported_files_under_it(tmp_path):
+    (tmp_path / "data" / "more").mkdir(parents=True)
+    a = write_jsonl(tmp_path / "data" / "a.jsonl", [{"text": "x"}])
+    b = write_jsonl(tmp_path / "data" / "more" / "b.jsonl", [{"text": "y"}])
+    (tmp_path / "data" / "notes.yaml").write_text("not data")
+    assert expand_globs([str(tmp_path / "data")]) == [a, b]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"data\.paths: '.*empty' is a directory without \.jsonl"):
+        expand_globs([str(tmp_path / "empty")])
+
+
 def test_a_source_with_no_usable_record_stops_instead_of_spinning(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", ["{oops", {"text": ""}])
     source = FileSource([path], text_extractor("text"), "text", seed=0, rank=0, world=1)
     with pytest.raises(DataError, match="no usable record"):
+        next(source.records(Position()))
+    path = write_jsonl(tmp_path / "other.jsonl", [{"content": "a document under another name"}] * 3)
+    source = FileSource([path], text_extractor("text"), "text", seed=0, rank=0, world=1)
+    with pytest.raises(DataError, match=r"lack the configured field: set data\.text_field=<field>"):
         next(source.records(Position()))
 
 
