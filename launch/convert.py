@@ -12,8 +12,8 @@ optimizer and data position), with a model config that must match the checkpoint
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.config import DataConfig  # noqa: E402
 from data.loader import build_tokenizer  # noqa: E402
+from data.tokenizer import load_tokenizer  # noqa: E402
 from model import CausalLM, ModelConfig  # noqa: E402
 from model.hf import load_pretrained, save_pretrained  # noqa: E402
 from trainer.checkpoint import find_resume, load_model_weights, write_weights_only  # noqa: E402
@@ -36,10 +37,16 @@ def export(checkpoint: Path, out: Path, dtype: str | None, max_shard_size: str) 
     torch_dtype = getattr(torch, dtype or model.config.torch_dtype or "float32")
     save_pretrained(model, out, max_shard_size=max_shard_size, dtype=torch_dtype)
     if (checkpoint / "tokenizer.json").is_file():  # the run's own tokenizer, saved with every checkpoint
-        shutil.copy(checkpoint / "tokenizer.json", out / "tokenizer.json")
+        tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
     elif "data" in config:  # a checkpoint from before tokenizers were saved: rebuild it from the data config
         print("warning: the checkpoint holds no tokenizer.json; rebuilding it from the run's data config")
-        build_tokenizer(DataConfig(**config["data"])).save(out / "tokenizer.json")
+        tokenizer = build_tokenizer(DataConfig(**config["data"]))
+    else:
+        return out
+    # The special tokens the run trained with (its model config was fitted to its tokenizer), named in
+    # tokenizer_config.json for transformers.
+    tokenizer = dataclasses.replace(tokenizer, bos_id=model.config.bos_token_id, eos_id=model.config.eos_token_id)
+    tokenizer.save_pretrained(out)
     return out
 
 
@@ -67,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         out = import_hf(args.hf_dir, args.out)
         print(f"imported {args.hf_dir} -> {out}\n  train from it: python launch/pretrain.py checkpoint.resume={out} "
-              "model=<a preset with the same shapes>")
+              f"model=<a preset with the same shapes>\n  (or, simpler, from the directory itself: python "
+              f"launch/pretrain.py model.pretrained={args.hf_dir})")
 
 
 if __name__ == "__main__":

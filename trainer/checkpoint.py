@@ -1,38 +1,45 @@
 """Training checkpoints: every stateful thing, committed by a marker written last.
 
     <checkpoint.dir>/step_00000400/
-        model_rank00000.safetensors      weights: dense ones from rank 0, each expert once (`<param>.<expert>`),
-        optimizer_rank00000.safetensors  AdamW state, same names; written by whichever rank owns them, so any
-                                         expert-parallel layout can read any other
-        train_state.json           step, tokens seen, skipped steps, world size, resolved config
+        model_rank00000.safetensors      weights under CausalLM names, each expert once (`<param>.<expert>`): dense
+                                         ones from each stage's first data-parallel rank, experts from their first
+                                         replica, so any layout (ep, pp, engine) can read any other
+        optimizer_rank00000.safetensors  AdamW state, same names (the built-in engine)
+        deepspeed/                       DeepSpeed's own files (ZeRO partitions) under the DeepSpeed engines
+        train_state.json           step, tokens seen, skipped steps, world size, layout, resolved config
         tokenizer.json             the run's tokenizer
         data_rank00000.json/.safetensors   each data-parallel rank's loader state
         rng_rank00000.safetensors  each rank's torch RNG states (CPU and CUDA)
         COMPLETE                   written by rank 0 after every rank finished (fsynced): the commit marker
 
 `resume=auto` only ever considers directories holding COMPLETE, so a crash mid-save leaves something it skips (and
-the next save or prune removes). Only safetensors and JSON are read back: no pickle.
+the next save or prune removes). Only safetensors and JSON are read back by our code: no pickle
+(docs/checkpoints.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from data.tokenizer import TextTokenizer
+from model.hf import save_safetensors
 from model.moe import RoutedExperts
 
 from .distributed import DistEnv, barrier
+
+if TYPE_CHECKING:
+    from .engines import Engine
 
 COMPLETE = "COMPLETE"
 PREFIX = "step_"
@@ -156,7 +163,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def save_state(directory: Path, stem: str, state: Any) -> None:
     """A nested state as `<stem>.json` plus `<stem>.safetensors` for its arrays."""
     meta, arrays = split_arrays(state)
-    save_file(arrays, str(directory / f"{stem}.safetensors"))
+    save_safetensors(arrays, directory / f"{stem}.safetensors")
     _write_json(directory / f"{stem}.json", meta)
 
 
@@ -236,7 +243,8 @@ def _entry_index(directory: Path, stem: str) -> dict[str, Path]:
 
 
 def load_owned_tensors(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Fill this rank's weights (and optimizer state) from a checkpoint written at any expert-parallel layout."""
+    """Fill this rank's weights (and optimizer state) from a checkpoint written at any expert-parallel layout or
+    pipeline cut."""
     weight_index = _entry_index(directory, "model")
     optim_index = _entry_index(directory, "optimizer") if optimizer is not None else {}
     slots: dict[str, list[str]] = {}
@@ -294,16 +302,13 @@ def _fault(site: str, step: int, env: DistEnv) -> None:
         os._exit(137)
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, train_state: dict, data_state: dict, env: DistEnv,
-                    keep: int, tokenizer=None, owns_dense: bool | None = None, owns_experts: bool | None = None,
-                    extra_save: Callable[[Path], list[Path]] | None = None) -> Path:
-    """Collective: every rank calls it. Each rank with `owns_dense` (by default rank 0; with pipeline stages each
-    stage's first data-parallel rank) writes the dense entries it holds, and each rank with `owns_experts` (the
-    first expert-data-parallel replica; by default rank 0) its experts; `optimizer=None` leaves optimizer state to
-    `extra_save(directory)` (DeepSpeed's partitioned states), which every rank runs and which returns the files it
-    wrote. Each rank fsyncs its own files before the commit barrier; rank 0 then writes and fsyncs COMPLETE.
-    Returns the committed directory."""
+def save_checkpoint(root: str | os.PathLike, step: int, engine: Engine, train_state: dict, data_state: dict,
+                    env: DistEnv, keep: int, tokenizer: TextTokenizer | None = None) -> Path:
+    """Collective: every rank calls it. Each rank writes the weights (and, where the engine keeps it in our optimizer,
+    the AdamW state) it owns (`engine.owns_dense`, `engine.owns_experts`), its data position and RNG, and whatever
+    the engine keeps of its own (`engine.save_state`: DeepSpeed's partitions); rank 0 the train state and tokenizer.
+    Each rank fsyncs its own files before the commit barrier; rank 0 then writes and fsyncs COMPLETE. Returns the
+    committed directory."""
     path = step_dir(root, step)
     if env.is_main:
         if path.exists():
@@ -311,26 +316,25 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module,
         path.mkdir(parents=True)
     barrier(env)
     written = []
-    weights, optim = owned_tensors(model, optimizer, dense=env.is_main if owns_dense is None else owns_dense,
-                                   experts=env.is_main if owns_experts is None else owns_experts)
-    if weights:
-        for stem, tensors in (("model", weights), ("optimizer", optim)):
-            if stem == "optimizer" and optimizer is None:
-                continue
-            save_file(tensors, str(path / f"{stem}_rank{env.rank:05d}.safetensors"), metadata={"format": "pt"})
-            written.append(f"{stem}_rank{env.rank:05d}.safetensors")
+    with engine.full_weights():
+        weights, optim = owned_tensors(engine.model, engine.optimizer, engine.owns_dense, engine.owns_experts)
+    files = {"model": weights, "optimizer": optim} if engine.optimizer is not None else {"model": weights}
+    for stem, tensors in files.items() if weights else ():
+        name = f"{stem}_rank{env.rank:05d}.safetensors"
+        save_safetensors(tensors, path / name, metadata={"format": "pt"})
+        written.append(name)
     if env.is_main:
         _write_json(path / "train_state.json", train_state)
         written.append("train_state.json")
         if tokenizer is not None:  # the exact tokenizer of the run travels with its weights
-            tokenizer.save(str(path / "tokenizer.json"))
+            tokenizer.save(path / "tokenizer.json")
             written.append("tokenizer.json")
     save_state(path, f"data_rank{env.rank:05d}", data_state)
     _fault("save", step, env)
     save_state(path, f"rng_rank{env.rank:05d}", rng_state())
     for stem in (f"data_rank{env.rank:05d}", f"rng_rank{env.rank:05d}"):
         written += [f"{stem}.json", f"{stem}.safetensors"]
-    extra = extra_save(path) if extra_save is not None else []
+    extra = engine.save_state(path)
     for file in [path / name for name in written] + extra:
         _fsync_file(file)
     barrier(env)
@@ -378,57 +382,90 @@ def describe_layout(layout: dict | None) -> str:
     return f"DeepSpeed ZeRO-{layout['zero_stage']} (pp {layout['pp']}, dp {layout['dp']}, ep {layout['ep']})"
 
 
-def resume_plan(path: Path, layout: dict, world_size: int, optimizer_resume: str = "strict",
-                data_resume: str = "strict") -> tuple[bool, bool]:
-    """What a resume from `path` restores: (optimizer state, data position and RNG). Raises ValueError naming the
-    key to set when the checkpoint cannot be resumed as it is; cheap, so it runs before any process group.
+@dataclass
+class Resume:
+    """A checkpoint a run resumes from, its `train_state.json` read once, and what it restores under this run's
+    layout: the optimizer state (with the engine's own), and the data position and RNG."""
+
+    path: Path
+    state: dict
+    optimizer: bool
+    data: bool
+
+    @property
+    def weights_only(self) -> bool:
+        """Written by `launch/convert.py import` (or of another run's weights only): training starts at step 0."""
+        return bool(self.state.get("weights_only"))
+
+    @property
+    def esft_selection(self) -> dict[int, list[int]] | None:
+        """The experts the resumed ESFT run trains, as it chose them before its first step."""
+        saved = self.state.get("esft_selection")
+        return {int(k): list(v) for k, v in saved.items()} if saved is not None else None
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "state": self.state, "optimizer": self.optimizer, "data": self.data}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Resume":
+        return cls(Path(d["path"]), d["state"], d["optimizer"], d["data"])
+
+
+def read_train_state(path: Path) -> dict:
+    """A checkpoint's `train_state.json`; ValueError naming the file if it is missing or not JSON."""
+    file = path / "train_state.json"
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no train_state.json (not a training checkpoint; an HF directory is started from "
+                         "with model.pretrained=<dir>)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
+def plan_resume(path: Path, layout: dict, world_size: int, optimizer_resume: str = "strict",
+                data_resume: str = "strict") -> Resume:
+    """What a resume from `path` restores. Raises ValueError naming the key to set when the checkpoint cannot be
+    resumed as it is; cheap, so it runs before any process group.
 
     Weights load at any layout and engine (one entry per expert, CausalLM names), and so does the built-in engine's
     optimizer state. DeepSpeed's (its ZeRO partitions) only loads into the layout that wrote it (`layout`: engine,
-    ZeRO stage, pp, dp, ep): across layouts `optimizer_resume=strict` refuses and `reset` continues from the weights
-    with a fresh optimizer. The data position is per data-parallel rank: with another number of processes
-    `data_resume=strict` refuses and `reset` restarts the data stream (documents already seen may be seen again)."""
-    train_state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
-    if train_state.get("weights_only"):
-        return False, False
-    saved = train_state.get("layout")
-    if saved is None or saved.get("engine") != "deepspeed":
-        same = layout.get("engine") != "deepspeed"
-    else:
-        same = saved == layout
+    ZeRO stage, pp, dp, ep, pipeline format): across layouts `optimizer_resume=strict` refuses and `reset` continues
+    from the weights with a fresh optimizer. The data position is per data-parallel rank: with another number of
+    processes `data_resume=strict` refuses and `reset` restarts the data stream (documents already seen may be seen
+    again)."""
+    state = read_train_state(path)
+    if state.get("weights_only"):
+        return Resume(path, state, optimizer=False, data=False)
+    saved = state.get("layout")
+    same = layout.get("engine") != "deepspeed" if saved is None or saved.get("engine") != "deepspeed" \
+        else saved == layout
     if not same and optimizer_resume != "reset":
         raise ValueError(f"{path}: written by {describe_layout(saved)}, resuming under {describe_layout(layout)}; "
-                         "DeepSpeed's optimizer partitions only load into the layout that wrote them. Resume with "
-                         "that layout, or set checkpoint.optimizer_resume=reset to continue from the weights (any "
-                         "layout) with a fresh optimizer")
-    if train_state["world_size"] != world_size and data_resume != "reset":
-        raise ValueError(f"{path}: saved with {train_state['world_size']} processes, resuming with {world_size}; "
+                         "DeepSpeed's optimizer partitions only load into the layout (and pipeline format) that "
+                         "wrote them. Resume with that layout, or set checkpoint.optimizer_resume=reset to continue "
+                         "from the weights (any layout) with a fresh optimizer")
+    if state["world_size"] != world_size and data_resume != "reset":
+        raise ValueError(f"{path}: saved with {state['world_size']} processes, resuming with {world_size}; "
                          "the data position is per rank, so resume with the same number of processes, or set "
                          "checkpoint.data_resume=reset to restart the data stream")
-    return same, train_state["world_size"] == world_size
+    return Resume(path, state, optimizer=same, data=state["world_size"] == world_size)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    env: DistEnv, data_resume: str = "strict", layout: dict | None = None,
-                    optimizer_resume: str = "strict", engine_state: Callable[[Path], None] | None = None,
-                    engine_has_weights: bool = False, weights_context: Callable[[], Any] | None = None
-                    ) -> tuple[dict, dict | None, bool]:
-    """Restore what `resume_plan` allows: weights, optimizer state, this rank's RNG and data position; returns
-    (train_state, this rank's data state or None, whether the optimizer state was restored). Under DeepSpeed, `engine_state(path)` restores its ZeRO
-    partitions (collective); `engine_has_weights` (ZeRO-3) means they hold the weights too; `weights_context()` is
-    entered around reading our weight files (ZeRO-3: the gathered parameters)."""
-    train_state = json.loads((path / "train_state.json").read_text(encoding="utf-8"))
-    with_optimizer, with_data = resume_plan(path, layout or {"engine": "builtin"}, env.world_size, optimizer_resume,
-                                            data_resume)
-    if engine_state is not None and with_optimizer:
-        engine_state(path)
-    if not (with_optimizer and engine_has_weights):
-        with weights_context() if weights_context is not None else contextlib.nullcontext():
-            load_owned_tensors(path, model, optimizer if with_optimizer else None)
-    if not with_data:
-        return train_state, None, with_optimizer
-    set_rng_state(load_state(path, f"rng_rank{env.rank:05d}"))
-    return train_state, load_state(path, f"data_rank{env.rank:05d}"), with_optimizer
+def load_checkpoint(resume: Resume, engine: Engine, env: DistEnv) -> dict | None:
+    """Restore what `resume` allows into the engine: its own state (DeepSpeed's partitions), the weights from our
+    files unless that state held them (ZeRO-3), the AdamW state our files hold, and this rank's RNG; returns this
+    rank's data state, or None when the data stream restarts."""
+    weights_restored = engine.load_state(resume.path) if resume.optimizer else False
+    if not weights_restored:
+        with engine.full_weights(modifier_rank=0):
+            load_owned_tensors(resume.path, engine.model, engine.optimizer if resume.optimizer else None)
+    if not resume.optimizer:
+        engine.weights_changed()  # e.g. ZeRO's fp32 masters were made from the initial weights
+    if not resume.data:
+        return None
+    set_rng_state(load_state(resume.path, f"rng_rank{env.rank:05d}"))
+    return load_state(resume.path, f"data_rank{env.rank:05d}")
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:
@@ -441,7 +478,7 @@ def write_weights_only(path: Path, model: torch.nn.Module, config: dict) -> Path
     """A committed checkpoint holding only weights (an imported HF model): training starts from it at step 0."""
     path.mkdir(parents=True, exist_ok=True)
     weights, _ = owned_tensors(model, None, dense=True, experts=True)
-    save_file(weights, str(path / "model_rank00000.safetensors"), metadata={"format": "pt"})
+    save_safetensors(weights, path / "model_rank00000.safetensors", metadata={"format": "pt"})
     _write_json(path / "train_state.json", {"weights_only": True, "step": 0, "config": config})
     (path / COMPLETE).write_text("weights only\n")
     return path

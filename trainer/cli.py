@@ -8,7 +8,9 @@ ranks train with the same settings even if their clocks put Hydra's default run 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import os
 import shutil
 import sys
@@ -17,7 +19,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .config import TrainConfig, register_configs
+from model import ModelConfig
+
+from .config import TrainConfig, register_configs, to_train_config
+from .prepare import resolve_pretrained
 from .distributed import (
     DistEnv,
     broadcast_object,
@@ -49,33 +54,15 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
-    """The typed config (interpolations resolved, enums and nested dataclasses built, ModelConfig validated)."""
-    if not isinstance(cfg, DictConfig):
-        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
-    _reject_unknown_keys(cfg, TrainConfig, "")
-    return OmegaConf.to_object(cfg)
-
-
-def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
-    """Hydra's `+key=value` appends even to typed nodes, and to_object would then drop the key silently."""
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key in node:
-        if key not in fields:
-            raise ValueError(f"{prefix}{key}: unknown key; allowed: {', '.join(sorted(fields))}")
-        kind = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
-        if dataclasses.is_dataclass(kind) and isinstance(node[key], DictConfig):
-            _reject_unknown_keys(node[key], kind, f"{prefix}{key}.")
-
-
-def dry_run(cfg: TrainConfig, env: DistEnv) -> None:
+def dry_run(cfg: TrainConfig, env: DistEnv, explicit_model: dict[str, str] | None = None) -> None:
     """`trainer.dry_run=true`: validate for the planned world (`parallel.world_size`, else the launched one) and
     print the layout and memory plan. Runs before `prepare`, whose launched-world guard would refuse a plan for a
-    bigger job, and creates no process group and no tokenizer."""
+    bigger job, and creates no process group and no tokenizer; files the run would read need not exist yet."""
     from .plan import format_plan, plan, trainable_slot_params
 
     world = cfg.parallel.world_size or env.world_size
-    cfg.validate(world)
+    cfg.model = resolve_pretrained(cfg, explicit_model)
+    cfg.validate(world, planning=True)
     report = format_plan(plan(cfg, world))
     partial = trainable_slot_params(cfg, cfg.expert_parallel_size(world))
     if partial is not None:  # the same run training everything, for comparison, then as configured
@@ -92,34 +79,130 @@ def dry_run(cfg: TrainConfig, env: DistEnv) -> None:
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from .train import Prepared, config_dict, copy_run_config, prepare, train
+    from .prepare import Prepared, prepare
+    from .train import copy_run_config, train
 
     env = env_from_launcher()
-    try:  # every input error surfaces here, before any process group exists
+    with user_errors():  # every input error surfaces here, before any process group exists
         train_cfg = to_train_config(cfg)
+        explicit = explicit_model_fields(cfg, HydraConfig.get())
         if train_cfg.trainer.dry_run:
-            return dry_run(train_cfg, env)
-        prepared = prepare(train_cfg, env)
-    except ValueError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+            return dry_run(train_cfg, env, explicit)
+        prepared = prepare(train_cfg, env, explicit)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = pick_device(prepared.cfg.trainer.device, env)
-    init_process_group(env, device, prepared.cfg.parallel.backend, prepared.cfg.parallel.timeout_s)
+    init_process_group(env, device, prepared.cfg.parallel.backend, prepared.cfg.parallel.timeout_s,
+                       single=prepared.cfg.uses_deepspeed)  # DeepSpeed wants a group even for one process
     try:
         # Rank 0's resolved config, run dir and resume choice for everyone: the ranks cannot disagree.
-        shared = (config_dict(prepared.cfg), str(run_dir), str(prepared.resume or ""),
-                  [str(p) for p in prepared.set_aside]) if env.is_main else None
-        resolved, run_dir, resume, set_aside = broadcast_object(shared, env)
-        run_dir = Path(run_dir)
-        prepared = Prepared(to_train_config(resolved), prepared.tokenizer, Path(resume) if resume else None,
-                            [Path(p) for p in set_aside])
+        shared = broadcast_object((prepared.shared(), str(run_dir)) if env.is_main else None, env)
+        prepared, run_dir = Prepared.from_shared(shared[0], prepared.tokenizer), Path(shared[1])
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             copy_run_config(run_dir, prepared.cfg)
-        train(prepared, run_dir, env)
+        with user_errors():
+            train(prepared, run_dir, env)
     finally:
         shutdown()
+
+
+@contextlib.contextmanager
+def user_errors():
+    """One line instead of a traceback for what the user can fix: a wrong setting, file or checkpoint (exit 2), or
+    a run stopped on purpose by a non-finite loss (exit 1)."""
+    from data.sources import DataError
+    from model.hf import CheckpointError
+
+    from .config import NonFiniteError
+    try:
+        yield
+    except (DataError, CheckpointError) as e:
+        print(f"{'data' if isinstance(e, DataError) else 'checkpoint'} error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except NonFiniteError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def explicit_model_fields(cfg: DictConfig, hydra_cfg) -> dict[str, str]:
+    """{model field: where the user set it}: `model.<field>=` on the command line, every field of a preset chosen on
+    the command line (`model=<name>`), and fields an experiment sets (those that differ from the chosen preset).
+    Fields that only come from the default preset are not counted: `model.pretrained` replaces them."""
+    task = [o.lstrip("+~") for o in hydra_cfg.overrides.task]
+    preset = hydra_cfg.runtime.choices.get("model")
+    preset_values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml")) if preset else {}
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    chosen = next((o for o in task if o.split("=")[0] in ("model", "/model")), None)
+    experiment = hydra_cfg.runtime.choices.get("experiment")
+    explicit = {}
+    for name in defaults:
+        given = next((o for o in task if o.split("=")[0] == f"model.{name}"), None)
+        value = cfg.model.get(name)
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        if given:
+            explicit[name] = given
+        elif chosen and name in preset_values:
+            explicit[name] = chosen
+        elif experiment and value != preset_values.get(name, defaults[name]):
+            explicit[name] = f"experiment={experiment}"
+    return explicit
+
+
+def check_overrides(args: list[str]) -> None:
+    """Command-line overrides checked against the schema before Hydra composes them: an unknown key, group or
+    preset, a value of the wrong type, each stop with one `config error:` line naming it (exit 2), not Hydra's
+    advice to append keys with `+`."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        problem = _unknown(key, override.split("=", 1)[1])
+        if problem:
+            print(f"config error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+    if any(a in ("-m", "--multirun") for a in args):
+        return  # sweeps (a=1,2) are Hydra's to expand
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            compose("config", overrides=overrides)
+    except HydraException as e:
+        cause = str(e.__cause__ or e).strip().splitlines()[0]
+        print(f"config error: {str(e).removeprefix('Error merging override ')}: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _unknown(key: str, value: str) -> str | None:
+    """Why `key` is not a config key or `key=value` not a preset choice (with the closest names), or None."""
+    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+    if "." not in key:
+        if key.lstrip("/") not in groups:
+            return f"{key}: no such config group; groups: {', '.join(groups)} (settings take a section: trainer.{key})"
+        presets = sorted(f.stem for f in (CONF_DIR / key.lstrip("/")).glob("*.yaml"))
+        if value not in presets and value != "null":
+            return f"{key}={value}: no such preset{_did_you_mean(value, presets)}; available: {', '.join(presets)}"
+        return None
+    node, path = TrainConfig, []
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            known = [".".join([*path, name]) for name in fields]
+            hint = _did_you_mean(".".join([*path, part]), known)
+            return f"{key}: unknown key{hint}; allowed: {', '.join(sorted(known))}"
+        path.append(part)
+        kind = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
+        if not dataclasses.is_dataclass(kind):
+            return None  # a leaf (dict-valued fields such as model.rope_scaling take any sub-key)
+        node = kind
+    return None
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
 
     register_configs()
     sys.argv = [sys.argv[0]] + strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    check_overrides(sys.argv[1:])
     env = env_from_launcher()
     scratch = None
     if env.rank > 0:

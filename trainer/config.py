@@ -5,12 +5,17 @@ its own section. `validate()` checks what types alone cannot, before any process
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from enum import Enum
 
+from omegaconf import DictConfig, OmegaConf
+
 from data.config import DataConfig
 from model.config import ModelConfig
+
+from .layout import resolve_ep, slot_kinds, stage_boundaries, validate_layout
 
 
 class WandbMode(str, Enum):
@@ -91,9 +96,9 @@ class ParallelConfig:
 @dataclass
 class MoEConfig:
     capacity_factor: float | None = None
-    """Device-level token dropping for training (paper §2.2.4), off when null: in each sequence, each routing group
-    keeps at most capacity_factor x (its share of the sequence's token copies), the highest-affinity ones
-    (the paper: 1.0). Evaluation never drops."""
+    """Device-level token dropping for training (paper §2.2.4), off when null: in each micro-batch, each routing
+    group (the paper's device) keeps at most capacity_factor x (its share of the micro-batch's token copies), the
+    highest-affinity ones (the paper: 1.0); see docs/model.md §5.5. Evaluation never drops."""
     no_drop_fraction: float = 0.1
     """Fraction of training sequences (chosen by a hash of their tokens) whose tokens are never dropped."""
 
@@ -201,7 +206,6 @@ class TrainConfig:
         return world_size // max(1, self.parallel.pp)
 
     def expert_parallel_size(self, world_size: int) -> int:
-        from .expert_parallel import resolve_ep
         m = self.model
         if self.parallel.ep is None and self.parallel.zero_stage == 3:
             return 1  # ZeRO-3 partitions every parameter over data parallelism: experts are not sharded
@@ -211,6 +215,17 @@ class TrainConfig:
     @property
     def uses_deepspeed(self) -> bool:
         return self.parallel.zero_stage is not None or self.parallel.pp > 1
+
+    def layout(self, world_size: int) -> dict:
+        """What DeepSpeed's optimizer partitions depend on, recorded in every checkpoint (`pipeline`: the stage
+        format, 2 since stages are cuts of CausalLM; DeepSpeed's state from older pipeline checkpoints does not
+        load into them)."""
+        pp = self.parallel.pp
+        layout = {"engine": "deepspeed" if self.uses_deepspeed else "builtin", "zero_stage": self.resolved_zero_stage(),
+                  "pp": pp, "dp": world_size // pp, "ep": self.expert_parallel_size(world_size)}
+        if pp > 1:
+            layout["pipeline"] = 2
+        return layout
 
     def resolved_zero_stage(self) -> int | None:
         """The ZeRO stage the run uses: the configured one, 1 for a pipeline left at null, None for the built-in
@@ -254,7 +269,6 @@ class TrainConfig:
             raise ValueError(f"parallel.pp_partition={par.pp_partition!r}: allowed: parameters, uniform, type:moe, "
                              "type:<layer class regex>")
         if par.pp > 1 and ep > 1 and self.model.num_hidden_layers >= par.pp:
-            from .plan import slot_kinds, stage_boundaries
             parts, kinds = stage_boundaries(self.model, par.pp, ep, par.pp_partition), slot_kinds(self.model)
             empty = [st for st in range(par.pp) if "moe_layer" not in kinds[parts[st]:parts[st + 1]]]
             if empty:
@@ -268,11 +282,26 @@ class TrainConfig:
             if not os.path.isfile(os.path.expanduser(par.deepspeed_config)):
                 raise ValueError(f"parallel.deepspeed_config={par.deepspeed_config!r}: no such file")
 
-    def validate(self, world_size: int = 1) -> None:
-        """Checks across fields; raises ValueError naming the key and what is allowed."""
-        from .expert_parallel import validate_layout
+    def _validate_esft(self) -> None:
+        e = self.esft
+        if not e.enabled:
+            return
+        if e.score not in ("gate", "token"):
+            raise ValueError(f"esft.score={e.score!r}: allowed: gate, token")
+        if not 0 < e.threshold <= 1:
+            raise ValueError(f"esft.threshold={e.threshold}: must be in (0, 1]")
+        if e.sample_batches < 1:
+            raise ValueError(f"esft.sample_batches={e.sample_batches}: must be >= 1")
+        if self.parallel.pp > 1:
+            raise ValueError("esft.enabled with parallel.pp > 1: expert scoring runs the whole model in one stage; "
+                             "use parallel.pp=1 (ESFT of V2-Lite fits one GPU)")
+        if not self.model.n_routed_experts:
+            raise ValueError("esft.enabled: the model has no routed experts")
 
-        self.data.validate()
+    def validate(self, world_size: int = 1, planning: bool = False) -> None:
+        """Checks across fields; raises ValueError naming the key and what is allowed. `planning` (the dry run):
+        the files the run would read need not exist yet."""
+        self.data.validate(require_paths=not planning)
         t, o = self.trainer, self.optim
         validate_layout(world_size, self.parallel.pp, self.expert_parallel_size(world_size),
                         self.model.n_routed_experts)
@@ -281,18 +310,7 @@ class TrainConfig:
             raise ValueError(f"moe.capacity_factor={self.moe.capacity_factor}: must be > 0 (null turns dropping off)")
         if not 0.0 <= self.moe.no_drop_fraction <= 1.0:
             raise ValueError(f"moe.no_drop_fraction={self.moe.no_drop_fraction}: must be in [0, 1]")
-        if self.esft.enabled:
-            if self.esft.score not in ("gate", "token"):
-                raise ValueError(f"esft.score={self.esft.score!r}: allowed: gate, token")
-            if not 0 < self.esft.threshold <= 1:
-                raise ValueError(f"esft.threshold={self.esft.threshold}: must be in (0, 1]")
-            if self.esft.sample_batches < 1:
-                raise ValueError(f"esft.sample_batches={self.esft.sample_batches}: must be >= 1")
-            if self.parallel.pp > 1:
-                raise ValueError("esft.enabled with parallel.pp > 1: expert scoring runs the whole model in one "
-                                 "stage; use parallel.pp=1 (ESFT of V2-Lite fits one GPU)")
-            if not self.model.n_routed_experts:
-                raise ValueError("esft.enabled: the model has no routed experts")
+        self._validate_esft()
         if self.trainer.epochs is not None and self.trainer.epochs <= 0:
             raise ValueError(f"trainer.epochs={self.trainer.epochs}: must be > 0 (or null to use max_steps)")
         if self.checkpoint.optimizer_resume not in ("strict", "reset"):
@@ -337,9 +355,9 @@ class TrainConfig:
         if t.val_every < 0:
             raise bad("trainer.val_every", t.val_every, "must be >= 0 (0 disables validation)")
         resume = self.checkpoint.resume
-        if resume not in ("auto", "none") and not os.path.isdir(os.path.expanduser(resume)):
+        if not planning and resume not in ("auto", "none") and not os.path.isdir(os.path.expanduser(resume)):
             raise bad("checkpoint.resume", resume, "allowed: auto, none, or an existing checkpoint directory")
-        if self.data.tokenizer and not os.path.exists(os.path.expanduser(self.data.tokenizer)):
+        if not planning and self.data.tokenizer and not os.path.exists(os.path.expanduser(self.data.tokenizer)):
             raise bad("data.tokenizer", self.data.tokenizer, "no such file or directory")
         if self.checkpoint.keep < 1:
             raise bad("checkpoint.keep", self.checkpoint.keep, "must be >= 1")
@@ -348,6 +366,30 @@ class TrainConfig:
         if self.data.seq_len > self.model.max_position_embeddings:
             raise bad("data.seq_len", self.data.seq_len,
                       f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
+
+
+def to_train_config(cfg: DictConfig | dict) -> TrainConfig:
+    """The typed config (interpolations resolved, enums and nested dataclasses built, ModelConfig validated)."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    _reject_unknown_keys(cfg, TrainConfig, "")
+    return OmegaConf.to_object(cfg)
+
+
+def _reject_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
+    """Hydra's `+key=value` appends even to typed nodes, and to_object would then drop the key silently."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node:
+        if key not in fields:
+            raise ValueError(f"{prefix}{key}: unknown key; allowed: {', '.join(sorted(fields))}")
+        kind = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(kind) and isinstance(node[key], DictConfig):
+            _reject_unknown_keys(node[key], kind, f"{prefix}{key}.")
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """The config as plain containers (enums as strings): what checkpoints, wandb and the rank broadcast carry."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
 
 
 def register_configs() -> None:

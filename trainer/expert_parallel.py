@@ -1,18 +1,15 @@
-"""Expert parallelism: the process grid and the all-to-all token dispatcher plugged into every MoE layer.
+"""Expert parallelism and data-parallel reductions over torch.distributed: the process groups, the all-to-all
+token dispatcher plugged into every MoE layer, gradient sums and the global clip norm.
 
-    world = pp x dp        dp = ep x edp
-    rank = pp_rank * dp + dp_rank        dp_rank = edp_rank * ep + ep_rank   (an EP group: `ep` consecutive ranks)
-
-Routed experts are sharded over the `ep` ranks of an EP group (rank r holds experts [r E/ep, (r + 1) E/ep)) and
-replicated over `edp`; everything else is replicated over `dp`. Gradients: dense parameters are summed over the
-data-parallel group, expert parameters over the expert-data-parallel group only (their owner already received every
-token of its EP group), so a run at any `ep` takes the same optimizer step as one process with the same global batch.
+The grid (`layout.ProcessGrid`): world = pp x dp, dp = ep x edp, an EP group is `ep` consecutive data-parallel ranks.
+Gradients: dense parameters are summed over the data-parallel group, expert parameters over the
+expert-data-parallel group only (their owner already received every token of its EP group), so a run at any `ep`
+takes the same optimizer step as one process with the same global batch (docs/parallelism.md).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -20,65 +17,8 @@ import torch.distributed as dist
 from model import CausalLM
 from model.moe import RoutedExperts, combine, sort_copies
 
-from .distributed import DistEnv
-
-
-@dataclass
-class ProcessGrid:
-    rank: int = 0
-    world: int = 1
-    pp: int = 1
-    ep: int = 1
-    dp_group: object = None
-    ep_group: object = None
-    edp_group: object = None
-
-    @property
-    def dp(self) -> int:
-        return self.world // self.pp
-
-    @property
-    def edp(self) -> int:
-        return self.dp // self.ep
-
-    @property
-    def dp_rank(self) -> int:
-        return self.rank % self.dp
-
-    @property
-    def ep_rank(self) -> int:
-        return self.dp_rank % self.ep
-
-    @property
-    def edp_rank(self) -> int:
-        return self.dp_rank // self.ep
-
-    def expert_shard(self, n_experts: int) -> tuple[int, int]:
-        per_rank = n_experts // self.ep
-        return self.ep_rank * per_rank, per_rank
-
-
-def resolve_ep(requested: int | None, dp: int, n_experts: int | None, n_group: int = 1,
-               group_limited: bool = False) -> int:
-    """`parallel.ep`; None picks the largest size dividing the data-parallel size and the expert count, and with
-    device-limited routing the number of routing groups too, so that groups stay whole on ranks (V2: 8 groups,
-    8 ranks, as the paper's devices)."""
-    if n_experts is None:
-        return 1
-    if requested is not None:
-        return requested
-    return math.gcd(dp, n_group if group_limited and n_group > 1 else n_experts)
-
-
-def validate_layout(world: int, pp: int, ep: int, n_experts: int | None) -> None:
-    """Raises ValueError naming the key: checked before any process group starts."""
-    if pp < 1 or world % pp:
-        raise ValueError(f"parallel.pp={pp}: must divide the number of processes ({world})")
-    dp = world // pp
-    if ep < 1 or dp % ep:
-        raise ValueError(f"parallel.ep={ep}: must divide the data-parallel size {dp} (= {world} processes / pp {pp})")
-    if ep > 1 and (n_experts is None or n_experts % ep):
-        raise ValueError(f"parallel.ep={ep}: must divide model.n_routed_experts={n_experts}")
+from .distributed import DistEnv, all_reduce_sum
+from .layout import ProcessGrid, is_expert_param
 
 
 def build_grid(env: DistEnv, pp: int, ep: int) -> ProcessGrid:
@@ -209,10 +149,6 @@ def attach_dispatchers(model: CausalLM, grid: ProcessGrid) -> list[AllToAllDispa
     return dispatchers
 
 
-def is_expert_param(name: str) -> bool:
-    return ".mlp.experts." in name
-
-
 def reduce_gradients(model: torch.nn.Module, grid: ProcessGrid, bucket_bytes: int = 32 * 2**20) -> None:
     """Sum dense gradients over the data-parallel group and expert gradients over the expert-data-parallel group,
     in coalesced buckets. A parameter without a gradient on this rank contributes zeros, so every rank's buckets
@@ -284,3 +220,23 @@ def broadcast_replicas(model: torch.nn.Module, grid: ProcessGrid) -> None:
                 dist.broadcast(t, src=edp_src, group=grid.edp_group)
         elif grid.dp > 1:
             dist.broadcast(t, src=dp_src, group=grid.dp_group)
+
+
+def dispatch_metrics(dispatchers: list[AllToAllDispatcher], env: DistEnv, device: torch.device) -> dict:
+    """Distinct ranks each token's copies went to (mean and max over ranks and MoE layers) and bytes sent to other
+    ranks per token, since the last call; resets the counters. Collective: every rank calls it, also a pipeline
+    stage without MoE layers (no dispatchers)."""
+    sums = torch.tensor([float(sum(d.stats.tokens for d in dispatchers)),
+                         float(sum(torch.as_tensor(d.stats.ranks_sum).item() for d in dispatchers)),
+                         float(sum(d.stats.rows_sent_remote * d.stats.row_bytes for d in dispatchers))],
+                        device=device, dtype=torch.float64)
+    peak = torch.tensor(float(max((torch.as_tensor(d.stats.ranks_max).item() for d in dispatchers), default=0)),
+                        device=device)
+    all_reduce_sum(sums, env)
+    if env.distributed:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    for d in dispatchers:
+        d.stats.reset()
+    tokens = max(float(sums[0]), 1.0)
+    return {"ranks_per_token_mean": float(sums[1]) / tokens, "ranks_per_token_max": int(peak),
+            "a2a_bytes_per_token": float(sums[2]) / tokens}

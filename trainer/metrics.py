@@ -75,8 +75,10 @@ class MetricsLogger:
                 self.bar = None
         if cfg.wandb != WandbMode.disabled:
             import wandb
+            # silent: wandb's own banner and end-of-run summary (some 30 lines) would bury the last step line;
+            # `summary_line` says where the run is instead.
             self.wandb = wandb.init(project=cfg.project, dir=str(run_dir), mode=cfg.wandb.value, config=config_dict,
-                                    resume="allow")
+                                    resume="allow", settings=wandb.Settings(silent=True))
 
     def print(self, text: str) -> None:
         if not self.enabled:
@@ -112,6 +114,14 @@ class MetricsLogger:
                         flat[f"expert_load/layer_{layer}"] = wandb.Image(
                             heatmap_image(rows[-64:]), caption="rows: logged steps, columns: experts")
             self.wandb.log(flat, step=step)
+
+    def summary_line(self) -> str | None:
+        """Where wandb keeps this run, for the end-of-run summary (None without wandb)."""
+        if self.wandb is None:
+            return None
+        if self.cfg.wandb == WandbMode.offline:
+            return f"  wandb        {self.wandb.settings.sync_dir}  (offline: `wandb sync <that dir>` uploads it)"
+        return f"  wandb        {self.wandb.url}"
 
     def close(self) -> None:
         if not self.enabled:

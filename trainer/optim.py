@@ -7,7 +7,7 @@ import math
 import torch
 
 from .config import OptimConfig, Schedule, TrainerConfig
-from .expert_parallel import is_expert_param
+from .layout import is_expert_param
 
 
 def build_param_groups(model: torch.nn.Module, cfg: OptimConfig, expert_group: str | None = None) -> list[dict]:

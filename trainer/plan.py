@@ -1,9 +1,8 @@
 """The layout and per-rank memory of a run, from the config alone: what `trainer.dry_run=true` prints.
 
 Pure arithmetic (no process group, no tensors), so a 128-rank layout of V2 is checked on a laptop before a job is
-queued. The pipeline cuts the model into L + 2 *slots*: 0 the token embedding, 1..L the decoder layers, L + 1 the
-final norm and the output head. `stage_boundaries` is the one place stages are cut; the pipeline engine calls it too,
-so the dry run and the real run agree.
+queued. Stages are cut by `layout.stage_boundaries`, as the pipeline engine cuts them, so the dry run and the real
+run agree.
 
 Bytes per parameter held by a rank (weights / gradients / optimizer states):
 
@@ -29,95 +28,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from model.config import ModelConfig
-from model.flops import _attention_params
-
 from .config import TrainConfig
+from .layout import SlotParams, is_expert_param, slot_kinds, slot_param_counts, slot_params, stage_boundaries
 
 ACTIVATION_BYTES_PER_HIDDEN = 34
 """Bytes of saved 16-bit activations per token, hidden unit and decoder layer (no recomputation)."""
 GROUPS_SHOWN = 2
 """Groups listed per kind; the rest are counted."""
-
-
-@dataclass(frozen=True)
-class SlotParams:
-    """Parameters of one pipeline slot held by one rank: replicated over dp (`dense`) or sharded over the EP group
-    and replicated over edp (`expert`, the routed experts). ZeRO divides the two over different groups."""
-
-    dense: int
-    expert: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.dense + self.expert
-
-
-def slot_kinds(c: ModelConfig) -> list[str]:
-    """Type names of the slots, matched by `pp_partition=type:<regex>` (like DeepSpeed's layer class names)."""
-    layers = ["moe_layer" if c.is_moe_layer(i) else "dense_layer" for i in range(c.num_hidden_layers)]
-    return ["embedding", *layers, "head"]
-
-
-def slot_params(c: ModelConfig, ep: int = 1) -> list[SlotParams]:
-    """Per-rank parameters of every slot, with each MoE layer's routed experts split over `ep` ranks."""
-    n_experts = c.n_routed_experts or 0
-    if ep < 1 or (ep > 1 and n_experts % ep):
-        raise ValueError(f"parallel.ep={ep}: must divide model.n_routed_experts={c.n_routed_experts}")
-    d = c.hidden_size
-    attn, attn_norms = _attention_params(c)
-    block = attn + attn_norms + 2 * d  # attention with its latent norms, and the two block RMSNorms
-    slots = [SlotParams(c.vocab_size * d)]
-    for i in range(c.num_hidden_layers):
-        if c.is_moe_layer(i):
-            router, shared = n_experts * d, 3 * d * c.shared_intermediate_size
-            slots.append(SlotParams(block + router + shared, n_experts // ep * 3 * d * c.moe_intermediate_size))
-        else:
-            slots.append(SlotParams(block + 3 * d * c.intermediate_size))
-    slots.append(SlotParams(d + c.vocab_size * d))  # final norm + untied head
-    return slots
-
-
-def slot_param_counts(c: ModelConfig, ep: int = 1) -> list[int]:
-    """Parameters held by one rank for each slot (the weights DeepSpeed's `parameters` partitioning balances)."""
-    return [s.total for s in slot_params(c, ep)]
-
-
-def stage_boundaries(c: ModelConfig, pp: int, ep: int = 1, method: str = "parameters") -> list[int]:
-    """pp + 1 slot indices, DeepSpeed's `parts`: stage s holds slots [parts[s], parts[s + 1]).
-
-    `parameters` balances the per-rank parameter counts (experts per EP shard, as each rank holds them), `uniform`
-    the slot counts, `type:<regex>` the slots whose type name (`slot_kinds`) matches, as DeepSpeed's own methods do.
-    """
-    from deepspeed.runtime.utils import partition_balanced, partition_uniform
-
-    n = c.num_hidden_layers + 2
-    if not 1 <= pp <= n:
-        raise ValueError(f"parallel.pp={pp}: each stage needs at least one of the {n} pipeline slots (embedding, "
-                         f"{c.num_hidden_layers} layers, head); use parallel.pp <= {n}")
-    kind = method.lower()
-    if kind == "uniform":
-        parts = partition_uniform(num_items=n, num_parts=pp)
-    elif kind == "parameters":
-        parts = partition_balanced(weights=slot_param_counts(c, ep), num_parts=pp)
-    elif kind.startswith("type:"):
-        try:
-            pattern = re.compile(method.split(":", 1)[1], re.IGNORECASE)
-        except re.error as e:
-            raise ValueError(f"parallel.pp_partition={method!r}: bad regular expression ({e})") from None
-        weights = [1 if pattern.search(name) else 0 for name in slot_kinds(c)]
-        if not any(weights):
-            raise ValueError(f"parallel.pp_partition={method!r}: matches no slot type (embedding, dense_layer, "
-                             "moe_layer, head)")
-        parts = partition_balanced(weights=weights, num_parts=pp)
-    else:
-        raise ValueError(f"parallel.pp_partition={method!r}: allowed: parameters, uniform, type:moe, type:<regex>")
-    parts = [int(p) for p in parts]
-    empty = [s for s in range(pp) if parts[s + 1] <= parts[s]]
-    if empty or parts[0] != 0 or parts[-1] != n:
-        raise ValueError(f"parallel.pp={pp} with parallel.pp_partition={method!r}: stage(s) {empty} get no slot "
-                         f"(boundaries {parts}); use fewer stages or another partition method")
-    return parts
 
 
 @dataclass
@@ -260,7 +177,6 @@ def trainable_slot_params(cfg: TrainConfig, ep: int) -> list[SlotParams] | None:
     from model import CausalLM
 
     from .esft import apply_trainable
-    from .expert_parallel import is_expert_param
     c = cfg.model
     if cfg.trainer.trainable is None and not cfg.esft.enabled:
         return None

@@ -21,13 +21,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from model import CausalLM, next_token_labels
+from model import next_token_labels
+from trainer.build import build_model
 from trainer.config import TrainConfig
 from trainer.distributed import DistEnv
-from trainer.expert_parallel import ProcessGrid, attach_dispatchers, build_grid
-from trainer.optim import build_optimizer
+from trainer.engines import build_engine
+from trainer.expert_parallel import build_grid
+from trainer.layout import ProcessGrid
 from trainer.presets import model_preset
-from trainer.train import NativeStep, train_step
 
 B, S, MICRO = 8, 24, 2
 LOSS_RTOL = 1e-5
@@ -58,47 +59,31 @@ class Reference:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         torch.manual_seed(cfg.trainer.seed)
-        self.model = CausalLM(cfg.model)
-        self.model.train()
-        self.stepper = NativeStep(self.model, build_optimizer(self.model, cfg.optim), ProcessGrid(), cfg)
+        self.model = build_model(cfg, ProcessGrid(), torch.device("cpu"))
+        self.engine = build_engine(self.model, cfg, ProcessGrid(), DistEnv(), torch.device("cpu"), "fp32")
 
     def step(self, step: int):
-        return train_step(step, self.stepper, global_batch(step, self.cfg.model.vocab_size), self.cfg, DistEnv(),
-                          ProcessGrid(), torch.device("cpu"), torch.autocast("cpu", enabled=False))
+        return self.engine.step(step, global_batch(step, self.cfg.model.vocab_size))
 
 
 class UnderTest:
-    """The DeepSpeed engine (or its pipeline) on this rank's share of the same global batches."""
+    """The engine the config asks for (DeepSpeed ZeRO or its pipeline) on this rank's share of the same global
+    batches, built as the training loop builds it."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.grid = grid = build_grid(env, cfg.parallel.pp, cfg.expert_parallel_size(env.world_size))
         self.accumulation = B // (MICRO * grid.dp)
         torch.manual_seed(cfg.trainer.seed)
-        if grid.pp > 1:
-            from trainer.pipeline import build_pipeline
-            self.pipe = build_pipeline(cfg, grid, self.accumulation, "fp32", torch.device("cpu"))
-            self.view, self.stepper = self.pipe.view, None
-        else:
-            from trainer.deepspeed_engine import DeepSpeedStep, initialize
-            shard = grid.expert_shard(cfg.model.n_routed_experts) if grid.ep > 1 else None
-            model = CausalLM(cfg.model, expert_shard=shard)
-            if grid.ep > 1:
-                attach_dispatchers(model, grid)
-            model.train()
-            self.stepper = DeepSpeedStep(initialize(model, cfg, grid, self.accumulation, "fp32"), grid, cfg)
-            self.view = model
+        self.view = build_model(cfg, grid, torch.device("cpu"))
+        self.engine = build_engine(self.view, cfg, grid, env, torch.device("cpu"), "fp32")
 
     def step(self, step: int):
         grid, acc = self.grid, self.accumulation
         mine = global_batch(step, self.cfg.model.vocab_size)[grid.dp_rank * acc:(grid.dp_rank + 1) * acc]
-        if grid.pp > 1:
-            from trainer.pipeline import pipeline_step
-            return pipeline_step(step, self.pipe, mine, self.cfg, self.env, grid, torch.device("cpu"))
-        return train_step(step, self.stepper, mine, self.cfg, self.env, grid, torch.device("cpu"),
-                          torch.autocast("cpu", enabled=False))
+        return self.engine.step(step, mine)
 
-    def compare_params(self, reference: CausalLM, worst: dict) -> None:
+    def compare_params(self, reference: torch.nn.Module, worst: dict) -> None:
         """This rank's parameters (its stage, its expert shard) against the reference's."""
         ref = dict(reference.named_parameters())
         offset, count = self.grid.expert_shard(self.cfg.model.n_routed_experts)
@@ -119,11 +104,12 @@ def first_stage_router_needs_balance_grads(cfg: TrainConfig, under_test: UnderTe
     gates = [n for n, _ in under_test.view.named_parameters() if n.endswith(".mlp.gate.weight")]
     assert gates, "this stage holds no MoE layer"
     a, b = dict(with_aux.model.named_parameters()), dict(without.model.named_parameters())
-    return {n: float((a[n] - b[n]).abs().max()) for n in gates}
+    return {n: float((a[n] - b[n]).detach().abs().max()) for n in gates}
 
 
 def check(layout: str, env: DistEnv, steps: int) -> dict:
-    """One layout, `zero<Z>[-ep<E>][-pp<P>]`, against the reference over `steps` steps."""
+    """One layout, `zero<Z>[-ep<E>][-pp<P>][-ac]`, against the reference over `steps` steps (`ac`: activation
+    checkpointing, which recomputes each layer in backward and must not change a number)."""
     zero, ep, pp = int(layout.split("zero")[1].split("-")[0]), 1, 1
     for part in layout.split("-")[1:]:
         if part.startswith("ep"):
@@ -131,6 +117,7 @@ def check(layout: str, env: DistEnv, steps: int) -> dict:
         elif part.startswith("pp"):
             pp = int(part[2:])
     cfg = config(zero, ep, pp)
+    cfg.trainer.activation_checkpointing = layout.endswith("-ac")
     cfg.validate(env.world_size)
     ours, ref = UnderTest(cfg, env), Reference(config(None, 1, 1))
     if cfg.resolved_zero_stage() != 3:  # ZeRO-3 holds only partitions of the weights

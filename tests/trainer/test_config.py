@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from enum import Enum
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 from trainer.cli import CONF_DIR, strip_launcher_args, to_train_config
 from trainer.config import Schedule, TrainConfig, WandbMode, register_configs
 from trainer.optim import global_batch_at, lr_at
+from trainer.presets import model_preset
 
 register_configs()
 
@@ -36,17 +38,27 @@ def test_default_config_is_the_tiny_main_job():
 
 
 @pytest.mark.parametrize("model", _group("model"))
-def test_every_model_preset_composes(model):
+def test_every_model_preset_composes_to_its_yaml_field_for_field(model):
+    """What Hydra composes for `model=<name>` is exactly the preset file (no key dropped, renamed or retyped)."""
     cfg = compose_config(f"model={model}", "data.seq_len=64")
-    assert cfg.model.attention_type == "mla"
+    assert cfg.model == model_preset(model)
+    for key, value in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")).items():
+        ours = getattr(cfg.model, key)
+        assert ours == value or (key == "rope_scaling" and ours["factor"] == value["factor"]), key
 
 
 @pytest.mark.parametrize("group,name", [(g, n) for g in ("data", "optim", "parallel", "trainer")
                                         for n in _group(g)])
-def test_every_group_option_composes(group, name):
+def test_every_group_option_composes_to_its_yaml(group, name):
+    """Every option of every config group composes, and each key of its file lands in the typed config."""
     extra = {"files": ["data.paths=[/tmp/*.jsonl]"], "sft": ["data.paths=[/tmp/*.jsonl]"],
              "hub": ["data.hub_path=some/dataset"]}.get(name, [])
-    compose_config(f"{group}={name}", *extra)
+    section = getattr(compose_config(f"{group}={name}", *extra), group)
+    for key, value in OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml")).items():
+        if key == "defaults" or f"{group}.{key}=" in " ".join(extra):
+            continue  # Hydra's own list / what this test overrides
+        ours = getattr(section, key)
+        assert (ours.value if isinstance(ours, Enum) else ours) == value, (group, name, key)
 
 
 @pytest.mark.parametrize("experiment", _group("experiment"))
@@ -125,7 +137,7 @@ def test_deepspeed_launcher_local_rank_is_accepted(monkeypatch):
 
 
 def test_resolved_config_round_trips_for_the_rank_broadcast():
-    from trainer.train import config_dict
+    from trainer.config import config_dict
     cfg = compose_config("optim=cosine", "trainer.max_steps=9")
     assert to_train_config(config_dict(cfg)) == cfg
     assert OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -168,3 +180,67 @@ def test_batch_ramp_grows_in_whole_micro_batches():
 def test_combinations_deepspeed_cannot_run_are_refused_with_what_to_use(world, overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         compose_config(*overrides, world_size=world)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["trainer.max_step=3"], "config error: trainer.max_step: unknown key (did you mean trainer.max_steps?)"),
+    (["+model.hidden_sise=8"], "config error: model.hidden_sise: unknown key (did you mean model.hidden_size?)"),
+    (["max_steps=3"], "config error: max_steps: no such config group; groups: data, experiment, model"),
+    (["model=tiny_lyte"], "config error: model=tiny_lyte: no such preset (did you mean tiny_lite?)"),
+    (["trainer.micro_batch_size=two"], "config error: trainer.micro_batch_size=two: Value 'two' of type 'str' "
+                                       "could not be converted to Integer"),
+    (["logging.wandb=sometimes"], "config error: logging.wandb=sometimes: Invalid value 'sometimes', expected one "
+                                  "of [offline, online, disabled]"),
+])
+def test_command_line_mistakes_get_one_line_naming_the_key(capsys, args, message):
+    """Before Hydra composes anything: one `config error:` line and exit 2, not Hydra's advice to append with `+`."""
+    from trainer.cli import check_overrides
+    with pytest.raises(SystemExit) as info:
+        check_overrides(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert "+trainer" not in err
+
+
+def test_good_overrides_pass_the_command_line_check():
+    from trainer.cli import check_overrides
+    check_overrides(["model=v2_lite", "model.rope_scaling.factor=8", "trainer.max_steps=3", "hydra.run.dir=/tmp/x",
+                     "experiment=smoke", "--cfg", "job", "parallel=dp"])
+
+
+def test_the_esft_dry_run_needs_no_data_files(capsys):
+    """Planning reads no data: an experiment whose data.paths is still empty plans without them."""
+    from trainer.cli import dry_run
+    from trainer.distributed import DistEnv
+    cfg = to_train_config_from("experiment=esft_v2_lite", "trainer.dry_run=true")
+    dry_run(cfg, DistEnv())
+    assert "ESFT (assuming 15% of the experts selected), memory per rank" in capsys.readouterr().out
+
+
+def test_the_old_data_val_every_key_still_sets_the_holdout_share():
+    with pytest.warns(UserWarning, match="data.val_every is deprecated"):
+        cfg = compose_config("data.val_every=7")
+    assert cfg.data.holdout_every == 7 and cfg.data.val_every is None
+
+
+def to_train_config_from(*overrides: str) -> TrainConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return to_train_config(compose("config", overrides=["checkpoint.dir=/tmp/unused", *overrides]))
+
+
+TWINS = {"cpt_v2_lite": "cpt_tiny", "sft_v2_lite": "sft_tiny", "sft_v2": "sft_tiny_v2",
+         "long_context_v2_lite": "long_context_tiny", "esft_v2_lite": "esft_tiny"}
+
+
+def test_every_full_size_experiment_has_a_tiny_twin_with_the_same_recipe():
+    """Each recipe for the released sizes has a toy twin the tests can run: same data kind, schedule, epochs or
+    steps, ESFT and activation checkpointing, and the same attention layout (query compression or not)."""
+    full_size = [e for e in _group("experiment") if compose_config(
+        f"experiment={e}", "data.paths=[/d/*.jsonl]").model.hidden_size >= 2048]
+    assert sorted(full_size) == sorted(TWINS)
+    for big, small in TWINS.items():
+        a, b = (compose_config(f"experiment={e}", "data.paths=[/d/*.jsonl]") for e in (big, small))
+        assert (a.data.kind, a.optim.schedule, a.trainer.epochs is None, a.esft.enabled,
+                a.trainer.activation_checkpointing, a.model.q_lora_rank is None) == \
+               (b.data.kind, b.optim.schedule, b.trainer.epochs is None, b.esft.enabled,
+                b.trainer.activation_checkpointing, b.model.q_lora_rank is None), (big, small)

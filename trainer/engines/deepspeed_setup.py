@@ -1,42 +1,41 @@
-"""DeepSpeed as the training engine: ZeRO 0-3 for data parallelism, experts as DeepSpeed MoE parameter groups.
+"""What DeepSpeed's two engines here (ZeRO, pipeline) share: the generated DeepSpeed config, experts registered as
+DeepSpeed MoE parameters, the expert-group marker, and DeepSpeed's own checkpoint files.
 
-The DeepSpeed config is generated from ours (`deepspeed_config`), with an optional user JSON merged on top. Routed
-expert parameters are registered the way DeepSpeed's own MoE layers register theirs (`allreduce=False`, a
+Routed expert parameters are registered the way DeepSpeed's own MoE layers register theirs (`allreduce=False`, a
 `group_name`, an optimizer group with `moe: True`), so ZeRO reduces and partitions them over the
 expert-data-parallel group only. DeepSpeed recognises a model with experts by finding one of its `MoE` modules in
 it; `ExpertGroups` is that marker (no parameters, no forward), and it creates DeepSpeed's expert groups with the
 same layout as ours (`ep` consecutive ranks inside each pipeline stage).
-
-Gradient scale: DeepSpeed averages gradients over data-parallel ranks (experts too: divided by the data-parallel
-size, summed over the expert-data-parallel group) and divides each micro-batch's loss by the accumulation steps.
-The built-in engine sums. Multiplying each micro-batch's loss by accumulation x dp before `engine.backward` makes the
-two take exactly the same step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
+import logging
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from model import CausalLM
-from model.hf import unwrap
-
-from .config import TrainConfig, stop_if_non_finite
-from .expert_parallel import ProcessGrid, clip_grad_norm, is_expert_param
-from .optim import build_param_groups
+from ..config import TrainConfig
+from ..layout import ProcessGrid, is_expert_param
+from ..optim import build_param_groups
 
 
 def import_deepspeed():
-    """`deepspeed`, set up for this machine. On CPU, DeepSpeed would JIT-compile a shared-memory all-reduce kernel on
-    first use (about a minute on 2 cores, and a C++ toolchain required); gloo does the same job, so it is skipped."""
+    """`deepspeed`, set up for this machine and quiet. On CPU, DeepSpeed would JIT-compile a shared-memory all-reduce
+    kernel on first use (about a minute on 2 cores, and a C++ toolchain required); gloo does the same job, so it is
+    skipped. DeepSpeed's info lines (its config, timers, the accelerator it picked, the compiler calls of its
+    op-compatibility probes) are kept below the log's level."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # chosen, not guessed: no "unable to detect" warning
+    logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op probes log each gcc call at info
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger
+    logger.setLevel(logging.WARNING)
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
@@ -59,7 +58,7 @@ def group_name(ep: int) -> str:
     return f"ep_size_{ep}"  # DeepSpeed's own name for the expert groups of size ep
 
 
-def _moe_marker_class():
+def moe_marker_class():
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
     class ExpertGroups(DeepSpeedMoE):
@@ -82,20 +81,6 @@ def _moe_marker_class():
     return ExpertGroups
 
 
-class EngineModel(nn.Module):
-    """What DeepSpeed wraps: the CausalLM (as `module`, which `model.hf.unwrap` follows) plus the expert-group
-    marker when experts are sharded."""
-
-    def __init__(self, model: CausalLM, grid: ProcessGrid):
-        super().__init__()
-        self.module = model
-        if grid.ep > 1 and model.moe_layers():
-            self.expert_groups = _moe_marker_class()(model.config.n_routed_experts, grid.ep, grid.pp)
-
-    def forward(self, **kwargs):
-        return self.module(**kwargs)
-
-
 def mark_expert_params(model: nn.Module, grid: ProcessGrid) -> list[nn.Parameter]:
     """Flag routed-expert parameters as DeepSpeed MoE parameters (reduced over the expert-data-parallel group)."""
     experts = []
@@ -107,6 +92,19 @@ def mark_expert_params(model: nn.Module, grid: ProcessGrid) -> list[nn.Parameter
             p.group_name = group_name(grid.ep)
             experts.append(p)
     return experts
+
+
+def initialize(module: nn.Module, model: nn.Module, cfg: TrainConfig, grid: ProcessGrid, accumulation: int,
+               precision: str):
+    """DeepSpeed's engine over `module` (what DeepSpeed wraps around `model`, this rank's CausalLM part), with our
+    AdamW and the paper's groups handed to ZeRO; the routed experts in an expert group of their own when sharded."""
+    deepspeed = import_deepspeed()
+    groups = build_param_groups(model, cfg.optim, expert_group=group_name(grid.ep) if grid.ep > 1 else None)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                      config=deepspeed_config(cfg, grid, accumulation, precision))
+    return engine
 
 
 def deepspeed_config(cfg: TrainConfig, grid: ProcessGrid, accumulation: int, precision: str) -> dict:
@@ -141,65 +139,6 @@ def _merge(base: dict, override: dict) -> dict:
     for key, value in override.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
-
-
-def initialize(model: CausalLM, cfg: TrainConfig, grid: ProcessGrid, accumulation: int, precision: str):
-    """(engine, wrapped module): DeepSpeed's engine over the model, our AdamW wrapped by ZeRO."""
-    deepspeed = import_deepspeed()
-
-    mark_expert_params(model, grid)
-    create_expert_groups(grid)
-    wrapped = EngineModel(model, grid)
-    groups = build_param_groups(model, cfg.optim, expert_group=group_name(grid.ep) if grid.ep > 1 else None)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer,
-                                      config=deepspeed_config(cfg, grid, accumulation, precision))
-    return engine
-
-
-class DeepSpeedStep:
-    """The built-in engine's step protocol (`backward` per micro-batch, then `finish`) over a DeepSpeed engine."""
-
-    def __init__(self, engine, grid: ProcessGrid, cfg: TrainConfig):
-        self.engine, self.grid, self.cfg = engine, grid, cfg
-        self.model = unwrap(engine.module)
-        self.zero0_norm: float | None = None  # ZeRO-0 has no overflow guard of its own: ours, see backward
-
-    def forward(self, **kwargs):
-        return self.engine(**kwargs)
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
-
-    def backward(self, loss: torch.Tensor, accumulation: int) -> None:
-        # DeepSpeed divides by its accumulation steps and averages over dp: undo both to keep our sums.
-        self.engine.backward(loss * (accumulation * self.grid.dp))
-        if self.cfg.resolved_zero_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
-            # Gradients are reduced and whole on every rank here: clip by the global norm (each expert once).
-            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-            self.zero0_norm = clip_grad_norm(self.model, max_norm, self.grid)
-            if not math.isfinite(self.zero0_norm) and not self.engine.bfloat16_enabled():
-                # fp32: torch AdamW leaves parameters without a gradient (and their state) untouched. (bf16: the
-                # gradients stay non-finite and DeepSpeed's bf16 optimizer skips the step itself.)
-                for p in self.model.parameters():
-                    p.grad = None
-        self.engine.step()  # applies the update only at the accumulation boundary
-
-    def finish(self, loss_value: float, step: int) -> tuple[float, bool]:
-        """(gradient norm before clipping, skipped): DeepSpeed already applied the update at the last micro-batch's
-        `engine.step()`, or skipped it because the gradient norm was not finite (ZeRO 1-3 check it)."""
-        if self.zero0_norm is not None:
-            norm, self.zero0_norm = self.zero0_norm, None
-            skipped = not math.isfinite(norm) or not self.engine.was_step_applied()
-        else:
-            norm = self.engine.get_global_grad_norm()
-            norm = float(norm) if norm is not None else float("nan")
-            skipped = not self.engine.was_step_applied()
-        skipped = skipped or not math.isfinite(loss_value)
-        stop_if_non_finite(skipped, step, loss_value, norm, self.cfg.trainer.non_finite)
-        return norm, skipped
 
 
 # ------------------------------------------------------------------------------------ checkpoints

@@ -1,0 +1,30 @@
+"""Training engines behind one interface (`Engine`): the built-in data-parallel engine, DeepSpeed ZeRO, and
+DeepSpeed's pipeline. `build_engine` is the one place that picks one; nothing else asks which it is."""
+
+from __future__ import annotations
+
+import torch
+
+from model import CausalLM
+
+from ..config import TrainConfig
+from ..distributed import DistEnv
+from ..layout import ProcessGrid
+from .base import Engine
+from .builtin import BuiltinEngine
+
+
+def build_engine(model: CausalLM, cfg: TrainConfig, grid: ProcessGrid, env: DistEnv, device: torch.device,
+                 precision: str) -> Engine:
+    """The engine the config asks for, around this rank's part of the model (already holding its start weights:
+    DeepSpeed copies or partitions them when it is built)."""
+    if grid.pp > 1:
+        from .pipeline import PipelineEngine
+        return PipelineEngine(model, cfg, grid, env, device, precision)
+    if cfg.parallel.zero_stage is not None:
+        from .zero import ZeroEngine
+        return ZeroEngine(model, cfg, grid, env, device, precision)
+    return BuiltinEngine(model, cfg, grid, env, device, precision)
+
+
+__all__ = ["BuiltinEngine", "Engine", "build_engine"]

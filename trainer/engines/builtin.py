@@ -1,0 +1,97 @@
+"""The built-in engine: plain data parallelism with exact gradient sums (dense over dp, experts over edp), our own
+clipping and non-finite guard, fp32 weights with bf16 autocast on GPUs. The reference the other engines are
+tested against."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+from ..config import stop_if_non_finite
+from ..distributed import all_reduce_sum
+from ..expert_parallel import broadcast_replicas, clip_grad_norm, reduce_gradients
+from ..optim import build_optimizer
+from ..step import MODEL_INPUTS, StepResult, StepStats, fault_scale, supervised_tokens
+from .base import Engine, finite
+
+
+class DataParallelEngine(Engine):
+    """The step of the data-parallel engines (built-in, DeepSpeed ZeRO): each micro-batch forward and backward on
+    this rank, then reduction and update. Subclasses say how to run forward, backward and the update."""
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """One micro-batch's backward (`last`: the step's final one)."""
+        raise NotImplementedError
+
+    def update(self, loss: float) -> tuple[float, bool]:
+        """Reduce, clip and apply the step's gradients unless `loss` or the gradient norm is not finite; returns
+        (the gradient norm before clipping, skipped)."""
+        raise NotImplementedError
+
+    def step(self, step: int, batches: list[dict], bad_records: int = 0) -> StepResult:
+        self.set_lr(step)
+        stats, supervised = self.forward_backward(step, batches, bad_records)
+        loss = stats.loss(supervised)
+        grad_norm, skipped = self.update(loss)
+        stop_if_non_finite(skipped, step, loss, grad_norm, self.cfg.trainer.non_finite)
+        return stats.result(loss, grad_norm, skipped, batches, self.grid.dp)
+
+    def forward_backward(self, step: int, batches: list[dict], bad_records: int) -> tuple[StepStats, float]:
+        """Backpropagate each micro-batch's share of the step's objective (its summed cross-entropy over the
+        supervised tokens of the whole step on all ranks, plus its share of the balance losses); returns the
+        reduced statistics and the step's supervised tokens over all ranks."""
+        grid, n = self.grid, len(batches)
+        supervised = all_reduce_sum(torch.tensor(float(supervised_tokens(batches)), device=self.device),
+                                    self.env).item()
+        moe_layers = self.model.moe_layers()
+        stats = StepStats(len(moe_layers), moe_layers[0].n_experts if moe_layers else 0, n, grid.dp, self.device)
+        stats.bad_records += bad_records
+        fault = fault_scale(step, self.env.rank)
+        for i, batch in enumerate(batches):
+            inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            with self.autocast():
+                out = self.forward(**inputs, labels=labels)
+            ce_sum = out.loss * supervised_tokens([batch]) * fault
+            loss = ce_sum / max(supervised, 1.0)
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss / (n * grid.dp)
+            self.backward(loss, last=i == n - 1)
+            stats.ce_sum += ce_sum.detach().double()
+            stats.add_routing(out)
+        stats.reduce(self.env)
+        return stats, supervised
+
+
+class BuiltinEngine(DataParallelEngine):
+    name = "built-in engine"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        broadcast_replicas(self.model, self.grid)  # identical replicas, whatever each rank was given
+
+    def autocast(self) -> ContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def update(self, loss: float) -> tuple[float, bool]:
+        """Reduce, clip and apply the update unless the loss or the gradient norm is not finite (the same decision
+        on every rank: both come from reduced values). Returns (norm before clipping, skipped)."""
+        reduce_gradients(self.model, self.grid)
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = clip_grad_norm(self.model, max_norm, self.grid)
+        skipped = not finite(loss, grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, skipped
