@@ -157,7 +157,11 @@ class CausalLM(nn.Module):
             start = cache[0].length if cache else 0
             position_ids = torch.arange(start, start + S, device=x.device).expand(B, S)
         mask = document_causal_mask(document_ids) if document_ids is not None else None
+        if cache is not None and self.is_partial:
+            raise ValueError("the inference cache runs on the whole model, not a part of it")
         if exempt is None and self.training and any(m.capacity_factor for m in self.moe_layers()):
+            if input_ids is None:
+                raise ValueError("token dropping in a part without the embedding needs `exempt` from the first part")
             exempt = exempt_sequences(input_ids, self.no_drop_fraction)
         cos, sin = self.model.rotary_emb(position_ids)  # (B, S, rope/2) each
         routing = []

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from data.tokenizer import TextTokenizer
-from model.hf import save_safetensors
+from model.hf import CheckpointError, save_safetensors
 from model.moe import RoutedExperts
 
 from .distributed import DistEnv, barrier
@@ -254,8 +254,8 @@ def load_owned_tensors(directory: Path, model: torch.nn.Module, optimizer: torch
     wanted = list(_entries(model, None, dense=True, experts=True))
     missing = [key for key, *_ in wanted if key not in weight_index]
     if missing:
-        raise ValueError(f"{directory}: {len(missing)} weights missing (e.g. {missing[:3]}); was it saved with "
-                         "another model config?")
+        raise CheckpointError(f"{directory}: {len(missing)} weights missing (e.g. {missing[:3]}); was it saved with "
+                              "another model config?")
     handles: dict[Path, Any] = {}
 
     def read(index: dict[str, Path], key: str) -> torch.Tensor:
@@ -268,8 +268,8 @@ def load_owned_tensors(directory: Path, model: torch.nn.Module, optimizer: torch
         for key, p, index, _ in wanted:  # experts of one parameter come in local order 0, 1, ...
             value, target = read(weight_index, key), (p if index is None else p[index])
             if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(f"{directory}: {key} has shape {list(value.shape)}, the model expects "
-                                 f"{list(target.shape)}")
+                raise CheckpointError(f"{directory}: {key} has shape {list(value.shape)}, the model expects "
+                                      f"{list(target.shape)}")
             target.copy_(value)
             for slot in slots.get(key, []):
                 entry = read(optim_index, f"{key}::{slot}")
@@ -316,13 +316,13 @@ def save_checkpoint(root: str | os.PathLike, step: int, engine: Engine, train_st
         path.mkdir(parents=True)
     barrier(env)
     written = []
-    with engine.full_weights():
+    with engine.full_weights():  # write inside: under ZeRO-3 the gathered storage is only valid here
         weights, optim = owned_tensors(engine.model, engine.optimizer, engine.owns_dense, engine.owns_experts)
-    files = {"model": weights, "optimizer": optim} if engine.optimizer is not None else {"model": weights}
-    for stem, tensors in files.items() if weights else ():
-        name = f"{stem}_rank{env.rank:05d}.safetensors"
-        save_safetensors(tensors, path / name, metadata={"format": "pt"})
-        written.append(name)
+        files = {"model": weights, "optimizer": optim} if engine.optimizer is not None else {"model": weights}
+        for stem, tensors in files.items() if weights else ():
+            name = f"{stem}_rank{env.rank:05d}.safetensors"
+            save_safetensors(tensors, path / name, metadata={"format": "pt"})
+            written.append(name)
     if env.is_main:
         _write_json(path / "train_state.json", train_state)
         written.append("train_state.json")
@@ -379,7 +379,8 @@ def describe_layout(layout: dict | None) -> str:
         return "the built-in engine"
     if layout["engine"] != "deepspeed":
         return f"the built-in engine (dp {layout['dp']}, ep {layout['ep']})"
-    return f"DeepSpeed ZeRO-{layout['zero_stage']} (pp {layout['pp']}, dp {layout['dp']}, ep {layout['ep']})"
+    stages = "" if layout["pp"] == 1 else f", pipeline format {layout.get('pipeline', 1)}"
+    return f"DeepSpeed ZeRO-{layout['zero_stage']} (pp {layout['pp']}, dp {layout['dp']}, ep {layout['ep']}{stages})"
 
 
 @dataclass

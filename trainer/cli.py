@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from model import ModelConfig
 
 from .config import TrainConfig, register_configs, to_train_config
-from .prepare import resolve_pretrained
+from .prepare import ModelChoices, resolve_pretrained
+from .presets import CONF_DIR
 from .distributed import (
     DistEnv,
     broadcast_object,
@@ -32,7 +33,6 @@ from .distributed import (
     shutdown,
 )
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -54,14 +54,14 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def dry_run(cfg: TrainConfig, env: DistEnv, explicit_model: dict[str, str] | None = None) -> None:
+def dry_run(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None) -> None:
     """`trainer.dry_run=true`: validate for the planned world (`parallel.world_size`, else the launched one) and
     print the layout and memory plan. Runs before `prepare`, whose launched-world guard would refuse a plan for a
     bigger job, and creates no process group and no tokenizer; files the run would read need not exist yet."""
     from .plan import format_plan, plan, trainable_slot_params
 
     world = cfg.parallel.world_size or env.world_size
-    cfg.model = resolve_pretrained(cfg, explicit_model)
+    cfg.model = resolve_pretrained(cfg, choices, planning=True)
     cfg.validate(world, planning=True)
     report = format_plan(plan(cfg, world))
     partial = trainable_slot_params(cfg, cfg.expert_parallel_size(world))
@@ -85,10 +85,10 @@ def _task(cfg: DictConfig) -> None:
     env = env_from_launcher()
     with user_errors():  # every input error surfaces here, before any process group exists
         train_cfg = to_train_config(cfg)
-        explicit = explicit_model_fields(cfg, HydraConfig.get())
+        choices = model_choices(cfg, HydraConfig.get())
         if train_cfg.trainer.dry_run:
-            return dry_run(train_cfg, env, explicit)
-        prepared = prepare(train_cfg, env, explicit)
+            return dry_run(train_cfg, env, choices)
+        prepared = prepare(train_cfg, env, choices)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = pick_device(prepared.cfg.trainer.device, env)
     init_process_group(env, device, prepared.cfg.parallel.backend, prepared.cfg.parallel.timeout_s,
@@ -100,20 +100,21 @@ def _task(cfg: DictConfig) -> None:
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             copy_run_config(run_dir, prepared.cfg)
-        with user_errors():
+        with user_errors(config=False):
             train(prepared, run_dir, env)
     finally:
         shutdown()
 
 
 @contextlib.contextmanager
-def user_errors():
-    """One line instead of a traceback for what the user can fix: a wrong setting, file or checkpoint (exit 2), or
-    a run stopped on purpose by a non-finite loss (exit 1)."""
+def user_errors(config: bool = True):
+    """One line instead of a traceback for what the user can fix: a wrong data file or checkpoint (exit 2), a run
+    stopped on purpose by non-finite values (exit 1), and with `config` (the checks before any process group, all
+    ValueErrors naming a key) a wrong setting (exit 2). During training other errors keep their traceback."""
     from data.sources import DataError
     from model.hf import CheckpointError
 
-    from .config import NonFiniteError
+    from .config import ConfigError, NonFiniteError
     try:
         yield
     except (DataError, CheckpointError) as e:
@@ -123,14 +124,16 @@ def user_errors():
         print(f"training stopped: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except ValueError as e:
+        if not (config or isinstance(e, ConfigError)):
+            raise
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def explicit_model_fields(cfg: DictConfig, hydra_cfg) -> dict[str, str]:
-    """{model field: where the user set it}: `model.<field>=` on the command line, every field of a preset chosen on
-    the command line (`model=<name>`), and fields an experiment sets (those that differ from the chosen preset).
-    Fields that only come from the default preset are not counted: `model.pretrained` replaces them."""
+def model_choices(cfg: DictConfig, hydra_cfg) -> ModelChoices:
+    """The model settings the user made: `model.<field>=` (or a sub-key of it) on the command line, every field of a
+    preset chosen on the command line (`model=<name>`), and fields an experiment sets (those that differ from the
+    preset). Fields that only come from the default preset are not counted: `model.pretrained` replaces them."""
     task = [o.lstrip("+~") for o in hydra_cfg.overrides.task]
     preset = hydra_cfg.runtime.choices.get("model")
     preset_values = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{preset}.yaml")) if preset else {}
@@ -139,7 +142,8 @@ def explicit_model_fields(cfg: DictConfig, hydra_cfg) -> dict[str, str]:
     experiment = hydra_cfg.runtime.choices.get("experiment")
     explicit = {}
     for name in defaults:
-        given = next((o for o in task if o.split("=")[0] == f"model.{name}"), None)
+        given = next((o for o in task if o.split("=")[0] == f"model.{name}"
+                      or o.split("=")[0].startswith(f"model.{name}.")), None)
         value = cfg.model.get(name)
         value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
         if given:
@@ -148,30 +152,32 @@ def explicit_model_fields(cfg: DictConfig, hydra_cfg) -> dict[str, str]:
             explicit[name] = chosen
         elif experiment and value != preset_values.get(name, defaults[name]):
             explicit[name] = f"experiment={experiment}"
-    return explicit
+    return ModelChoices(explicit, preset=bool(chosen or experiment))
 
 
 def check_overrides(args: list[str]) -> None:
     """Command-line overrides checked against the schema before Hydra composes them: an unknown key, group or
     preset, a value of the wrong type, each stop with one `config error:` line naming it (exit 2), not Hydra's
-    advice to append keys with `+`."""
+    advice to append keys with `+`. Sweeps (`-m`) and configs from other directories are left to Hydra."""
+    if any(a in ("-m", "--multirun") or a.startswith(("--config-dir", "-cd", "--config-path", "-cp"))
+           or "hydra.searchpath" in a for a in args):
+        return
     overrides = [a for a in args if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
     for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        problem = _unknown(key, override.split("=", 1)[1])
+        key, value = override.split("=", 1)
+        problem = _unknown(key.lstrip("+~"), value.strip("'\""))
         if problem:
             print(f"config error: {problem}", file=sys.stderr)
             raise SystemExit(2)
-    if any(a in ("-m", "--multirun") for a in args):
-        return  # sweeps (a=1,2) are Hydra's to expand
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             compose("config", overrides=overrides)
-    except HydraException as e:
-        cause = str(e.__cause__ or e).strip().splitlines()[0]
-        print(f"config error: {str(e).removeprefix('Error merging override ')}: {cause}", file=sys.stderr)
+    except (HydraException, ValueError) as e:
+        what = next(iter(str(e).removeprefix("Error merging override ").strip().splitlines()), type(e).__name__)
+        cause = next((line for line in str(e.__cause__ or "").splitlines() if line.strip()), "")
+        print(f"config error: {what}: {cause}" if cause else f"config error: {what}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -182,8 +188,9 @@ def _unknown(key: str, value: str) -> str | None:
         if key.lstrip("/") not in groups:
             return f"{key}: no such config group; groups: {', '.join(groups)} (settings take a section: trainer.{key})"
         presets = sorted(f.stem for f in (CONF_DIR / key.lstrip("/")).glob("*.yaml"))
-        if value not in presets and value != "null":
-            return f"{key}={value}: no such preset{_did_you_mean(value, presets)}; available: {', '.join(presets)}"
+        if value not in presets:
+            return (f"{key}={value}: no such preset{_did_you_mean(value, presets)}; available: {', '.join(presets)}"
+                    f" (~{key.lstrip('/')} leaves an optional group out)")
         return None
     node, path = TrainConfig, []
     for part in key.split("."):

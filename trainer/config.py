@@ -30,6 +30,11 @@ class Schedule(str, Enum):
     constant = "constant"
 
 
+class ConfigError(ValueError):
+    """A setting that turns out wrong once the run is under way (e.g. a `trainer.trainable` pattern matching no
+    parameter of the built model): reported as a config error like those found before start."""
+
+
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient norm with trainer.non_finite=stop, or too many skipped updates."""
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from model.moe import MoE, RoutedExperts
 
-from .config import ESFTConfig
+from .config import ConfigError, ESFTConfig
 
 
 def expert_name(experts_module_name: str, global_expert: int) -> str:
@@ -64,7 +64,7 @@ def apply_trainable(model: torch.nn.Module, patterns: list[str] | None,
         module.set_trainable_experts(None if len(local) == module.n_experts else local)
     unused = [p for p, _ in regexes if p not in used]
     if unused:
-        raise ValueError(f"trainer.trainable: pattern {unused[0]!r} matches no parameter (names look like "
+        raise ConfigError(f"trainer.trainable: pattern {unused[0]!r} matches no parameter (names look like "
                          f"'model.layers.1.self_attn.kv_a_proj_with_mqa.weight'; experts like "
                          f"'model.layers.1.mlp.experts.5')")
     params = [p for n, p in model.named_parameters() if not n.endswith("_trainable")]

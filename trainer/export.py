@@ -1,4 +1,5 @@
-"""The Hugging Face export of a (possibly sharded) model: the released layout, written without gathering it."""
+"""The Hugging Face export of a model sharded over experts and pipeline stages: the released layout, each rank
+writing the tensors it holds."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ def export_hf(model: CausalLM, tokenizer: TextTokenizer, out: Path, grid: Proces
     """Hugging Face directory (collective): weights and config.json in the released layout, tokenizer.json and
     tokenizer_config.json. With experts sharded or pipeline stages, each (stage, EP rank) writes one shard
     (`model-0000k-of-0000n`): the stage's first data-parallel rank its dense tensors, the first expert-data-parallel
-    replica its experts; rank 0 writes the index over all of them. No process ever holds the whole model. `model` is
-    this rank's part of the CausalLM. Returns the directory on rank 0."""
+    replica its experts; rank 0 writes the index over all of them, so expert and pipeline parallelism never gather the
+    model (ZeRO-3's partitions are gathered by the engine first). `model` is this rank's part of the CausalLM.
+    Returns the directory on rank 0."""
     dtype = getattr(torch, model.config.torch_dtype or "float32")
     if grid.ep == 1 and grid.pp == 1:
         if grid.rank == 0:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,14 +42,24 @@ class Prepared:
         return cls(to_train_config(shared["cfg"]), tokenizer, resume, [Path(p) for p in shared["set_aside"]])
 
 
-def prepare(cfg: TrainConfig, env: DistEnv, explicit_model: dict[str, str] | None = None) -> Prepared:
+@dataclass
+class ModelChoices:
+    """The model settings a user made, as the command line shows them (`trainer/cli.py` reads them from Hydra)."""
+
+    explicit: dict[str, str]
+    """{field: where it was set}: `model.<field>=` on the command line, a preset chosen there, or an experiment."""
+    preset: bool
+    """A preset was picked (on the command line or by an experiment), not left at the default."""
+
+
+def prepare(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None) -> Prepared:
     """Validate everything that depends on files before any process group starts; raises ValueError naming the key.
     The built-in BPE is trained here on first use (a file lock lets one rank train it while the others wait).
-    `explicit_model`: the model fields the user set and where (see `resolve_pretrained`)."""
+    `choices`: the model settings the user made (see `resolve_pretrained`)."""
     if cfg.parallel.world_size is not None and cfg.parallel.world_size != env.world_size:
         raise ValueError(f"parallel.world_size={cfg.parallel.world_size}, but {env.world_size} process(es) were "
                          "launched; check the launcher's node and process counts (or drop the key)")
-    cfg.model = resolve_pretrained(cfg, explicit_model)
+    cfg.model = resolve_pretrained(cfg, choices)
     cfg.validate(env.world_size)
     if cfg.data.source == "files":
         expand_globs(cfg.data.paths)
@@ -71,33 +82,50 @@ def prepare(cfg: TrainConfig, env: DistEnv, explicit_model: dict[str, str] | Non
     return Prepared(cfg, tokenizer, resume, set_aside)
 
 
-def resolve_pretrained(cfg: TrainConfig, explicit: dict[str, str] | None) -> ModelConfig:
+def resolve_pretrained(cfg: TrainConfig, choices: ModelChoices | None,
+                       planning: bool = False) -> ModelConfig:
     """With `model.pretrained=<dir>`, the directory's config.json defines the architecture. Model fields the user set
-    (`explicit`: {field: where, e.g. "model.hidden_size=96" or "model=v2_lite"}; None counts every field as set)
-    must agree with it on the architecture, else ValueError naming each field and both values; training fields
-    they set (dtype, balance-loss coefficients, RoPE/YaRN, context length) are kept. `data.tokenizer` defaults to
-    the directory's tokenizer.json. Without `model.pretrained` the config is returned as it is."""
+    (`choices.explicit`; None counts every field as set) must agree with it on the architecture, else ValueError
+    naming each field and both values. Training fields (dtype, balance-loss coefficients, RoPE/YaRN, context length)
+    are kept where the user set them, and where config.json does not carry them (the device and communication
+    balance coefficients are ours) if a preset was picked. `data.tokenizer` defaults to the directory's
+    tokenizer.json. Without `model.pretrained` the config is returned as it is; `planning` (the dry run) also plans
+    from it when the directory is not on this machine."""
     if not cfg.model.pretrained:
         return cfg.model
     directory = Path(os.path.expanduser(cfg.model.pretrained))
     if not (directory / "config.json").is_file():
+        if planning:
+            print(f"note: model.pretrained={cfg.model.pretrained} is not here: planning with the composed model "
+                  "config", flush=True)
+            return cfg.model
         raise ValueError(f"model.pretrained={cfg.model.pretrained}: no config.json there (a released-layout "
                          "directory is expected: config.json + safetensors)")
     released = load_config(directory)
-    if explicit is None:
-        explicit = {f.name: f"model.{f.name}={getattr(cfg.model, f.name)!r}" for f in dataclasses.fields(cfg.model)}
+    if choices is None:
+        choices = ModelChoices({f.name: f"model.{f.name}={getattr(cfg.model, f.name)!r}"
+                                for f in dataclasses.fields(cfg.model)}, preset=True)
+    explicit = choices.explicit
     diffs = [(f, ours, theirs) for f, ours, theirs in cfg.model.architecture_differences(released) if f in explicit]
     if diffs:
-        listed = "; ".join(f"model.{f}={ours!r} but config.json has {theirs!r}"
-                           + ("" if explicit[f].startswith(f"model.{f}=") else f" (from {explicit[f]})")
-                           for f, ours, theirs in diffs[:4])
-        raise ValueError(f"model.pretrained={cfg.model.pretrained}: {listed}"
-                         f"{f' (and {len(diffs) - 4} more)' if len(diffs) > 4 else ''}; the directory defines the "
+        listed = _listed([f"model.{f}={ours!r} but config.json has {theirs!r}"
+                          + ("" if explicit[f].startswith(f"model.{f}=") else f" (from {explicit[f]})")
+                          for f, ours, theirs in diffs])
+        raise ValueError(f"model.pretrained={cfg.model.pretrained}: {listed}; the directory defines the "
                          "architecture: drop those settings (model=<preset> is not needed with model.pretrained)")
     if not cfg.data.tokenizer and (directory / "tokenizer.json").is_file():
         cfg.data.tokenizer = str(directory)
-    kept = {f: getattr(cfg.model, f) for f in ModelConfig.TRAINING_FIELDS if f in explicit}
+    carried = set(json.loads((directory / "config.json").read_text(encoding="utf-8")))
+    carried |= {"rope_scaling", "rope_theta"} if "rope_parameters" in carried else set()
+    carried |= {"torch_dtype"} if "dtype" in carried else set()
+    kept = {f: getattr(cfg.model, f) for f in ModelConfig.TRAINING_FIELDS
+            if f in explicit or (choices.preset and f not in carried)}
     return released.replace(**kept, pretrained=cfg.model.pretrained)
+
+
+def _listed(problems: list[str], shown: int = 4) -> str:
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
 
 
 def fit_model_to_tokenizer(model_cfg: ModelConfig, tokenizer: TextTokenizer, tokenizer_key: str) -> ModelConfig:
@@ -117,7 +145,6 @@ def check_checkpoint_model(resume: Resume, model_cfg: ModelConfig) -> None:
     theirs = ModelConfig.from_hf_config(saved) if resume.weights_only else ModelConfig(**saved)
     diffs = model_cfg.architecture_differences(theirs)
     if diffs:
-        listed = "; ".join(f"model.{f}={ours!r} but the checkpoint has {value!r}" for f, ours, value in diffs[:4])
-        raise ValueError(f"checkpoint.resume={resume.path}: {listed}"
-                         f"{f' (and {len(diffs) - 4} more)' if len(diffs) > 4 else ''}; resume with the model config "
-                         "it was trained with (for an imported HF model, start from model.pretrained=<its directory>)")
+        listed = _listed([f"model.{f}={ours!r} but the checkpoint has {value!r}" for f, ours, value in diffs])
+        raise ValueError(f"checkpoint.resume={resume.path}: {listed}; resume with the model config it was trained "
+                         "with (for an imported HF model, start from model.pretrained=<its directory>)")

@@ -233,7 +233,7 @@ def announce(logger: MetricsLogger, run_dir: Path, engine: Engine, weights: str,
                         if selection else ""))
 
 
-def summarize(progress: Progress, checkpoint: Path, run_dir: Path, hf_dir: Path | None, wandb: str | None,
+def summarize(progress: Progress, checkpoint: Path, run_dir: Path, hf_dir: Path | None, wandb_line: str | None,
               seconds: float, env: DistEnv) -> dict:
     """The run's summary, printed by rank 0 as the last lines of the job."""
     summary = {"steps": progress.step, "first_loss": progress.first_loss, "last_loss": progress.last_loss,
@@ -247,8 +247,8 @@ def summarize(progress: Progress, checkpoint: Path, run_dir: Path, hf_dir: Path 
         print(f"  metrics      {run_dir / 'metrics.jsonl'}")
         if hf_dir:
             print(f"  HF export    {hf_dir}  (loads with model.hf.load_pretrained or transformers)")
-        if wandb:
-            print(wandb)
+        if wandb_line:
+            print(wandb_line)
     return summary
 
 

@@ -124,8 +124,16 @@ def check(layout: str, env: DistEnv, steps: int) -> dict:
         ours.compare_params(ref.model, {})  # layout-free initialisation: the same starting weights
     worst: dict[str, float] = {"loss": 0.0, "grad_norm": 0.0}
     result: dict = {"losses": [], "reference": [], "grad_norms": [], "reference_norms": [], "aux_loss": []}
+    first_layer = next(iter(ours.view.model.layers.values()))  # every stage of these layouts holds layers
+    calls: list[int] = []
+    hook = first_layer.register_forward_pre_hook(lambda *_: calls.append(1))  # (recompute stops early)
     for step in range(steps):
         r, want = ours.step(step), ref.step(step)
+        if step == 0:  # recomputation runs each layer's forward a second time in backward
+            hook.remove()
+            expected = ours.accumulation * (2 if cfg.trainer.activation_checkpointing else 1)
+            assert len(calls) == expected, (layout, len(calls), expected)
+            result["layer_forwards_per_step"] = len(calls)
         assert abs(r.loss - want.loss) <= LOSS_RTOL * abs(want.loss), (layout, env.rank, step, r.loss, want.loss)
         assert abs(r.aux_loss - want.aux_loss) <= LOSS_RTOL * abs(want.aux_loss), (layout, step, r.aux_loss)
         worst["loss"] = max(worst["loss"], abs(r.loss - want.loss) / abs(want.loss))

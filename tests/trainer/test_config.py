@@ -44,7 +44,9 @@ def test_every_model_preset_composes_to_its_yaml_field_for_field(model):
     assert cfg.model == model_preset(model)
     for key, value in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml")).items():
         ours = getattr(cfg.model, key)
-        assert ours == value or (key == "rope_scaling" and ours["factor"] == value["factor"]), key
+        if key == "rope_scaling" and value:  # spelled `type` or `rope_type` in YAML, `type` once validated
+            ours, value = ({k: v for k, v in d.items() if k not in ("type", "rope_type")} for d in (ours, value))
+        assert ours == value, key
 
 
 @pytest.mark.parametrize("group,name", [(g, n) for g in ("data", "optim", "parallel", "trainer")
@@ -202,10 +204,69 @@ def test_command_line_mistakes_get_one_line_naming_the_key(capsys, args, message
     assert "+trainer" not in err
 
 
-def test_good_overrides_pass_the_command_line_check():
+@pytest.mark.parametrize("args", [
+    ["model=v2_lite", "model.rope_scaling.factor=8", "trainer.max_steps=3", "hydra.run.dir=/tmp/x", "--cfg", "job"],
+    ["experiment=smoke", "parallel=dp", "model='tiny_lite'", "~model.pretrained", "data.paths=['/a=b/*.jsonl']"],
+    ["-m", "model=tiny,tiny_lite", "trainer.seed=range(3)"],                    # sweeps are Hydra's to expand
+    ["hydra.searchpath=[file:///elsewhere]", "experiment=mine"],              # presets from another directory
+])
+def test_good_overrides_pass_the_command_line_check(args):
     from trainer.cli import check_overrides
-    check_overrides(["model=v2_lite", "model.rope_scaling.factor=8", "trainer.max_steps=3", "hydra.run.dir=/tmp/x",
-                     "experiment=smoke", "--cfg", "job", "parallel=dp"])
+    check_overrides(args)
+
+
+def test_an_optional_group_set_to_null_gets_one_line_not_a_traceback(capsys):
+    from trainer.cli import check_overrides
+    with pytest.raises(SystemExit):
+        check_overrides(["experiment=null"])
+    err = capsys.readouterr().err
+    assert err.startswith("config error: experiment=null: no such preset") and "~experiment" in err
+
+
+def _hydra(task: list[str], model: str = "tiny", experiment: str | None = None):
+    from types import SimpleNamespace
+    return SimpleNamespace(overrides=SimpleNamespace(task=task),
+                           runtime=SimpleNamespace(choices={"model": model, "experiment": experiment}))
+
+
+def test_model_choices_name_what_the_user_set_and_where():
+    """The fields `model.pretrained` must not override: set on the command line (also through a sub-key), by a
+    preset chosen there, or by an experiment; the default preset's fields are not the user's."""
+    from trainer.cli import model_choices
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        plain = compose("config", overrides=["model.pretrained=/x", "model.rope_scaling.factor=8"])
+        picked = compose("config", overrides=["model=v2_lite", "model.pretrained=/x"])
+        recipe = compose("config", overrides=["experiment=long_context_tiny", "model.pretrained=/x"])
+    choices = model_choices(plain, _hydra(["model.pretrained=/x", "model.rope_scaling.factor=8"]))
+    assert choices.explicit == {"pretrained": "model.pretrained=/x", "rope_scaling": "model.rope_scaling.factor=8"}
+    assert not choices.preset
+    choices = model_choices(picked, _hydra(["model=v2_lite", "model.pretrained=/x"], model="v2_lite"))
+    assert choices.preset and choices.explicit["hidden_size"] == "model=v2_lite"
+    choices = model_choices(recipe, _hydra(["experiment=long_context_tiny", "model.pretrained=/x"], "tiny_lite",
+                                           "long_context_tiny"))
+    assert choices.preset and "hidden_size" not in choices.explicit
+    assert choices.explicit["rope_scaling"] == choices.explicit["max_position_embeddings"] == \
+        "experiment=long_context_tiny"
+
+
+def test_a_pretrained_directory_keeps_the_users_training_fields_and_refuses_other_shapes(tmp_path):
+    from model.config import ModelConfig
+    from trainer.prepare import ModelChoices, resolve_pretrained
+    released = ModelConfig.from_hf_config({**model_preset("tiny_lite").to_hf_config(), "hidden_size": 64})
+    hf = released.to_hf_config()
+    del hf["device_aux_loss_alpha"]  # released config.json files do not carry our coefficients
+    (tmp_path / "config.json").write_text(__import__("json").dumps(hf))
+    cfg = compose_config("model=tiny", f"model.pretrained={tmp_path}", "model.comm_aux_loss_alpha=0.5")
+    resolved = resolve_pretrained(cfg, ModelChoices({"comm_aux_loss_alpha": "model.comm_aux_loss_alpha=0.5"},
+                                                    preset=True))
+    assert resolved.hidden_size == 64 and resolved.num_hidden_layers == released.num_hidden_layers
+    assert resolved.comm_aux_loss_alpha == 0.5  # set by the user
+    assert resolved.device_aux_loss_alpha == cfg.model.device_aux_loss_alpha  # not in config.json: the preset's
+    assert resolved.rope_scaling == released.rope_scaling  # in config.json and not set: the directory's
+    cfg.model = cfg.model.replace(hidden_size=96)
+    with pytest.raises(ValueError, match=r"model\.hidden_size=96 but config\.json has 64;"):
+        resolve_pretrained(cfg, ModelChoices({"hidden_size": "model.hidden_size=96"}, preset=False))
+    assert resolve_pretrained(cfg, ModelChoices({}, preset=False)).hidden_size == 64  # the default preset's: replaced
 
 
 def test_the_esft_dry_run_needs_no_data_files(capsys):

@@ -158,3 +158,19 @@ def test_esft_plan_counts_optimizer_state_for_the_assumed_experts_only():
     assert (stage.grad_bytes, stage.optimizer_bytes) == (2 * trained, 12 * trained)
     assert stage.weight_bytes == 2 * 15_706_484_224
     assert stage.total_bytes < 80 * 1024**3 < plan(cfg, 1).stages[0].total_bytes  # fits 80 GB; full FT does not
+
+
+def test_our_stage_cuts_are_deepspeeds():
+    """`balanced_cut` / `uniform_cut` give the cuts of DeepSpeed's own `parameters` / `uniform` partitioning, so
+    stages stay where runs (and their checkpoints) of the DeepSpeed-cut pipeline put them; random weights
+    including zeros and ties."""
+    utils = pytest.importorskip("deepspeed.runtime.utils")
+    import random
+
+    from trainer.layout import balanced_cut, uniform_cut
+    rng = random.Random(0)
+    for _ in range(500):
+        n, parts = rng.randint(1, 30), rng.randint(1, 12)
+        weights = [rng.choice([0, 1, rng.randint(0, 10**9)]) for _ in range(n)]
+        assert balanced_cut(weights, parts) == [int(x) for x in utils.partition_balanced(weights, parts)], weights
+        assert uniform_cut(n, parts) == [int(x) for x in utils.partition_uniform(n, parts)], (n, parts)

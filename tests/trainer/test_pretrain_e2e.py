@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,9 +56,16 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_smoke_run_logs_checkpoints_and_exports(tmp_path, cache_dir, transformers_ds):
-    run = tmp_path / "run"
-    out = _ok(run_pretrain(run, cache_dir)).stdout
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, cache_dir) -> tuple[Path, str]:
+    """One uninterrupted smoke run (6 steps, checkpoints at 3 and 6), shared by the tests that compare against it:
+    (run directory, its stdout)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    return run, _ok(run_pretrain(run, cache_dir)).stdout
+
+
+def test_smoke_run_logs_checkpoints_and_exports(straight, transformers_ds):
+    run, out = straight
     assert "checkpoint" in out and "metrics" in out and "HF export" in out
     m = metrics(run)
     assert sorted(m) == [1, 2, 3, 4, 5, 6]
@@ -89,21 +97,23 @@ def assert_tokenizer_knows_bos_eos(hf_dir: Path) -> None:
     assert None not in (tokenizer.bos_token_id, tokenizer.eos_token_id)
 
 
-def test_resume_continues_bitwise(tmp_path, cache_dir):
-    straight = tmp_path / "straight"
-    _ok(run_pretrain(straight, cache_dir))
+def test_resume_continues_bitwise(tmp_path, cache_dir, straight):
+    """Steps 4-6 resumed from the step-3 checkpoint have the uninterrupted run's losses, gradient norms and
+    validation loss exactly."""
+    run, _ = straight
     resumed = tmp_path / "resumed"
-    out = _ok(run_pretrain(resumed, cache_dir,
-                           f"checkpoint.resume={straight / 'checkpoints' / 'step_00000003'}")).stdout
+    out = _ok(run_pretrain(resumed, cache_dir, f"checkpoint.resume={run / 'checkpoints' / 'step_00000003'}")).stdout
     assert "resumed from" in out
-    a, b = metrics(straight), metrics(resumed)
+    a, b = metrics(run), metrics(resumed)
     assert sorted(b) == [4, 5, 6]
     for step in (4, 5, 6):
         assert (a[step]["loss"], a[step]["grad_norm"]) == (b[step]["loss"], b[step]["grad_norm"]), step
     assert a[6]["val_loss"] == b[6]["val_loss"]
 
 
-def test_a_crash_mid_save_resumes_from_the_previous_complete_checkpoint(tmp_path, cache_dir):
+def test_a_crash_mid_save_resumes_from_the_previous_complete_checkpoint(tmp_path, cache_dir, straight):
+    """A process ending while it writes step 6 leaves that directory uncommitted; the relaunch (resume=auto) goes
+    back to step 3, and its steps 4-6 are the uninterrupted run's."""
     run = tmp_path / "run"
     crashed = run_pretrain(run, cache_dir, fault="save@6")
     assert crashed.returncode != 0
@@ -112,6 +122,8 @@ def test_a_crash_mid_save_resumes_from_the_previous_complete_checkpoint(tmp_path
     out = _ok(run_pretrain(run, cache_dir)).stdout  # checkpoint.resume=auto (the default)
     assert f"resumed from {run / 'checkpoints' / 'step_00000003'} at step 3" in out
     assert (step6 / "COMPLETE").exists()
+    a, b = metrics(straight[0]), metrics(run)
+    assert [a[s]["loss"] for s in (4, 5, 6)] == [b[s]["loss"] for s in (4, 5, 6)]  # the relaunch's lines
 
 
 def test_non_finite_loss_is_skipped_or_stops_the_run(tmp_path, cache_dir):
@@ -125,35 +137,34 @@ def test_non_finite_loss_is_skipped_or_stops_the_run(tmp_path, cache_dir):
     assert not (tmp_path / "stop" / "checkpoints").exists()  # nothing saved after the bad step
 
 
-def test_config_errors_stop_before_anything_starts(tmp_path, cache_dir):
-    """Each user mistake ends in one line naming the key or file, exit 2, and no run directory content."""
-    cases = [("trainer.global_batch_size=5", "config error: trainer.global_batch_size=5: must be a multiple"),
-             ("model.topk_method=sinkhorn", "ModelConfig.topk_method='sinkhorn'"),
-             ("trainer.max_step=3", "config error: trainer.max_step: unknown key (did you mean trainer.max_steps?)"),
-             ("data.paths=[/nonexistent/dir/*.jsonl]", "data.paths: '/nonexistent/dir/*.jsonl' matches no file")]
+def test_config_errors_stop_before_anything_starts(tmp_path, cache_dir, straight):
+    """Each user mistake ends in one line naming the key or file and exit 2, before the run writes anything: a key
+    the schema does not have (checked before Hydra composes), a value that fails validation, a data glob matching
+    nothing, and a fresh start refused where checkpoints already are."""
+    cases = [("trainer.max_step=3", "config error: trainer.max_step: unknown key (did you mean trainer.max_steps?)"),
+             ("trainer.global_batch_size=5", "config error: trainer.global_batch_size=5: must be a multiple"),
+             ("data.paths=[/nonexistent/dir/*.jsonl]", "data error: data.paths: '/nonexistent/dir/*.jsonl' matches "
+                                                       "no file")]
     for i, (override, message) in enumerate(cases):
         extra = ["data=files"] if override.startswith("data.paths") else []
         proc = run_pretrain(tmp_path / f"bad{i}", cache_dir, *extra, override, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, (override, proc.stderr[-2000:])
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert not (tmp_path / f"bad{i}" / "checkpoints").exists()
+        assert not any((tmp_path / f"bad{i}" / name).exists() for name in ("resolved_config.yaml", "metrics.jsonl",
+                                                                            "checkpoints"))
+    run, _ = straight
+    proc = run_pretrain(run, cache_dir, "checkpoint.resume=none")
+    assert proc.returncode == 2 and "config error: checkpoint.resume=none, but checkpoint.dir" in proc.stderr
 
 
-def test_resume_none_refuses_to_mix_with_existing_checkpoints(tmp_path, cache_dir):
-    run = tmp_path / "run"
-    _ok(run_pretrain(run, cache_dir, "trainer.max_steps=3"))
-    proc = run_pretrain(run, cache_dir, "trainer.max_steps=3", "checkpoint.resume=none")
-    assert proc.returncode == 2 and "checkpoint.resume=none, but checkpoint.dir" in proc.stderr
-
-
-def test_convert_exports_a_checkpoint_and_imports_an_hf_directory_to_train_from(tmp_path, cache_dir):
+def test_convert_exports_a_checkpoint_and_imports_an_hf_directory_to_train_from(tmp_path, cache_dir, straight):
+    """convert.py export writes the checkpoint's exact weights and a tokenizer transformers reads with BOS/EOS;
+    convert.py import makes a weights-only checkpoint a run starts from at step 0."""
     from model import CausalLM
     from model.hf import load_config, load_pretrained
     from trainer.checkpoint import load_model_weights
 
-    run = tmp_path / "run"
-    _ok(run_pretrain(run, cache_dir, "trainer.max_steps=3", "checkpoint.export_hf=false"))
-    step3 = run / "checkpoints" / "step_00000003"
+    step3 = straight[0] / "checkpoints" / "step_00000003"
     convert = [sys.executable, str(ROOT / "launch" / "convert.py")]
     subprocess.run(convert + ["export", str(step3), str(tmp_path / "hf")], check=True, capture_output=True,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
@@ -189,7 +200,7 @@ def test_sft_run_and_bf16_autocast_on_cpu(tmp_path, cache_dir):
 
 
 def test_two_processes_nan_on_one_rank_and_rank1_killed_mid_save(tmp_path, cache_dir):
-    """RELIABILITY T14/T04 with 2 ranks: a NaN on rank 1 alone is skipped by both ranks; rank 1 dying while
+    """Faults with 2 ranks: a NaN on rank 1 alone is skipped by both ranks; rank 1 dying while
     writing step 4 leaves it uncommitted, and the relaunch continues from step 2."""
     run = tmp_path / "nan"
     _ok(run_pretrain(run, cache_dir, "trainer.max_steps=3", "checkpoint.every=0", "checkpoint.export_hf=false",

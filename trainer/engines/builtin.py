@@ -46,18 +46,18 @@ class DataParallelEngine(Engine):
         supervised tokens of the whole step on all ranks, plus its share of the balance losses); returns the
         reduced statistics and the step's supervised tokens over all ranks."""
         grid, n = self.grid, len(batches)
-        supervised = all_reduce_sum(torch.tensor(float(supervised_tokens(batches)), device=self.device),
-                                    self.env).item()
+        counts = [supervised_tokens([b]) for b in batches]
+        supervised = all_reduce_sum(torch.tensor(float(sum(counts)), device=self.device), self.env).item()
         moe_layers = self.model.moe_layers()
         stats = StepStats(len(moe_layers), moe_layers[0].n_experts if moe_layers else 0, n, grid.dp, self.device)
         stats.bad_records += bad_records
         fault = fault_scale(step, self.env.rank)
-        for i, batch in enumerate(batches):
+        for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
             inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
             labels = batch["labels"].to(self.device, non_blocking=True)
             with self.autocast():
                 out = self.forward(**inputs, labels=labels)
-            ce_sum = out.loss * supervised_tokens([batch]) * fault
+            ce_sum = out.loss * count * fault
             loss = ce_sum / max(supervised, 1.0)
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss / (n * grid.dp)

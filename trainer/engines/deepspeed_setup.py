@@ -15,9 +15,12 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import ContextManager
 
 import torch
 from torch import nn
+
+from model.hf import CheckpointError
 
 from ..config import TrainConfig
 from ..layout import ProcessGrid, is_expert_param
@@ -81,17 +84,14 @@ def moe_marker_class():
     return ExpertGroups
 
 
-def mark_expert_params(model: nn.Module, grid: ProcessGrid) -> list[nn.Parameter]:
+def mark_expert_params(model: nn.Module, grid: ProcessGrid) -> None:
     """Flag routed-expert parameters as DeepSpeed MoE parameters (reduced over the expert-data-parallel group)."""
-    experts = []
     if grid.ep == 1:
-        return experts
+        return
     for name, p in model.named_parameters():
         if is_expert_param(name):
             p.allreduce = False
             p.group_name = group_name(grid.ep)
-            experts.append(p)
-    return experts
 
 
 def initialize(module: nn.Module, model: nn.Module, cfg: TrainConfig, grid: ProcessGrid, accumulation: int,
@@ -149,46 +149,53 @@ def _merge(base: dict, override: dict) -> dict:
 DEEPSPEED_DIR, TAG = "deepspeed", "state"
 
 
-def save_engine_state(engine, path: Path) -> list[Path]:
-    """Collective. Returns the files this call wrote (for fsync before the commit marker)."""
-    before = set((path / DEEPSPEED_DIR).rglob("*")) if (path / DEEPSPEED_DIR).exists() else set()
-    engine.save_checkpoint(str(path / DEEPSPEED_DIR), tag=TAG, client_state={}, save_latest=False)
-    return [p for p in (path / DEEPSPEED_DIR).rglob("*") if p.is_file() and p not in before]
+class DeepSpeedState:
+    """What both DeepSpeed engines do alike around `self.ds` (DeepSpeed's engine): the learning rate of its
+    optimizer, and its own checkpoint files beside ours."""
 
+    ds = None
 
-def load_engine_state(engine, path: Path) -> None:
-    """Restore DeepSpeed's optimizer partitions (collective). The expert-group marker is taken out while DeepSpeed
-    loads, so it does not look for per-expert files of its own MoE layers: our experts come from our weight files,
-    which the caller loads afterwards (DeepSpeed's module file holds only the first expert shard's)."""
-    if not (path / DEEPSPEED_DIR / TAG).is_dir():
-        raise ValueError(f"{path}: no DeepSpeed state ({DEEPSPEED_DIR}/{TAG}); it was written by the built-in engine "
-                         "(parallel.zero_stage=null): resume it with the same engine, or start from its weights")
-    marker = engine.module._modules.pop("expert_groups", None)
-    try:
-        engine.load_checkpoint(str(path / DEEPSPEED_DIR), tag=TAG, load_optimizer_states=True,
-                               load_lr_scheduler_states=False, load_module_strict=False)
-    finally:
-        if marker is not None:
-            engine.module._modules["expert_groups"] = marker
+    def set_lr(self, step: int) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = self.lr(step)
 
+    def full_weights(self, modifier_rank: int | None = None) -> ContextManager:
+        """Under ZeRO-3, a context in which every weight is whole on every rank (collective); otherwise a no-op.
+        With `modifier_rank`, that rank's changes are written back to the partitions."""
+        if not self.ds.zero_optimization_partition_weights():
+            return contextlib.nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=modifier_rank)
 
-def refresh_master_weights(engine) -> None:
-    """After weights were written into the module (a weights-only start, an optimizer reset): ZeRO's fp32 master
-    copies, made from the initial weights when the engine was built, must be taken from them again, or the first
-    update would bring the initial weights back. (After DeepSpeed restored its own state they already agree.)"""
-    refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
-    if refresh is not None:
-        refresh()
+    def save_state(self, path: Path) -> list[Path]:
+        """DeepSpeed's save_checkpoint into `path/deepspeed` (collective); returns the files it wrote (for fsync
+        before the commit marker)."""
+        before = set((path / DEEPSPEED_DIR).rglob("*")) if (path / DEEPSPEED_DIR).exists() else set()
+        self.ds.save_checkpoint(str(path / DEEPSPEED_DIR), tag=TAG, client_state={}, save_latest=False)
+        return [p for p in (path / DEEPSPEED_DIR).rglob("*") if p.is_file() and p not in before]
 
+    def load_state(self, path: Path) -> bool:
+        """Restore DeepSpeed's optimizer partitions (collective); True under ZeRO-3, whose partitions hold the
+        weights. The expert-group marker is taken out while DeepSpeed loads, so it does not look for per-expert
+        files of its own MoE layers: our experts come from our weight files, which are loaded afterwards
+        (DeepSpeed's module file holds only the first expert shard's)."""
+        if not (path / DEEPSPEED_DIR / TAG).is_dir():
+            raise CheckpointError(f"{path}: no DeepSpeed state ({DEEPSPEED_DIR}/{TAG}); it was written by the "
+                                  "built-in engine (parallel.zero_stage=null): resume it with the same engine, or "
+                                  "start from its weights")
+        marker = self.ds.module._modules.pop("expert_groups", None)
+        try:
+            self.ds.load_checkpoint(str(path / DEEPSPEED_DIR), tag=TAG, load_optimizer_states=True,
+                                    load_lr_scheduler_states=False, load_module_strict=False)
+        finally:
+            if marker is not None:
+                self.ds.module._modules["expert_groups"] = marker
+        return self.ds.zero_optimization_partition_weights()
 
-def partitioned(engine) -> bool:
-    return engine is not None and engine.zero_optimization_partition_weights()
-
-
-def gathered(engine, model: nn.Module, modifier_rank: int | None = None):
-    """Under ZeRO-3, a context in which every weight is whole on every rank (collective); otherwise a no-op. With
-    `modifier_rank`, that rank's changes are written back to the partitions."""
-    if not partitioned(engine):
-        return contextlib.nullcontext()
-    import deepspeed
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=modifier_rank)
+    def weights_changed(self) -> None:
+        """ZeRO's fp32 master copies were made from the weights the engine was built with: after weights were
+        written into the module (a weights-only start, a fresh optimizer) they are taken again, or the first update
+        would bring the old weights back. (After DeepSpeed restored its own state they already agree.)"""
+        refresh = getattr(self.ds.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:
+            refresh()

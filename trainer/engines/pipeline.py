@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -34,14 +33,12 @@ from ..config import stop_if_non_finite
 from ..step import StepResult, StepStats, fault_scale, supervised_tokens
 from .base import Engine, checked, finite
 from .deepspeed_setup import (
+    DeepSpeedState,
     create_expert_groups,
     import_deepspeed,
     initialize,
-    load_engine_state,
     mark_expert_params,
     moe_marker_class,
-    refresh_master_weights,
-    save_engine_state,
 )
 
 
@@ -122,7 +119,7 @@ def _pipeline_module_class():
     return LatentPipeline
 
 
-class PipelineEngine(Engine):
+class PipelineEngine(DeepSpeedState, Engine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         model, cfg, grid = self.model, self.cfg, self.grid
@@ -131,11 +128,11 @@ class PipelineEngine(Engine):
         from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps our process group for PipelineModule
         first_layer = min(map(int, model.model.layers), default=0)
-        self.stage = PipelineStage(model, sum(cfg.model.is_moe_layer(i) for i in range(first_layer)))
+        self.stage_module = PipelineStage(model, sum(cfg.model.is_moe_layer(i) for i in range(first_layer)))
         self.loss = PipelineLoss()
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its layer-seeding settings
             module = _pipeline_module_class()(
-                layers=[self.stage if s == grid.stage else None for s in range(grid.pp)],
+                layers=[self.stage_module if s == grid.stage else None for s in range(grid.pp)],
                 topology=PipeDataParallelTopology(num_pp=grid.pp, num_dp=grid.dp), loss_fn=self.loss)
         if grid.ep > 1:
             mark_expert_params(model, grid)
@@ -145,10 +142,6 @@ class PipelineEngine(Engine):
         self.accumulation = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * grid.dp)
         self.ds = initialize(module, model, cfg, grid, self.accumulation, self.precision)
         self.n_moe_layers = sum(cfg.model.is_moe_layer(i) for i in range(cfg.model.num_hidden_layers))
-
-    def set_lr(self, step: int) -> None:
-        for group in self.ds.optimizer.param_groups:
-            group["lr"] = self.lr(step)
 
     def _micro_batches(self, batches: list[dict], scale: float):
         """DeepSpeed's data iterator: ((input_ids, position_ids[, document_ids]), (labels, scale)) per batch."""
@@ -171,13 +164,13 @@ class PipelineEngine(Engine):
         stats = StepStats(self.n_moe_layers, self.cfg.model.n_routed_experts or 0, len(batches), grid.dp,
                           self.device)
         stats.bad_records += bad_records if grid.stage == 0 else 0  # every stage reads the data: count it once
-        self.stage.stats, self.stage.aux_scale = stats, 1.0 / len(batches)
+        self.stage_module.stats, self.stage_module.aux_scale = stats, 1.0 / len(batches)
         self.loss.totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         scale = len(batches) * grid.dp / supervised * fault_scale(step, self.env.rank)
         try:
             self.ds.train_batch(data_iter=self._micro_batches(batches, scale))
         finally:
-            self.stage.stats = None
+            self.stage_module.stats = None
         stats.ce_sum += self.loss.totals[0]
         stats.reduce(self.env)
         loss = stats.loss(supervised)
@@ -195,14 +188,3 @@ class PipelineEngine(Engine):
         if self.env.distributed:
             dist.all_reduce(total)  # only the last stage's ranks hold non-zero sums
         return float(total[0] / total[1].clamp(min=1))
-
-    # ---------------------------------------------------------------- checkpoints
-    def save_state(self, path: Path) -> list[Path]:
-        return save_engine_state(self.ds, path)
-
-    def load_state(self, path: Path) -> bool:
-        load_engine_state(self.ds, path)
-        return False
-
-    def weights_changed(self) -> None:
-        refresh_master_weights(self.ds)

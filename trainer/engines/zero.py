@@ -9,9 +9,6 @@ before `engine.backward` makes the two take exactly the same step.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import ContextManager
-
 import torch
 from torch import nn
 
@@ -20,17 +17,7 @@ from model import CausalLM
 from ..expert_parallel import clip_grad_norm
 from .base import checked, finite
 from .builtin import DataParallelEngine
-from .deepspeed_setup import (
-    create_expert_groups,
-    gathered,
-    initialize,
-    load_engine_state,
-    mark_expert_params,
-    moe_marker_class,
-    partitioned,
-    refresh_master_weights,
-    save_engine_state,
-)
+from .deepspeed_setup import DeepSpeedState, create_expert_groups, initialize, mark_expert_params, moe_marker_class
 
 
 class EngineModel(nn.Module):
@@ -47,21 +34,17 @@ class EngineModel(nn.Module):
         return self.module(**kwargs)
 
 
-class ZeroEngine(DataParallelEngine):
+class ZeroEngine(DeepSpeedState, DataParallelEngine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         model, cfg, grid = self.model, self.cfg, self.grid
-        self.stage = cfg.resolved_zero_stage()
-        self.name = f"DeepSpeed ZeRO-{self.stage}"
+        self.zero_stage = cfg.resolved_zero_stage()
+        self.name = f"DeepSpeed ZeRO-{self.zero_stage}"
         mark_expert_params(model, grid)
         create_expert_groups(grid)
         self.per_term = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size  # accumulation x dp
         self.ds = initialize(EngineModel(model, grid.ep, grid.pp), model, cfg, grid,
                              self.per_term // grid.dp, self.precision)
-
-    def set_lr(self, step: int) -> None:
-        for group in self.ds.optimizer.param_groups:
-            group["lr"] = self.lr(step)
 
     def forward(self, **inputs):
         return self.ds(**inputs)
@@ -76,7 +59,7 @@ class ZeroEngine(DataParallelEngine):
         """At the accumulation boundary: ZeRO 1-3 clip by the global norm and skip a non-finite update themselves.
         ZeRO-0's own clipping averages per-rank norms (and in bf16 leaves the experts out), so its gradients, whole
         on every rank here, are clipped by the built-in engine's global norm instead (each expert counted once)."""
-        if self.stage == 0:
+        if self.zero_stage == 0:
             max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
             norm = clip_grad_norm(self.model, max_norm, self.grid)
             if not finite(norm) and not self.ds.bfloat16_enabled():
@@ -86,20 +69,6 @@ class ZeroEngine(DataParallelEngine):
                     p.grad = None
         self.ds.step()  # the update (DeepSpeed skips it for a non-finite norm under ZeRO 1-3)
         applied = self.ds.was_step_applied()
-        if self.stage != 0:
+        if self.zero_stage != 0:
             return checked(self.ds.get_global_grad_norm()), not (applied and finite(loss))
         return norm, not (applied and finite(loss, norm))
-
-    # ---------------------------------------------------------------- checkpoints
-    def full_weights(self, modifier_rank: int | None = None) -> ContextManager:
-        return gathered(self.ds, self.model, modifier_rank)
-
-    def save_state(self, path: Path) -> list[Path]:
-        return save_engine_state(self.ds, path)
-
-    def load_state(self, path: Path) -> bool:
-        load_engine_state(self.ds, path)
-        return partitioned(self.ds)  # ZeRO-3's partitions hold the weights
-
-    def weights_changed(self) -> None:
-        refresh_master_weights(self.ds)
