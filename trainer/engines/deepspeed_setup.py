@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import ContextManager
 
@@ -31,10 +32,12 @@ def import_deepspeed():
     """`deepspeed`, set up for this machine and quiet. On CPU, DeepSpeed would JIT-compile a shared-memory all-reduce
     kernel on first use (about a minute on 2 cores, and a C++ toolchain required); gloo does the same job, so it is
     skipped. DeepSpeed's info lines (its config, timers, the accelerator it picked, the compiler calls of its
-    op-compatibility probes) are kept below the log's level."""
+    op-compatibility probes) are kept below the log's level, and torch's deprecation notices for the collectives
+    DeepSpeed calls are not shown (nothing a user can change). Call it before importing anything of DeepSpeed's."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # chosen, not guessed: no "unable to detect" warning
     logging.getLogger("compilers").setLevel(logging.WARNING)  # DeepSpeed's op probes log each gcc call at info
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger
@@ -50,8 +53,8 @@ def create_expert_groups(grid: ProcessGrid) -> None:
     if grid.ep == 1 or grid.world == 1:
         return
     import torch.distributed as dist
-    from deepspeed.utils import groups
     deepspeed = import_deepspeed()
+    from deepspeed.utils import groups
     deepspeed.init_distributed(dist_backend=dist.get_backend())
     if group_name(grid.ep) not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(grid.ep, pp_size=grid.pp)

@@ -17,7 +17,14 @@ from model import CausalLM
 from ..expert_parallel import clip_grad_norm
 from .base import checked, finite
 from .builtin import DataParallelEngine
-from .deepspeed_setup import DeepSpeedState, create_expert_groups, initialize, mark_expert_params, moe_marker_class
+from .deepspeed_setup import (
+    DeepSpeedState,
+    create_expert_groups,
+    import_deepspeed,
+    initialize,
+    mark_expert_params,
+    moe_marker_class,
+)
 
 
 class EngineModel(nn.Module):
@@ -38,6 +45,7 @@ class ZeroEngine(DeepSpeedState, DataParallelEngine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         model, cfg, grid = self.model, self.cfg, self.grid
+        import_deepspeed()  # first: it quiets DeepSpeed before anything of it loads
         self.zero_stage = cfg.resolved_zero_stage()
         self.name = f"DeepSpeed ZeRO-{self.zero_stage}"
         mark_expert_params(model, grid)
