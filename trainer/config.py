@@ -146,6 +146,9 @@ class TrainerConfig:
     `model.layers.<L>.mlp.experts.<E>`. null: everything trains."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass instead of keeping its activations (long context)."""
+    compile: bool | None = None
+    """torch.compile each decoder layer (after activation checkpointing) and the loss (docs/performance.md).
+    null: the measured default for the device (`trainer.compile.compile_default`)."""
     dry_run: bool = False
     """Print the resolved layout (pp/dp/ep/edp groups, experts per rank, layers per stage) and the per-rank memory
     estimate, then exit without starting training (no process group, nothing downloaded)."""
