@@ -12,7 +12,7 @@ sorts copies by expert and runs the experts in one process; the expert-parallel 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ class RoutingStats:
     """(B, G) float: tokens of each sequence with at least one copy in routing group g. No gradient."""
     dropped: torch.Tensor | None = None
     """() float: token copies dropped by the capacity limit in this micro-batch (None when dropping is off)."""
+    dispatch: torch.Tensor | None = None
+    """What the dispatcher reports about its exchange (expert parallelism; None for the local dispatcher): see
+    `trainer/expert_parallel.py` `DISPATCH_FIELDS`. No gradient."""
 
     @property
     def tokens_per_expert(self) -> torch.Tensor:
@@ -102,6 +105,7 @@ class RoutedExperts(nn.Module):
         for them alone; the stacked tensors are refreshed from the copies whenever the state is read
         (`sync_trainable`, run by `state_dict`). None trains the whole stack again."""
         self.sync_trainable()
+        self.__dict__.pop("_casts", None)
         for name in ("gate_up_proj_trainable", "down_proj_trainable"):
             self._parameters.pop(name, None)
         self.trainable_ids = None
@@ -129,14 +133,21 @@ class RoutedExperts(nn.Module):
             self.down_proj.index_copy_(0, index, self.down_proj_trainable.detach().to(self.down_proj.dtype))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x (N, D) sorted by expert, counts (E,) -> (N, D) in the compute dtype (the autocast dtype if enabled)."""
+        """x (N, D) sorted by expert, counts (E,) -> (N, D) in the compute dtype (the autocast dtype if enabled).
+        Rows beyond sum(counts) belong to no expert; their output is unspecified (`run_experts` masks them)."""
         if getattr(self, "trainable_ids", None):
             return self._forward_split(x, counts)
         return self._compute(x, counts, self.gate_up_proj, self.down_proj)
 
+    @torch.compiler.disable
     def _forward_split(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """ESFT: the copies of the selected experts go through their trainable weights, the rest through the
-        frozen stack (with zero rows for the selected experts), then the rows are put back in order."""
+        frozen stack (with zero rows for the selected experts), then the rows are put back in order. Runs eagerly
+        and may sync the host (torch.compile leaves it out, docs/performance.md)."""
+        n = int(counts.sum())
+        if n < x.shape[0]:  # dropped copies at the end
+            y = self._forward_split(x[:n], counts)
+            return torch.cat((y, y.new_zeros(x.shape[0] - n, y.shape[-1])))
         selected = torch.zeros(self.n_experts, dtype=torch.bool, device=x.device)
         selected[self.trainable_ids] = True
         row_selected = torch.repeat_interleave(selected, counts, output_size=x.shape[0])  # (N,)
@@ -152,27 +163,88 @@ class RoutedExperts(nn.Module):
                  w_down: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast like F.linear would
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, w_gate_up, w_down = x.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+            x, w_gate_up, w_down = x.to(dtype), self._cast_once(w_gate_up, dtype), self._cast_once(w_down, dtype)
         if self.impl == "loop" or _GROUPED_MM is None or not _grouped_mm_supported(x, self.intermediate_size):
             return _experts_loop(x, counts, w_gate_up, w_down, self.intermediate_size)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
-        h = _GROUPED_MM(x, w_gate_up.transpose(-2, -1), offs=offsets)  # (N, 2I)
+        h = grouped_mm(x, w_gate_up.transpose(-2, -1), offsets)  # (N, 2I)
         gate, up = h.split(self.intermediate_size, dim=-1)
         h = F.silu(gate) * up  # (N, I)
-        return _GROUPED_MM(h, w_down.transpose(-2, -1), offs=offsets)  # (N, D)
+        return grouped_mm(h, w_down.transpose(-2, -1), offsets)  # (N, D)
+
+    def _cast_once(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`weight.to(dtype)`, made once per optimizer step in eager mode and reused by every micro-batch until the
+        weight changes in place (the optimizer's update moves its version counter), as autocast's cache does for
+        F.linear's weights. Compiled layers cast inside the graph, where the cast fuses into its consumer."""
+        if torch.compiler.is_compiling() or weight.dtype == dtype:
+            return weight.to(dtype)
+        casts = self.__dict__.setdefault("_casts", {})
+        key = (weight._version, weight.data_ptr(), dtype, torch.is_grad_enabled(), weight.requires_grad)
+        slot = casts.get(id(weight))
+        if slot is None or slot[0] != key or slot[1] is not weight:
+            slot = casts[id(weight)] = (key, weight, weight.to(dtype))
+        return slot[2]
 
 
 def _experts_loop(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
                   inter: int) -> torch.Tensor:
     """Reference: one plain matmul chain per expert over its slice of the sorted copies."""
     outputs = []
-    for e, chunk in enumerate(x.split(counts.tolist())):
+    sizes = counts.tolist()
+    for e, chunk in enumerate(x[:sum(sizes)].split(sizes)):
         gate, up = (chunk @ w_gate_up[e].T).split(inter, dim=-1)
         outputs.append((F.silu(gate) * up) @ w_down[e].T)
-    return torch.cat(outputs) if outputs else x.new_zeros(0, x.shape[-1])
+    outputs.append(x.new_zeros(x.shape[0] - sum(sizes), w_down.shape[1]))  # rows of no expert
+    return torch.cat(outputs)
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x (N, K) @ w[g] (G, K, M) for the rows of each group g (rows [offsets[g-1], offsets[g])) -> (N, M).
+
+    torch's grouped GEMM, except under torch.compile in fp32: its compile-time shape function accepts bf16 only
+    while the CPU kernel runs fp32 too, so compiled fp32 code calls it through an opaque op of ours."""
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return _opaque_grouped_mm(x, w, offsets)
+    return _GROUPED_MM(x, w, offs=offsets)
+
+
+@torch.library.custom_op("latentmoe::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return _GROUPED_MM(x, w, offs=offsets)
+
+
+@_opaque_grouped_mm.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("latentmoe::grouped_mm_weight_grad", mutates_args=())
+def _grouped_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """(G, K, M): x_g^T @ grad_g for each group's rows (zeros for an empty group)."""
+    return _GROUPED_MM(x.t(), grad, offs=offsets)
+
+
+@_grouped_weight_grad.register_fake
+def _(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor):
+    x, w, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = _opaque_grouped_mm(grad, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+    grad_w = _grouped_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+_opaque_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def _grouped_mm_supported(x: torch.Tensor, intermediate_size: int) -> bool:
@@ -186,11 +258,21 @@ def _grouped_mm_supported(x: torch.Tensor, intermediate_size: int) -> bool:
 
 
 class TokenDispatcher(Protocol):
-    """Sends token copies to their experts and combines the results: the seam between model/ and trainer/."""
+    """Sends token copies to their experts and combines the results: the seam between model/ and trainer/.
 
-    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                 experts: RoutedExperts) -> torch.Tensor:
-        """x (T, D), expert_ids (T, K) global ids, weights (T, K) fp32 -> weighted sum of expert outputs (T, D)."""
+    Two phases, so the MoE layer can run the shared experts while an exchange is in flight: `dispatch` starts
+    sending (it may return before the rows arrive), `combine` runs the experts on what arrived and returns the
+    weighted sum of their outputs. Neither may sync the host except for the split sizes an uneven all-to-all needs
+    (docs/performance.md)."""
+
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: RoutedExperts,
+                 dropping: bool = False) -> Any:
+        """x (T, D), expert_ids (T, K) global ids, weights (T, K) fp32 -> the state `combine` takes. `dropping`:
+        some ids may be DROPPED (the capacity limit is on)."""
+        ...
+
+    def combine(self, pending: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (weighted sum of expert outputs (T, D) in x's dtype, dispatch statistics or None)."""
         ...
 
 
@@ -198,28 +280,64 @@ DROPPED = -1
 """Expert id of a token copy dropped by the capacity limit: dispatchers skip it (its gate weight is 0)."""
 
 
-def sort_copies(expert_ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kept copies sorted by expert: (their flat (token * K + slot) index, expert id, gate weight)."""
-    flat_ids = expert_ids.reshape(-1)
-    kept = (flat_ids != DROPPED).nonzero().squeeze(1)  # (N,)
-    order = kept[flat_ids[kept].argsort(stable=True)]  # copies sorted by expert
-    return order, flat_ids[order], weights.reshape(-1)[order]
+def expert_histogram(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(n_experts,) int64 copies per expert, DROPPED ignored: a scatter on the device (CUDA's bincount syncs)."""
+    flat = expert_ids.reshape(-1)
+    bins = torch.where(flat >= 0, flat, n_experts)
+    return torch.zeros(n_experts + 1, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, bins, torch.ones_like(bins))[:n_experts]
+
+
+def sort_copies(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every copy's flat (token * K + slot) index sorted by expert, dropped copies last, and the copies per expert.
+    No host sync: the number of rows is T * K whatever was dropped (`run_experts` masks the dropped tail)."""
+    flat = expert_ids.reshape(-1)
+    order = torch.where(flat >= 0, flat, n_experts).argsort(stable=True)  # (T*K,)
+    return order, expert_histogram(flat, n_experts)
+
+
+def run_experts(experts: RoutedExperts, rows: torch.Tensor, counts: torch.Tensor, may_drop: bool) -> torch.Tensor:
+    """experts(rows, counts) where the rows beyond sum(counts) belong to no expert (dropped copies sorted last):
+    the grouped GEMM leaves those output rows unwritten, so they are zeroed on the way in (their gradient) and out."""
+    if not may_drop:
+        return experts(rows, counts)
+    valid = (torch.arange(rows.shape[0], device=rows.device) < counts.sum())[:, None]  # (N, 1)
+    rows = torch.where(valid, rows, rows.new_zeros(()))
+    y = experts(rows, counts)
+    return torch.where(valid, y, y.new_zeros(()))
+
+
+@dataclass
+class _LocalPending:
+    x: torch.Tensor
+    expert_ids: torch.Tensor
+    weights: torch.Tensor
+    experts: RoutedExperts
+    dropping: bool
 
 
 class LocalDispatcher:
-    """All experts in this process: sort copies by expert, run the experts, weighted combine."""
+    """All experts in this process: sort copies by expert, run the experts, weighted combine. No host sync."""
 
-    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                 experts: RoutedExperts) -> torch.Tensor:
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: RoutedExperts,
+                 dropping: bool = False) -> _LocalPending:
         if experts.n_experts != experts.n_total:
             raise ValueError("LocalDispatcher needs the layer's full expert set; this layer holds a shard (expert "
                              "parallelism needs its all-to-all dispatcher)")
+        return _LocalPending(x, expert_ids, weights, experts, dropping)
+
+    def combine(self, pending: _LocalPending) -> tuple[torch.Tensor, None]:
+        x, expert_ids, experts = pending.x, pending.expert_ids, pending.experts
         K = expert_ids.shape[1]
-        order, ids, w = sort_copies(expert_ids, weights)
-        counts = torch.bincount(ids, minlength=experts.n_experts)  # (E,)
-        token_of_copy = order // K  # (N,)
-        y_sorted = experts(x.index_select(0, token_of_copy), counts)  # (N, D)
-        return combine(y_sorted, w, token_of_copy, x.shape[0]).to(x.dtype)
+        order, counts = sort_copies(expert_ids, experts.n_experts)
+        token_of_copy = order // K  # (T*K,)
+        y_sorted = run_experts(experts, x.index_select(0, token_of_copy), counts, may_drop=pending.dropping)
+        return combine(y_sorted, pending.weights.reshape(-1)[order], token_of_copy, x.shape[0]).to(x.dtype), None
+
+    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: RoutedExperts,
+                 dropping: bool = True) -> torch.Tensor:
+        """Both phases at once: the weighted sum of expert outputs (T, D)."""
+        return self.combine(self.dispatch(x, expert_ids, weights, experts, dropping))[0]
 
 
 class _WeightedCombine(torch.autograd.Function):
@@ -283,10 +401,13 @@ class MoE(nn.Module):
             expert_ids = expert_ids.masked_fill(~keep.view_as(expert_ids), DROPPED)
             weights = weights.masked_fill(~keep.view_as(weights), 0.0)
             stats.dropped = (~keep).sum().float()
-        y = self.dispatcher(tokens, expert_ids, weights, self.experts).view(B, S, D)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y, stats
+        dropping = stats.dropped is not None
+        pending = self.dispatcher.dispatch(tokens, expert_ids, weights, self.experts, dropping)
+        # Anything independent of the exchange runs while it is in flight (paper §3.1.3: shared experts overlap the all-to-all).
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        y, stats.dispatch = self.dispatcher.combine(pending)
+        y = y.view(B, S, D)
+        return (y if shared is None else y + shared), stats
 
     def routing_stats(self, expert_ids: torch.Tensor, scores: torch.Tensor) -> RoutingStats:
         """expert_ids (B, S*K), scores (B, S, E) -> per-sequence counts, mean probabilities and group hits."""

@@ -1,12 +1,19 @@
-"""torch.compile for training (docs/performance.md): each decoder layer compiled on its own, torchtitan-style, after
-activation checkpointing, plus the loss. Dense and MoE layers compile with fullgraph=True under the local and the
-all-to-all dispatcher; the ESFT split path runs eagerly."""
+"""torch.compile for training (docs/performance.md): each decoder layer compiled on its own, torchtitan-style, with
+its activation checkpointing inside the compiled region, plus the loss.
+
+Dense and MoE layers compile with fullgraph=True under the local and the all-to-all dispatcher: routing keeps
+its statistics in tensors and syncs the host only for the all-to-all's split sizes (captured as unbacked sizes). A
+layer whose experts train only in part (ESFT) runs its split expert path eagerly, so that layer compiles without
+fullgraph.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from model import CausalLM
+from model.loss import cross_entropy
+from model.moe import RoutedExperts
 
 
 def compile_default(device: torch.device) -> bool:
@@ -14,13 +21,19 @@ def compile_default(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def apply_compile(model: CausalLM, enabled: bool | None, device: torch.device) -> bool:
-    """Compile every decoder layer of `model` (and its loss) when `enabled` (None: `compile_default(device)`).
-    Returns whether it did."""
+def apply_compile(model: CausalLM, enabled: bool | None, device: torch.device, backend: str = "inductor") -> bool:
+    """Compile every decoder layer of `model` and its loss when `enabled` (None: `compile_default(device)`), after
+    activation checkpointing and partial training are set. Returns whether it did. (`backend` other than inductor:
+    tests that check tracing alone.)"""
     if enabled is None:
         enabled = compile_default(device)
     if not enabled:
         return False
+    torch._dynamo.config.capture_scalar_outputs = True  # the all-to-all's split sizes (.tolist()) stay in the graph
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for layer in model.model.layers.values():
-        layer.compile(fullgraph=True)
+        partial = any(isinstance(m, RoutedExperts) and m.trainable_ids for m in layer.modules())
+        layer.compile(fullgraph=not partial, backend=backend)
+    if model.lm_head is not None:
+        model.loss_fn = torch.compile(cross_entropy, fullgraph=True, backend=backend)
     return True

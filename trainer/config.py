@@ -257,6 +257,10 @@ class TrainConfig:
             raise ValueError(f"parallel.zero_stage=3 with parallel.ep={ep}: ZeRO-3 cannot partition expert-parallel "
                              "parameters; use parallel.ep=1 with ZeRO-3 (e.g. fine-tuning on a few GPUs), or "
                              "parallel.zero_stage=1/2 to keep expert parallelism")
+        if self.trainer.compile and stage == 3:
+            raise ValueError("trainer.compile=true with parallel.zero_stage=3: ZeRO-3 gathers each layer's weights "
+                             "in hooks around it, which a compiled layer does not run; use trainer.compile=false "
+                             "with ZeRO-3, or parallel.zero_stage=1/2")
         if stage is not None and self.trainer.batch_ramp_start is not None:
             raise ValueError(f"trainer.batch_ramp_start={self.trainer.batch_ramp_start} with the DeepSpeed engine "
                              f"(parallel.zero_stage={stage}): its accumulation boundaries follow a fixed number of "

@@ -10,12 +10,14 @@ takes the same optimizer step as one process with the same global batch (docs/pa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from model import CausalLM
-from model.moe import RoutedExperts, combine, sort_copies
+from model.moe import RoutedExperts, combine, expert_histogram
 
 from .distributed import DistEnv, all_reduce_sum
 from .layout import ProcessGrid, is_expert_param
@@ -45,106 +47,129 @@ def build_grid(env: DistEnv, pp: int, ep: int) -> ProcessGrid:
     return grid
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; its backward is the reverse exchange."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty(sum(out_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        back = grad.new_empty(sum(in_splits), *grad.shape[1:])
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
+DISPATCH_FIELDS = ("tokens", "ranks_sum", "ranks_max", "bytes_remote")
+"""What `AllToAllDispatcher.combine` reports per call, as one float tensor: tokens routed, distinct ranks their kept
+copies went to (sum and max over tokens), and bytes its forward exchanges sent to other ranks (rows, routing lists
+and split sizes, both ways)."""
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+@dataclass
+class _Pending:
+    """A dispatch in flight: what `combine` needs of it."""
 
-
-class DispatchStats:
-    """Counters of one dispatcher since the last reset: tokens dispatched, distinct ranks per token (sum and max,
-    kept on the device so reading them is the only sync), and copies sent to other ranks."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.tokens = 0
-        self.ranks_sum: torch.Tensor | int = 0
-        self.ranks_max: torch.Tensor | int = 0
-        self.rows_sent_remote = 0
-        self.row_bytes = 0
+    received: torch.Tensor  # (M, D) rows that arrived, grouped by source rank (may still be in flight)
+    routes: torch.Tensor  # (M, 2 Kr) fp32: the gate weights and local expert ids (-1: none) of each arrived row
+    per_expert: torch.Tensor  # (E_local,) int64 copies that arrived for each local expert
+    copies: int  # sum of per_expert
+    experts: RoutedExperts
+    token_of_pair: torch.Tensor  # (R,) the token each sent row came from, in send order
+    send_splits: list[int]
+    recv_splits: list[int]
+    send_dtype: torch.dtype
+    dtype: torch.dtype
+    n_tokens: int
+    stats: torch.Tensor
 
 
 class AllToAllDispatcher:
-    """Send every kept token copy to the rank holding its expert, run the local experts with one grouped GEMM,
-    send the results back and combine them with the gate weights on the token's own rank.
+    """Expert parallelism, deduplicated (docs/parallelism.md): a token goes to each rank holding some of its
+    experts ONCE, with the list of that rank's experts it selected and their gate weights. The receiving rank
+    expands each row to its experts (one grouped GEMM over all its local experts) and sums their weighted outputs,
+    so one row per token and rank travels back, where the token's rank adds up its ranks' partial sums.
 
-    Every rank takes part in both exchanges even when it sends or receives nothing, so no rank can hang; a rank
-    whose experts received no token still gets (zero) gradients for them through the grouped GEMM.
+    Host syncs: exactly one per call, reading the split sizes after the (device-side) count exchange. Every rank
+    takes part in every exchange, forward and backward, even when it sends or receives nothing, so no rank can
+    hang; a rank whose experts received no token still gets (zero) gradients for them through the grouped GEMM.
     """
 
-    def __init__(self, grid: ProcessGrid, n_experts: int):
+    def __init__(self, grid: ProcessGrid, n_experts: int, top_k: int):
         self.group, self.ep, self.ep_rank = grid.ep_group, grid.ep, grid.ep_rank
         self.n_experts, self.per_rank = n_experts, n_experts // grid.ep
-        self.stats = DispatchStats()
+        self.slots = min(top_k, self.per_rank)  # Kr: the most experts one token selects on one rank
 
-    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-                 experts: RoutedExperts) -> torch.Tensor:
+    def dispatch(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: RoutedExperts,
+                 dropping: bool = False) -> _Pending:
         T, K = expert_ids.shape
-        order, ids, w = sort_copies(expert_ids, weights)  # kept copies, sorted by global expert (so by rank)
-        token_of_copy = order // K
-        per_expert = torch.bincount(ids, minlength=self.n_experts).view(self.ep, self.per_rank)  # (ep, E_local)
-        # Exchange how many copies each rank sends to each of the receiver's experts.
-        received = torch.empty_like(per_expert)
-        dist.all_to_all_single(received, per_expert.contiguous(), group=self.group)  # (ep sources, E_local)
-        in_splits = per_expert.sum(1).tolist()
-        out_splits = received.sum(1).tolist()
-        send = x.index_select(0, token_of_copy)  # (N, D)
+        ep, L, Kr = self.ep, self.per_rank, self.slots
+        rank = torch.where(expert_ids >= 0, expert_ids // L, ep)  # (T, K), ep for dropped copies
+        hit = torch.zeros(T, ep + 1, dtype=torch.bool, device=x.device).scatter_(1, rank, True)[:, :ep]  # (T, ep)
+        rows = hit.sum(0)  # (ep,) rows this rank sends to each rank
+        counts = torch.cat((rows[:, None], expert_histogram(expert_ids, ep * L).view(ep, L)), 1)  # (ep, 1 + L)
+        arrived = funcol.all_to_all_single(counts, None, None, self.group)  # (ep sources, 1 + L)
+        sizes = torch.cat((rows, arrived.reshape(-1))).tolist()  # the one host sync of the layer
+        send_splits, recv_splits = sizes[:ep], sizes[ep::1 + L]
+        copies = sum(sizes[ep:]) - sum(recv_splits)  # copies that arrive for this rank's experts
+        R = sum(send_splits)
+
+        # Rows in rank-major order: pair (r, t) gets index pair[r, t]; unhit pairs scatter to a spare slot R.
+        hit_rm = hit.T.reshape(-1)  # (ep * T,)
+        pair = torch.where(hit_rm, hit_rm.cumsum(0) - 1, R)
+        tokens = torch.arange(T, device=x.device).repeat(ep)
+        token_of_pair = torch.zeros(R + 1, dtype=torch.long, device=x.device).scatter_(0, pair, tokens)[:R]
+        # Each kept copy's place in its row's route list: the earlier slots of its token on the same rank.
+        earlier = torch.ones(K, K, dtype=torch.bool, device=x.device).tril(-1)  # [k, k'] = k' < k
+        slot = ((rank[:, :, None] == rank[:, None, :]) & earlier).sum(-1)  # (T, K)
+        row = pair.view(ep, T).gather(0, rank.clamp(max=ep - 1).T).T  # (T, K) row of each copy
+        target = torch.where(expert_ids >= 0, row * Kr + slot, R * Kr).reshape(-1)
+        gate = weights.new_zeros(R * Kr + 1).scatter(0, target, weights.reshape(-1).float())[:R * Kr]
+        local = torch.full((R * Kr + 1,), -1.0, device=x.device).scatter(
+            0, target, (expert_ids % L).reshape(-1).float())[:R * Kr]
+        routes = torch.cat((gate.view(R, Kr), local.view(R, Kr)), 1)  # (R, 2 Kr) fp32
+
+        send = x.index_select(0, token_of_pair)  # (R, D)
         if torch.is_autocast_enabled(x.device.type):  # the experts compute in the autocast dtype: send that
             send = send.to(torch.get_autocast_dtype(x.device.type))
-        if torch.is_grad_enabled() and not send.requires_grad:
+        if torch.is_grad_enabled():
             # Every rank must run both exchanges' backward, or a rank whose inputs and experts need no gradient
             # (frozen experts, ESFT) would leave the others waiting in the reverse all-to-all.
-            send = send.detach().requires_grad_()
-        if torch.is_grad_enabled():
-            self._count(expert_ids, in_splits, send)
+            send, routes = _needs_grad(send), _needs_grad(routes)
+        received = funcol.all_to_all_single_autograd(send, recv_splits, send_splits, self.group)
+        received_routes = funcol.all_to_all_single_autograd(routes, recv_splits, send_splits, self.group)
+        # Bytes to other ranks: rows and routes out, partial sums back, and the split sizes.
+        row_bytes = x.shape[-1] * send.element_size()
+        sent = ((R - send_splits[self.ep_rank]) * (row_bytes + routes.shape[1] * routes.element_size())
+                + (sum(recv_splits) - recv_splits[self.ep_rank]) * row_bytes
+                + (ep - 1) * counts.shape[1] * counts.element_size())
+        return _Pending(received, received_routes, arrived[:, 1:].sum(0), copies, experts, token_of_pair,
+                        send_splits, recv_splits, send.dtype, x.dtype, T, self._stats(hit, sent))
 
-        rows = all_to_all(send, out_splits, in_splits, self.group)  # (M, D)
-        # Received rows come grouped by source rank, then by local expert: regroup by local expert.
-        local_expert = torch.repeat_interleave(
-            torch.arange(self.per_rank, device=x.device).repeat(self.ep), received.reshape(-1))
-        regroup = local_expert.argsort(stable=True)
-        y_local = experts(rows.index_select(0, regroup), received.sum(0))  # (M, D)
-        y_rows = torch.empty_like(y_local).index_copy(0, regroup, y_local)  # back to arrival order
-        y_sorted = all_to_all(y_rows, in_splits, out_splits, self.group)  # (N, D) in `order`
-        return combine(y_sorted, w, token_of_copy, T).to(x.dtype)
+    def combine(self, p: _Pending) -> tuple[torch.Tensor, torch.Tensor]:
+        Kr = self.slots
+        gate, local = p.routes[:, :Kr], p.routes[:, Kr:].detach()  # (M, Kr) each
+        M = gate.shape[0]
+        # The arrived rows' copies sorted by local expert; the slots without an expert (-1) sort last.
+        key = torch.where(local >= 0, local, float(self.per_rank)).reshape(-1).long()  # (M * Kr,)
+        order = key.argsort(stable=True)[:p.copies]
+        row_of_copy = order // Kr
+        y = p.experts(p.received.index_select(0, row_of_copy), p.per_expert)  # (C, D)
+        partial = combine(y, gate.reshape(-1)[order], row_of_copy, M).to(p.send_dtype)  # (M, D), one per row
+        back = funcol.all_to_all_single_autograd(partial, p.send_splits, p.recv_splits, self.group)  # (R, D)
+        out = back.new_zeros(p.n_tokens, back.shape[-1], dtype=torch.float32).index_add(
+            0, p.token_of_pair, back.float())
+        return out.to(p.dtype), p.stats
 
-    @torch.no_grad()
-    def _count(self, expert_ids: torch.Tensor, in_splits: list[int], x: torch.Tensor) -> None:
-        ranks = torch.where(expert_ids >= 0, expert_ids // self.per_rank, -1)  # (T, K), -1 for dropped copies
-        hit = torch.zeros(expert_ids.shape[0], self.ep + 1, dtype=torch.bool, device=x.device)
-        hit.scatter_(1, ranks + 1, True)
-        per_token = hit[:, 1:].sum(1)
-        self.stats.tokens += expert_ids.shape[0]
-        self.stats.ranks_sum = self.stats.ranks_sum + per_token.sum()
-        self.stats.ranks_max = torch.maximum(torch.as_tensor(self.stats.ranks_max, device=x.device),
-                                             per_token.max() if per_token.numel() else per_token.new_zeros(()))
-        self.stats.rows_sent_remote += sum(n for r, n in enumerate(in_splits) if r != self.ep_rank)
-        self.stats.row_bytes = x.shape[-1] * x.element_size()
+    def _stats(self, hit: torch.Tensor, sent: int) -> torch.Tensor:
+        """DISPATCH_FIELDS of this call (no gradient, no sync)."""
+        per_token = hit.sum(1).float()  # (T,)
+        peak = per_token.max() if per_token.numel() else per_token.new_zeros(())
+        return torch.stack((per_token.new_tensor(float(hit.shape[0])), per_token.sum(), peak,
+                            per_token.new_tensor(float(sent))))
+
+    def __call__(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor, experts: RoutedExperts,
+                 dropping: bool = True) -> torch.Tensor:
+        """Both phases at once: the weighted sum of expert outputs (T, D)."""
+        return self.combine(self.dispatch(x, expert_ids, weights, experts, dropping))[0]
+
+
+def _needs_grad(t: torch.Tensor) -> torch.Tensor:
+    return t if t.requires_grad else t.detach().requires_grad_()
 
 
 def attach_dispatchers(model: CausalLM, grid: ProcessGrid) -> list[AllToAllDispatcher]:
     """Plug an all-to-all dispatcher into every MoE layer of an expert-sharded model (ep > 1)."""
     dispatchers = []
     for moe in model.moe_layers():
-        moe.dispatcher = AllToAllDispatcher(grid, moe.n_experts)
+        moe.dispatcher = AllToAllDispatcher(grid, moe.n_experts, moe.top_k)
         dispatchers.append(moe.dispatcher)
     return dispatchers
 
@@ -222,21 +247,15 @@ def broadcast_replicas(model: torch.nn.Module, grid: ProcessGrid) -> None:
             dist.broadcast(t, src=dp_src, group=grid.dp_group)
 
 
-def dispatch_metrics(dispatchers: list[AllToAllDispatcher], env: DistEnv, device: torch.device) -> dict:
-    """Distinct ranks each token's copies went to (mean and max over ranks and MoE layers) and bytes sent to other
-    ranks per token, since the last call; resets the counters. Collective: every rank calls it, also a pipeline
-    stage without MoE layers (no dispatchers)."""
-    sums = torch.tensor([float(sum(d.stats.tokens for d in dispatchers)),
-                         float(sum(torch.as_tensor(d.stats.ranks_sum).item() for d in dispatchers)),
-                         float(sum(d.stats.rows_sent_remote * d.stats.row_bytes for d in dispatchers))],
-                        device=device, dtype=torch.float64)
-    peak = torch.tensor(float(max((torch.as_tensor(d.stats.ranks_max).item() for d in dispatchers), default=0)),
-                        device=device)
+def dispatch_metrics(total: torch.Tensor | None, env: DistEnv, device: torch.device) -> dict:
+    """Distinct ranks each token's copies went to (mean and max over ranks and MoE layers) and bytes its exchanges
+    sent to other ranks per token, from this rank's running `step.merge_dispatch` total (None: nothing dispatched,
+    e.g. a pipeline stage without MoE layers). Collective: every rank calls it."""
+    total = torch.zeros(4, dtype=torch.float64, device=device) if total is None else total.to(device)
+    sums, peak = total[[0, 1, 3]].clone(), total[2].clone()
     all_reduce_sum(sums, env)
     if env.distributed:
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    for d in dispatchers:
-        d.stats.reset()
     tokens = max(float(sums[0]), 1.0)
     return {"ranks_per_token_mean": float(sums[1]) / tokens, "ranks_per_token_max": int(peak),
             "a2a_bytes_per_token": float(sums[2]) / tokens}

@@ -43,6 +43,9 @@ class StepResult:
     """Input records skipped so far, summed over ranks."""
     dropped_copies: int
     """Token copies dropped by the capacity limit this step, summed over ranks."""
+    dispatch: torch.Tensor | None = None
+    """This rank's expert-parallel exchange figures of the step (`expert_parallel.DISPATCH_FIELDS`: sums, and the
+    max for ranks_max), on the device, not reduced; None without expert parallelism."""
 
 
 def supervised_tokens(batches: list[dict]) -> int:
@@ -64,6 +67,7 @@ class StepStats:
         self.ce_sum, self.aux_loss, self.dropped, self.bad_records = (self.flat[i] for i in range(4))
         self.balance = self.flat[4:7]
         self.tokens_per_expert = self.flat[7:].view(n_moe_layers, n_experts)
+        self.dispatch: torch.Tensor | None = None
 
     def add_routing(self, out: CausalLMOutput, first_moe_layer: int = 0) -> None:
         """A training forward's balance losses and routing counts; its MoE layers are the model's MoE layers
@@ -78,6 +82,9 @@ class StepStats:
             self.dropped += torch.stack(dropped).sum().double()
         rows = slice(first_moe_layer, first_moe_layer + len(out.routing))
         self.tokens_per_expert[rows] += torch.stack([s.tokens_per_expert for s in out.routing]).double()
+        dispatch = [s.dispatch for s in out.routing if s.dispatch is not None]
+        if dispatch:
+            self.dispatch = merge_dispatch(self.dispatch, torch.stack(dispatch))
 
     def reduce(self, env: DistEnv) -> None:
         """Sum over every rank of the job (collective)."""
@@ -94,7 +101,18 @@ class StepStats:
         load = self.tokens_per_expert.float().cpu() if self.n_moe_layers else None
         tokens = sum(b["input_ids"].numel() for b in batches) * dp
         return StepResult(loss, aux, dict(zip(BALANCE_TERMS, balance, strict=True)), grad_norm, skipped, tokens,
-                          load, int(bad), int(dropped))
+                          load, int(bad), int(dropped), self.dispatch)
+
+
+def merge_dispatch(total: torch.Tensor | None, calls: torch.Tensor) -> torch.Tensor:
+    """Fold dispatch figures (calls, 4) or (4,) into a running (4,) total: sums, except ranks_max (index 2), a max."""
+    calls = calls.view(-1, 4).double()
+    merged = calls.sum(0)
+    merged[2] = calls[:, 2].max()
+    if total is not None:
+        merged[2] = torch.maximum(merged[2], total[2])
+        merged[[0, 1, 3]] += total[[0, 1, 3]]
+    return merged
 
 
 def fault_scale(step: int, rank: int) -> float:

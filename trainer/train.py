@@ -27,7 +27,7 @@ from .layout import ProcessGrid
 from .metrics import MetricsLogger, Throughput, device_peak_tflops, load_imbalance, peak_memory_gib
 from .optim import global_batch_at
 from .prepare import Prepared
-from .step import StepResult
+from .step import StepResult, merge_dispatch
 
 
 @dataclass
@@ -175,7 +175,7 @@ class Reporter:
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
         self.moe_layer_ids = [i for i in range(cfg.model.num_hidden_layers) if cfg.model.is_moe_layer(i)]
-        self.dispatchers = [m.dispatcher for m in engine.model.moe_layers()] if engine.grid.ep > 1 else []
+        self.dispatch: torch.Tensor | None = None  # expert-parallel exchange figures since the last log line
         self.loop_start, self.first_step = time.time(), start_step
 
     def metrics(self, progress: Progress, result: StepResult, seconds: float, val_batches: list[dict]
@@ -184,6 +184,8 @@ class Reporter:
         t, step = self.cfg.trainer, progress.step
         self.throughput.add(result.tokens, seconds)
         self.dropped += result.dropped_copies
+        if result.dispatch is not None:
+            self.dispatch = merge_dispatch(self.dispatch, result.dispatch)
         last = step == t.max_steps
         metrics = None
         if step % t.log_every == 0 or last:
@@ -211,7 +213,8 @@ class Reporter:
         if result.tokens_per_expert is not None:
             metrics["load_imbalance"], metrics["load_imbalance_per_layer"] = load_imbalance(result.tokens_per_expert)
         if self.engine.grid.ep > 1:
-            metrics.update(dispatch_metrics(self.dispatchers, self.env, self.device))
+            metrics.update(dispatch_metrics(self.dispatch, self.env, self.device))
+            self.dispatch = None
         return metrics
 
 

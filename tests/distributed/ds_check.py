@@ -126,7 +126,7 @@ def check(layout: str, env: DistEnv, steps: int) -> dict:
     result: dict = {"losses": [], "reference": [], "grad_norms": [], "reference_norms": [], "aux_loss": []}
     first_layer = next(iter(ours.view.model.layers.values()))  # every stage of these layouts holds layers
     calls: list[int] = []
-    hook = first_layer.register_forward_pre_hook(lambda *_: calls.append(1))  # (recompute stops early)
+    hook = first_layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1))  # (recompute stops early)
     for step in range(steps):
         r, want = ours.step(step), ref.step(step)
         if step == 0:  # recomputation runs each layer's forward a second time in backward

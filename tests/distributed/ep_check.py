@@ -75,7 +75,7 @@ def check_dispatcher(grid, case: str, n_experts: int, worst: dict) -> None:
             torch.zeros(0, K, dtype=torch.long)
     upstream = torch.randn(T, D, generator=g)
 
-    y = AllToAllDispatcher(grid, n_experts)(x, ids, weights, local)
+    y = AllToAllDispatcher(grid, n_experts, K)(x, ids, weights, local)
     (y * upstream).sum().backward()
     for grad in (local.gate_up_proj.grad, local.down_proj.grad):  # replicas of these experts saw other tokens
         if grid.edp > 1:
@@ -111,10 +111,35 @@ def check_frozen_rank(grid) -> None:
     g = torch.Generator().manual_seed(grid.rank)
     x = torch.randn(6, D, generator=g, requires_grad=not frozen)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(6)])
-    y = AllToAllDispatcher(grid, E)(x, ids, torch.rand(6, K, generator=g), local)
+    y = AllToAllDispatcher(grid, E, K)(x, ids, torch.rand(6, K, generator=g), local)
     y.sum().backward()  # hangs (until the process-group timeout) without the fix
     if not frozen:
         assert local.gate_up_proj.grad is not None and local.gate_up_proj.grad.abs().sum() > 0
+
+def check_syncs(grid) -> dict:
+    """The all-to-all dispatcher's host-sync budget: one per MoE layer forward (reading its split sizes after the
+    count exchange), none in backward, with and without token dropping."""
+    from tests.syncs import SyncCounter
+
+    config = model_preset("tiny", num_hidden_layers=3, vocab_size=512)
+    torch.manual_seed(0)
+    model = CausalLM(config, expert_shard=grid.expert_shard(config.n_routed_experts)).train()
+    attach_dispatchers(model, grid)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(grid.rank))
+    counts = {}
+    for capacity in (None, 1.0):
+        model.set_token_dropping(capacity)
+        with SyncCounter().python_reads() as forward:
+            out = model(ids, labels=next_token_labels(ids))
+        with SyncCounter().python_reads() as backward:
+            (out.loss + out.aux_loss).backward()
+        layers = len(model.moe_layers())
+        assert dict(forward.counts) == {"Tensor.tolist": layers}, (capacity, dict(forward.counts))
+        assert backward.total == 0, (capacity, dict(backward.counts))
+        counts["drop" if capacity else "no_drop"] = {"forward": forward.total, "backward": backward.total,
+                                                      "moe_layers": layers}
+    return counts
+
 
 def _close(what: str, a: torch.Tensor, b: torch.Tensor, worst: dict, tol: dict = TOL) -> None:
     torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{what}: {m}")
@@ -129,7 +154,7 @@ def check_model(grid, capacity: float | None, steps: int, worst: dict) -> dict:
     reference = CausalLM(config)
     torch.manual_seed(0)  # the training path: same seed, this rank's expert shard only
     model = CausalLM(config, expert_shard=grid.expert_shard(config.n_routed_experts))
-    dispatchers = attach_dispatchers(model, grid)
+    attach_dispatchers(model, grid)
     ref_params = dict(reference.named_parameters())
     offset, count = grid.expert_shard(config.n_routed_experts)
 
@@ -146,7 +171,7 @@ def check_model(grid, capacity: float | None, steps: int, worst: dict) -> dict:
 
     B, S = 8, 24
     per_rank = B // grid.dp
-    losses, dropped = [], 0.0
+    losses, dropped, ranks_max = [], 0.0, 0
     for step in range(steps):
         ids = torch.randint(0, config.vocab_size, (B, S), generator=torch.Generator().manual_seed(50 + step))
         labels = next_token_labels(ids)
@@ -164,6 +189,7 @@ def check_model(grid, capacity: float | None, steps: int, worst: dict) -> dict:
         out = model(ids[rows], labels=labels[rows])
         if capacity is not None:
             dropped += float(sum(s.dropped for s in out.routing))
+        ranks_max = max([ranks_max] + [int(s.dispatch[2]) for s in out.routing])
         n = float((labels[rows] != -100).sum())
         loss = out.loss * n / n_global + out.aux_loss / grid.dp
         loss.backward()
@@ -185,7 +211,6 @@ def check_model(grid, capacity: float | None, steps: int, worst: dict) -> dict:
         ref_opt.zero_grad(set_to_none=True)
         for name, p in model.named_parameters():
             _close(f"step {step} {name}: params", p, part(name, ref_params[name]), worst, PARAM_TOL)
-    ranks_max = max(int(torch.as_tensor(d.stats.ranks_max)) for d in dispatchers)
     total_dropped = torch.tensor(dropped)
     dist.all_reduce(total_dropped)
     if capacity is not None:
@@ -208,7 +233,8 @@ def main() -> None:
         check_dispatcher(grid, case, n_experts=8, worst=worst)
     check_dispatcher(grid, "one_expert_per_rank", n_experts=args.ep, worst=worst)  # ep == number of experts
     check_frozen_rank(grid)
-    results = {"ep": args.ep, "world": env.world_size, "no_drop": check_model(grid, None, args.steps, worst),
+    results = {"ep": args.ep, "world": env.world_size, "host_syncs": check_syncs(grid),
+               "no_drop": check_model(grid, None, args.steps, worst),
                "drop": check_model(grid, 1.0, args.steps, worst)}
     config = model_preset("tiny")
     if args.ep == config.n_group:  # device-limited routing: at most topk_group ranks per token (and it is reached)

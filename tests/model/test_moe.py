@@ -83,19 +83,26 @@ def test_local_dispatcher_grouped_and_loop_agree_through_the_layer():
 
 
 def test_dispatcher_is_a_plug_in():
-    """The MoE layer hands (tokens, ids, weights, experts) to whatever dispatcher it holds: the EP seam."""
+    """The MoE layer hands (tokens, ids, weights, experts) to whatever dispatcher it holds (the EP seam), in two
+    phases with the shared experts between them (they overlap the exchange)."""
     moe = _moe()
     calls = []
 
     class Recording(LocalDispatcher):
-        def __call__(self, x, expert_ids, weights, experts):
-            calls.append((x.shape, expert_ids.shape, weights.dtype))
-            return super().__call__(x, expert_ids, weights, experts)
+        def dispatch(self, x, expert_ids, weights, experts, dropping=False):
+            calls.append(("dispatch", x.shape, expert_ids.shape, weights.dtype))
+            return super().dispatch(x, expert_ids, weights, experts, dropping)
 
+        def combine(self, pending):
+            calls.append("combine")
+            return super().combine(pending)
+
+    moe.shared_experts.register_forward_hook(lambda *_: calls.append("shared"))
     reference, _ = moe(torch.ones(1, 4, 64))
+    calls.clear()
     moe.dispatcher = Recording()
     y, _ = moe(torch.ones(1, 4, 64))
-    assert calls == [((4, 64), (4, 3), torch.float32)]
+    assert calls == [("dispatch", (4, 64), (4, 3), torch.float32), "shared", "combine"]
     torch.testing.assert_close(y, reference)
 
 

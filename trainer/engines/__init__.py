@@ -9,6 +9,7 @@ from model import CausalLM
 
 from ..config import TrainConfig
 from ..distributed import DistEnv
+from ..compile import apply_compile, compile_default
 from ..layout import ProcessGrid
 from .base import Engine
 from .builtin import BuiltinEngine
@@ -17,7 +18,12 @@ from .builtin import BuiltinEngine
 def build_engine(model: CausalLM, cfg: TrainConfig, grid: ProcessGrid, env: DistEnv, device: torch.device,
                  precision: str) -> Engine:
     """The engine the config asks for, around this rank's part of the model (already holding its start weights:
-    DeepSpeed copies or partitions them when it is built)."""
+    DeepSpeed copies or partitions them when it is built). Compiles the model's layers first when
+    `trainer.compile` says so (after partial training is set: ESFT layers keep their split path eager)."""
+    compile_on = cfg.trainer.compile
+    if compile_on is None:  # the device's default, never under ZeRO-3 (see TrainConfig validation)
+        compile_on = compile_default(device) and cfg.resolved_zero_stage() != 3
+    apply_compile(model, compile_on, device)
     if grid.pp > 1:
         from .pipeline import PipelineEngine
         return PipelineEngine(model, cfg, grid, env, device, precision)
