@@ -7,34 +7,146 @@ dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, dh head width of the ba
 
 from __future__ import annotations
 
+import functools
+import sys
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+if TYPE_CHECKING:  # imported where used: importing FlexAttention imports torch._dynamo (seconds per process)
+    from torch.nn.attention.flex_attention import BlockMask
 
 from .config import ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rope, softmax_scale
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                      mask: torch.Tensor | None = None, enable_gqa: bool = False) -> torch.Tensor:
-    """Causal SDPA; the fused kernels accumulate the softmax in fp32 for bf16 inputs, as the eager reference does.
-    `mask` (B, 1, S, S) bool, True = may attend, replaces the plain causal mask (packed documents).
+# SDPA backends in the order tried when cuDNN takes MLA's unequal head widths (docs/model.md §2.4).
+_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                SDPBackend.MATH]
 
-    When v is narrower than q/k (MLA: 128 vs 192) it is zero-padded to the q/k width and the output sliced back, as
-    the released FlashAttention-2 path does (docs/model.md §2.4): flash kernels need equal head widths, and on CPU
-    the flash kernel beats the unfused math path that unequal widths would fall back to.
+
+def _cuda_facts(index: int | None) -> tuple[int, int, int, bool]:
+    """(major, minor) compute capability of CUDA device `index`, the cuDNN runtime version (9.10.2 -> 91002) and
+    whether cuDNN SDPA may run (enabled, and not ruled out by strict deterministic algorithms). torch.compile takes
+    the result as a constant, so the kernel choice stays a compile-time branch."""
+    index = torch.cuda.current_device() if index is None else index
+    major, minor = torch.cuda.get_device_capability(index)
+    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    return major, minor, torch.backends.cudnn.version() or 0, torch.backends.cuda.cudnn_sdp_enabled() and not strict
+
+
+@functools.cache
+def _constant(fn):
+    """`fn` as a result torch.compile takes as a constant (applied on first use: the decorator imports
+    torch._dynamo, seconds per process)."""
+    return torch.compiler.assume_constant_result(fn)
+
+
+def _cudnn_takes(q_dim: int, v_dim: int, facts: tuple[int, int, int, bool]) -> bool:
+    """Whether torch's cuDNN SDPA backend accepts these head widths (its published limits, docs/model.md §2.4):
+    sm80-sm121 with cuDNN >= 9; widths multiples of 8 and at most 128, 256 on sm90 with cuDNN >= 9.10, and the
+    DeepSeek pair 192/128 on sm100 with cuDNN >= 9.11."""
+    major, minor, version, allowed = facts
+    if not allowed or version < 90000 or not (8, 0) <= (major, minor) <= (12, 1):
+        return False
+    limit = 128
+    if version >= 91000 and (major, minor) == (9, 0):
+        limit = 256
+    if version >= 91100 and major == 10 and (q_dim, v_dim) == (192, 128):
+        limit = 192
+    return max(q_dim, v_dim) <= limit and q_dim % 8 == 0 and v_dim % 8 == 0
+
+
+def _sdpa_kernel(q_dim: int, v_dim: int, device: torch.device, dtype: torch.dtype) -> str:
+    """The SDPA kernel for a causal or dense-masked call; "padded v" in the name means v is zero-padded to q_dim."""
+    padded = v_dim < q_dim
+    if device.type == "cuda":
+        if dtype not in (torch.float16, torch.bfloat16):
+            return "mem-efficient"  # flash and cuDNN need half precision; mem-efficient takes unequal widths
+        if padded and _cudnn_takes(q_dim, v_dim, _constant(_cuda_facts)(device.index)):
+            return "cudnn"
+        return "flash(padded v)" if padded else "flash"
+    if device.type == "cpu":  # the CPU flash kernel needs equal widths and beats the math path (docs/model.md §2.4)
+        return "flash(cpu, padded v)" if padded else "flash(cpu)"
+    return "sdpa(padded v)" if padded else "sdpa"
+
+
+def attention_kernel(q_dim: int, v_dim: int, device: torch.device, dtype: torch.dtype, packed: bool) -> str:
+    """Name of the kernel `_causal_attention` runs for q/k of width q_dim and v of width v_dim on `device`/`dtype`;
+    `packed`: with document_ids (SFT packing), whose mask `document_causal_mask` builds. Names: "flex" (CUDA,
+    packed), "cudnn" (unpadded v), "flash(padded v)", "flash", "mem-efficient" (CUDA fp32), "flash(cpu, padded v)",
+    "flash(cpu)", with ", dense mask" appended where packed sequences take a dense (B, 1, S, S) mask."""
+    device = torch.device(device)
+    if packed and device.type == "cuda":
+        return "flex"
+    return _sdpa_kernel(q_dim, v_dim, device, dtype) + (", dense mask" if packed else "")
+
+
+@functools.cache
+def _compiled(fn):
+    """`fn` compiled once for eager callers: flex_attention and create_block_mask are only fused when compiled."""
+    return torch.compile(fn, dynamic=False)
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      mask: torch.Tensor | BlockMask | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """Causal attention; the fused kernels accumulate the softmax in fp32 for bf16 inputs, as the eager reference
+    does. `mask`: None (plainly causal), a (B, 1, S, T) bool tensor, True = may attend, or a BlockMask from
+    `document_causal_mask` (packed documents on CUDA, run by FlexAttention).
+
+    Kernel choice (`attention_kernel`, docs/model.md §2.4): where torch's cuDNN backend takes MLA's unequal widths
+    (q/k 192, v 128 in half precision on sm90 with cuDNN >= 9.10, ...) v stays unpadded and cuDNN goes first;
+    elsewhere v is zero-padded to the q/k width and the output sliced back, as the released FlashAttention-2 path
+    does, so flash kernels (CUDA, and CPU where flash beats the math path that unequal widths fall back to) apply.
     """
+    if _is_block_mask(mask):  # widths may differ: FlexAttention needs no padding
+        from torch.nn.attention.flex_attention import flex_attention
+        flex = flex_attention if torch.compiler.is_compiling() or not q.is_cuda else _compiled(flex_attention)
+        return flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=enable_gqa)
+    kernel = _sdpa_kernel(q.shape[-1], v.shape[-1], q.device, q.dtype)
+    if kernel == "cudnn":
+        with sdpa_kernel(_CUDNN_FIRST, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                                  enable_gqa=enable_gqa)
     v_dim = v.shape[-1]
-    if v_dim < q.shape[-1]:
+    if "padded v" in kernel:
         v = F.pad(v, (0, q.shape[-1] - v_dim))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
                                          enable_gqa=enable_gqa)
     return out[..., :v_dim]
 
 
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, S) document ids -> (B, 1, S, S) bool: attend to earlier positions of the same document only."""
+def _is_block_mask(mask) -> bool:
+    """Whether `mask` is a FlexAttention BlockMask (only possible once FlexAttention was imported)."""
+    flex = sys.modules.get("torch.nn.attention.flex_attention")
+    return flex is not None and isinstance(mask, flex.BlockMask)
+
+
+def document_block_mask(document_ids: torch.Tensor) -> BlockMask:
+    """(B, S) document ids -> FlexAttention BlockMask: attend to earlier positions of the same document only.
+    Blocks of 128 x 128 positions that no document spans are skipped, so packed sequences cost what their
+    documents cost instead of a full causal S x S."""
+    def same_document_causal(b, h, q_idx, kv_idx):
+        return (document_ids[b, q_idx] == document_ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, S = document_ids.shape
+    eager = document_ids.is_cuda and not torch.compiler.is_compiling()  # compiled: no S x S mask in memory
+    build = _compiled(create_block_mask) if eager else create_block_mask
+    return build(same_document_causal, B, None, S, S, device=document_ids.device)
+
+
+def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor | BlockMask:
+    """(B, S) document ids -> the mask `_causal_attention` takes for packed documents: a BlockMask for FlexAttention
+    on CUDA; elsewhere a (B, 1, S, S) bool tensor (on CPU SDPA with a dense mask beats FlexAttention, which has no
+    CPU backward; docs/model.md §2.4)."""
+    if document_ids.is_cuda:
+        return document_block_mask(document_ids)
     S = document_ids.shape[1]
     same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, S, S)
     causal = torch.ones(S, S, dtype=torch.bool, device=document_ids.device).tril()
@@ -87,7 +199,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.scale = softmax_scale(qk_dim, config.rope_scaling)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None, cache: LatentCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | BlockMask | None = None, cache: LatentCache | None = None) -> torch.Tensor:
         """With `cache` (generation): x holds the new positions only, which attend to the cached ones too."""
         B, S, _ = x.shape
         if hasattr(self, "q_proj"):
@@ -135,7 +247,7 @@ class GroupedQueryAttention(nn.Module):
         self.scale = softmax_scale(self.head_dim, config.rope_scaling)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, dh)
         k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, dh)
