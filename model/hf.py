@@ -8,7 +8,8 @@ Our module names are the checkpoint's names except for the routed experts, which
 
 Loading builds the model on the meta device, allocates it once in the target dtype, validates every shard's header
 (names, shapes, offsets) before reading any data, then reads one tensor at a time with plain file reads straight into
-its parameter (through one temporary only when the dtype differs), so the checkpoint is never held twice: a memory
+its parameter (through a small reused buffer when the dtype or device differs), so the checkpoint is never held
+twice and a rank needs no more host memory than the part of the model it holds: a memory
 map would keep every touched page of a shard resident beside the model. No pickle is ever read and no remote code
 is run.
 """
@@ -243,24 +244,44 @@ def _whole_model_names(config: ModelConfig) -> set[str]:
         return {name for name, _ in _hf_slots(CausalLM(config))}
 
 
+_CHUNK = 2**20  # elements per read buffer and per finiteness check: under 10 MiB of transient host memory
+
+
 def _read_into(f, shard: Path, name: str, info: dict, data_start: int, target: torch.Tensor,
                check_finite: bool) -> None:
-    """Read one tensor's bytes straight into `target` when dtype and device allow, else through one temporary."""
+    """Read one tensor's bytes straight into `target` when dtype and device allow, else through a reused buffer of
+    at most `_CHUNK` elements (a strided target: one temporary of its size). Transient host memory stays bounded
+    whatever the tensor's size (V2's embedding is 0.8 GB in fp32), so loading holds little beyond the model."""
     begin, end = info["data_offsets"]
     dtype = _DTYPES[info["dtype"]]
     if end == begin:
         return
-    direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
-    tensor = target if direct else torch.empty(info["shape"], dtype=dtype)
     f.seek(data_start + begin)
-    if f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
-        raise CheckpointError(f"{shard}: truncated while reading tensor {name!r}")
-    if not direct:
-        target.copy_(tensor)
-    # Checked after the cast, so a value that overflows the target dtype (fp32 -> fp16) is caught too.
-    if check_finite and not torch.isfinite(target).all():
+    direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+    if direct or not target.is_contiguous():
+        tensor = target if direct else torch.empty(info["shape"], dtype=dtype)
+        _read_exact(f, shard, name, tensor.view(-1))
+        if not direct:
+            target.copy_(tensor)
+        pieces = target.view(-1).split(_CHUNK) if direct else (target,)
+    else:
+        pieces = target.view(-1).split(_CHUNK)
+        buffer = torch.empty(min(_CHUNK, target.numel()), dtype=dtype)
+        for piece in pieces:
+            chunk = buffer[:piece.numel()]
+            _read_exact(f, shard, name, chunk)
+            piece.copy_(chunk)  # synchronous from pageable host memory, so the buffer can be reused at once
+    # Checked after the cast, so a value that overflows the target dtype (fp32 -> fp16) is caught too; piecewise,
+    # because isfinite makes temporaries (an abs copy and masks) the size of what it checks.
+    if check_finite and not all(bool(torch.isfinite(piece).all()) for piece in pieces):
         raise CheckpointError(f"{shard}: tensor {name!r} contains NaN or Inf"
                               f"{'' if direct else f' after conversion to {target.dtype}'}")
+
+
+def _read_exact(f, shard: Path, name: str, flat: torch.Tensor) -> None:
+    """Fill the contiguous 1-D CPU tensor `flat` with the next bytes of `f`."""
+    if f.readinto(memoryview(flat.view(torch.uint8).numpy())) != flat.numel() * flat.element_size():
+        raise CheckpointError(f"{shard}: truncated while reading tensor {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- writing

@@ -26,14 +26,21 @@ def build_model(cfg: TrainConfig, grid: ProcessGrid, device: torch.device) -> Ca
     """This rank's part of the model on its device: its pipeline stage (a cut of CausalLM, layers under their global
     names) and its expert shard, with the all-to-all dispatcher under expert parallelism, token dropping and
     activation checkpointing as configured. Every weight is seeded by its name (and global expert), so the same
-    seed gives the same weights at every layout."""
+    seed gives the same weights at every layout (on one device type: CUDA generators draw other numbers than CPU
+    ones). The part is built on the meta device and materialised directly on `device`, never whole on the host."""
     part = {}
     if grid.pp > 1:
         stage = stage_part(cfg.model, stage_boundaries(cfg.model, grid.pp, grid.ep, cfg.parallel.pp_partition),
                            grid.stage)
         part = {"layers": stage.layers, "embedding": stage.embedding, "head": stage.head}
     shard = grid.expert_shard(cfg.model.n_routed_experts) if grid.ep > 1 else None
-    model = CausalLM(cfg.model, expert_shard=shard, **part).to(device)
+    # Built on the meta device (no memory, and CausalLM skips its init there), then allocated once on this rank's
+    # device and initialised in place: no rank ever holds more than its own part (docs/design.md, "Building the
+    # model"). The init seed is still drawn from the global RNG inside CausalLM.__init__.
+    with torch.device("meta"):
+        model = CausalLM(cfg.model, expert_shard=shard, **part)
+    model = model.to_empty(device=device)
+    model.init_weights()
     if grid.ep > 1:
         attach_dispatchers(model, grid)
     model.set_token_dropping(cfg.moe.capacity_factor, cfg.moe.no_drop_fraction)
