@@ -139,11 +139,10 @@ class RoutedExperts(nn.Module):
             return self._forward_split(x, counts)
         return self._compute(x, counts, self.gate_up_proj, self.down_proj)
 
-    @torch.compiler.disable
     def _forward_split(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """ESFT: the copies of the selected experts go through their trainable weights, the rest through the
         frozen stack (with zero rows for the selected experts), then the rows are put back in order. Runs eagerly
-        and may sync the host (torch.compile leaves it out, docs/performance.md)."""
+        and may sync the host (trainer.compile runs it eagerly, docs/performance.md)."""
         n = int(counts.sum())
         if n < x.shape[0]:  # dropped copies at the end
             y = self._forward_split(x[:n], counts)
@@ -207,44 +206,54 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch
     torch's grouped GEMM, except under torch.compile in fp32: its compile-time shape function accepts bf16 only
     while the CPU kernel runs fp32 too, so compiled fp32 code calls it through an opaque op of ours."""
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
-        return _opaque_grouped_mm(x, w, offsets)
+        if _OPAQUE_GROUPED_MM is None:
+            raise RuntimeError("compiling fp32 grouped GEMMs needs model.moe.register_compile_ops() first")
+        return _OPAQUE_GROUPED_MM(x, w, offsets)
     return _GROUPED_MM(x, w, offs=offsets)
 
 
-@torch.library.custom_op("latentmoe::grouped_mm", mutates_args=())
-def _opaque_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return _GROUPED_MM(x, w, offs=offsets)
+_OPAQUE_GROUPED_MM = None
 
 
-@_opaque_grouped_mm.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[-1])
+def register_compile_ops() -> None:
+    """Define the ops compiled fp32 code calls (`grouped_mm`); trainer.compile calls it before compiling. Not done
+    at import: defining custom ops imports much of torch's compiler stack (seconds per process)."""
+    global _OPAQUE_GROUPED_MM
+    if _OPAQUE_GROUPED_MM is None:
+        _OPAQUE_GROUPED_MM = _define_opaque_grouped_mm()
 
 
-@torch.library.custom_op("latentmoe::grouped_mm_weight_grad", mutates_args=())
-def _grouped_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """(G, K, M): x_g^T @ grad_g for each group's rows (zeros for an empty group)."""
-    return _GROUPED_MM(x.t(), grad, offs=offsets)
+def _define_opaque_grouped_mm():
+    """torch's grouped GEMM as an op of ours with its own shape function and backward."""
+    @torch.library.custom_op("latentmoe::grouped_mm", mutates_args=())
+    def forward(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return _GROUPED_MM(x, w, offs=offsets)
 
+    @forward.register_fake
+    def _(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], w.shape[-1])
 
-@_grouped_weight_grad.register_fake
-def _(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+    @torch.library.custom_op("latentmoe::grouped_mm_weight_grad", mutates_args=())
+    def weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """(G, K, M): x_g^T @ grad_g for each group's rows (zeros for an empty group)."""
+        return _GROUPED_MM(x.t(), grad, offs=offsets)
 
+    @weight_grad.register_fake
+    def _(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
 
-def _grouped_mm_backward(ctx, grad: torch.Tensor):
-    x, w, offsets = ctx.saved_tensors
-    grad = grad.contiguous()
-    grad_x = _opaque_grouped_mm(grad, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
-    grad_w = _grouped_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_w, None
+    def backward(ctx, grad: torch.Tensor):
+        x, w, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = forward(grad, w.transpose(-2, -1), offsets) if ctx.needs_input_grad[0] else None
+        grad_w = weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w, None
 
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
 
-def _grouped_mm_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-_opaque_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+    forward.register_autograd(backward, setup_context=setup_context)
+    return forward
 
 
 def _grouped_mm_supported(x: torch.Tensor, intermediate_size: int) -> bool:

@@ -50,6 +50,9 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.checkpointing = False
+        """Recompute this layer in backward instead of keeping its activations (inside the layer, so a compiled
+        layer compiles the recomputation with it, docs/performance.md)."""
 
     @property
     def is_moe(self) -> bool:
@@ -57,6 +60,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 exempt: torch.Tensor | None = None, cache=None) -> tuple[torch.Tensor, RoutingStats | None]:
+        if self.checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+            return torch.utils.checkpoint.checkpoint(self.layer, x, cos, sin, mask, exempt, use_reentrant=False)
+        return self.layer(x, cos, sin, mask, exempt, cache)
+
+    def layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+              exempt: torch.Tensor | None = None, cache=None) -> tuple[torch.Tensor, RoutingStats | None]:
         h = self.input_layernorm(x)
         x = x + (self.self_attn(h, cos, sin, mask) if cache is None else self.self_attn(h, cos, sin, mask, cache))
         h = self.post_attention_layernorm(x)
@@ -99,13 +108,15 @@ class CausalLM(nn.Module):
     `hidden_states` instead of logits. Its forward is the model's forward.
     """
 
+    loss_fn = staticmethod(cross_entropy)
+    """Mean next-token cross-entropy of (N, V) logits against (N,) targets (a compiled copy under trainer.compile)."""
+
     def __init__(self, config: ModelConfig, expert_shard: tuple[int, int] | None = None, layers: range | None = None,
                  embedding: bool = True, head: bool = True):
         super().__init__()
         self.config = config
         self.init_seed = weight_seed()  # drawn before any submodule consumes the global RNG
         self.no_drop_fraction = 0.1  # sequences exempt from token dropping (paper: about 10%)
-        self.activation_checkpointing = False  # recompute each layer in backward (long context)
         layers = range(config.num_hidden_layers) if layers is None else layers
         if layers and not 0 <= layers[0] <= layers[-1] < config.num_hidden_layers:
             raise ValueError(f"layers={layers}: outside the model's {config.num_hidden_layers} layers")
@@ -113,6 +124,16 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if head else None
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute each decoder layer in backward instead of keeping its activations (long context)."""
+        return any(layer.checkpointing for layer in self.model.layers.values())
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        for layer in self.model.layers.values():
+            layer.checkpointing = on
 
     @property
     def is_partial(self) -> bool:
@@ -166,10 +187,7 @@ class CausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids)  # (B, S, rope/2) each
         routing = []
         for i, layer in self.model.layers.items():
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, stats = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, exempt, use_reentrant=False)
-            else:
-                x, stats = layer(x, cos, sin, mask, exempt, cache[int(i)] if cache else None)
+            x, stats = layer(x, cos, sin, mask, exempt, cache[int(i)] if cache else None)
             if stats is not None:
                 routing.append(stats)
         out = CausalLMOutput(logits=None, routing=routing)
@@ -178,7 +196,7 @@ class CausalLM(nn.Module):
         else:
             out.logits = self.lm_head(self.model.norm(x))  # (B, S, V)
             if labels is not None:
-                out.loss = cross_entropy(out.logits.flatten(0, 1), labels.flatten())
+                out.loss = self.loss_fn(out.logits.flatten(0, 1), labels.flatten())
         if self.training and routing:
             out.aux_loss, out.balance = self._balance(routing)
         return out
@@ -208,7 +226,10 @@ def init_module_weights(module: nn.Module, seed: int, std: float, prefix: str = 
 
     Every weight draws from its own generator, seeded by (`seed`, its full CausalLM name, and for routed experts the
     global expert index), so a tensor gets the same initial values whichever process builds it: experts sharded over
-    expert-parallel ranks and layers built by a single pipeline stage match the one-process model exactly."""
+    expert-parallel ranks and layers built by a single pipeline stage match the one-process model exactly. The
+    generators live on the weights' device, so the values are layout-free per device type (CUDA generators draw
+    other numbers than CPU ones); a model built on the meta device is initialised after `to_empty` (docs/design.md,
+    "Building the model")."""
     def generator(name: str, offset: int, device: torch.device) -> torch.Generator:
         g = torch.Generator(device)
         g.manual_seed((seed + 1_000_003 * zlib.crc32(name.encode()) + offset) % 2**63)

@@ -13,7 +13,7 @@ import torch
 
 from model import CausalLM
 from model.loss import cross_entropy
-from model.moe import RoutedExperts
+from model.moe import RoutedExperts, register_compile_ops
 
 
 def compile_default(device: torch.device) -> bool:
@@ -29,11 +29,14 @@ def apply_compile(model: CausalLM, enabled: bool | None, device: torch.device, b
         enabled = compile_default(device)
     if not enabled:
         return False
+    register_compile_ops()
     torch._dynamo.config.capture_scalar_outputs = True  # the all-to-all's split sizes (.tolist()) stay in the graph
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for layer in model.model.layers.values():
-        partial = any(isinstance(m, RoutedExperts) and m.trainable_ids for m in layer.modules())
-        layer.compile(fullgraph=not partial, backend=backend)
+        split = [m for m in layer.modules() if isinstance(m, RoutedExperts) and m.trainable_ids]
+        for experts in split:  # ESFT's split expert path reads counts on the host: it runs eagerly
+            experts._forward_split = torch.compiler.disable(experts._forward_split)
+        layer.compile(fullgraph=not split, backend=backend)
     if model.lm_head is not None:
         model.loss_fn = torch.compile(cross_entropy, fullgraph=True, backend=backend)
     return True
