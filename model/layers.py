@@ -8,7 +8,10 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back before the weight, exactly as the released code does."""
+    """RMSNorm computed in fp32 and cast back before the weight, exactly as the released code does. Under autocast
+    the normalised input and the weight are cast to the autocast dtype first, as in a model kept in that dtype, so
+    the output is in that dtype rather than fp32 (fp32 weights would otherwise promote it: an fp32 activation that
+    every following projection casts again)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -18,6 +21,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return self.weight.to(dtype) * x32.to(dtype)
         return self.weight * x32.to(x.dtype)
 
     def reset_parameters(self) -> None:

@@ -11,7 +11,8 @@ import torch
 
 from ..config import stop_if_non_finite
 from ..distributed import all_reduce_sum
-from ..expert_parallel import broadcast_replicas, clip_grad_norm, reduce_gradients
+from ..expert_parallel import broadcast_replicas, clip_grad_norm
+from ..grad_sync import GradReducer
 from ..optim import build_optimizer
 from ..step import MODEL_INPUTS, StepResult, StepStats, fault_scale, supervised_tokens
 from .base import Engine, finite
@@ -52,18 +53,23 @@ class DataParallelEngine(Engine):
         stats = StepStats(len(moe_layers), moe_layers[0].n_experts if moe_layers else 0, n, grid.dp, self.device)
         stats.bad_records += bad_records
         fault = fault_scale(step, self.env.rank)
-        for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
-            inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
-            labels = batch["labels"].to(self.device, non_blocking=True)
-            with self.autocast():
+        # One autocast region for the whole step, so its cache casts each weight to bf16 once for all micro-batches
+        # (it is dropped when the region closes, before the update changes the weights). Backward runs with autocast
+        # off: it takes the dtypes the forward chose, and a custom backward's matmuls must not be cast again.
+        with self.autocast():
+            for i, (batch, count) in enumerate(zip(batches, counts, strict=True)):
+                inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+                labels = batch["labels"].to(self.device, non_blocking=True)
                 out = self.forward(**inputs, labels=labels)
-            ce_sum = out.loss * count * fault
-            loss = ce_sum / max(supervised, 1.0)
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss / (n * grid.dp)
-            self.backward(loss, last=i == n - 1)
-            stats.ce_sum += ce_sum.detach().double()
-            stats.add_routing(out)
+                ce_sum = out.loss * count * fault
+                loss = ce_sum / max(supervised, 1.0)
+                if out.aux_loss is not None:
+                    loss = loss + out.aux_loss / (n * grid.dp)
+                with torch.autocast(self.device.type, enabled=False):
+                    self.backward(loss, last=i == n - 1)
+                stats.ce_sum += ce_sum.detach().double()
+                stats.add_routing(out)
+                del out, ce_sum, loss  # this micro-batch's logits are freed before the next forward
         stats.reduce(self.env)
         return stats, supervised
 
@@ -75,6 +81,7 @@ class BuiltinEngine(DataParallelEngine):
         super().__init__(*args, **kwargs)
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
         broadcast_replicas(self.model, self.grid)  # identical replicas, whatever each rank was given
+        self.grad_sync = GradReducer(self.model, self.grid)
 
     def autocast(self) -> ContextManager:
         if self.precision == "bf16":
@@ -82,12 +89,18 @@ class BuiltinEngine(DataParallelEngine):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Earlier micro-batches only accumulate; the last one's backward launches the gradient sums bucket by bucket
+        as their gradients become ready, and the rest right after it (trainer/grad_sync.py)."""
+        if last:
+            self.grad_sync.arm()
         loss.backward()
+        if last:
+            self.grad_sync.launch_rest()
 
     def update(self, loss: float) -> tuple[float, bool]:
         """Reduce, clip and apply the update unless the loss or the gradient norm is not finite (the same decision
         on every rank: both come from reduced values). Returns (norm before clipping, skipped)."""
-        reduce_gradients(self.model, self.grid)
+        self.grad_sync.finish()
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(self.model, max_norm, self.grid)
         skipped = not finite(loss, grad_norm)
