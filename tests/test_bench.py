@@ -140,14 +140,18 @@ def test_data_bench_pipeline_tokens_equal_the_raw_tokenizers(tmp_path):
 
 def test_ep_bench_expert_parallel_output_equals_local(tmp_path):
     """The expert-parallel layer (ep=2, gloo, fp32) gives the all-experts-local layer's output on the same tokens,
-    max |diff| < 1e-5 on every rank; and one row per copy is never below one row per distinct remote rank."""
+    max |diff| < 1e-5 on every rank; and the bytes sent to the other rank, counted at torch's all-to-all calls, are
+    within 1.1x the routing's minimum (one row per token and distinct remote rank, each way), as the dispatcher
+    itself reports them (measured 1.03x)."""
     result = _bench(tmp_path, "ep", "--ep", "2", "--tokens", "256", "--steps", "2", "--warmup", "1",
                     env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result["dtype"] == "torch.float32"
     assert result["output_max_abs_diff"] < EP_OUTPUT_TOL
     assert result["output_max_abs"] > 100 * EP_OUTPUT_TOL
     assert all(r["output_max_abs_diff"] < EP_OUTPUT_TOL for r in result["per_rank"])
-    assert result["bytes_per_token"] >= result["min_bytes_per_token"] > 0
+    assert result["min_bytes_per_token"] > 0
+    assert result["min_bytes_per_token"] <= result["bytes_per_token"] <= 1.1 * result["min_bytes_per_token"]
+    assert result["reported_bytes_per_token"] == pytest.approx(result["bytes_per_token"], rel=1e-6)
 
 
 CPU_SECTIONS = ("versions", "grouped_gemm", "attention", "numerics", "moe_layer", "all_to_all", "model_bench")

@@ -29,8 +29,13 @@ def build_param_groups(model: torch.nn.Module, cfg: OptimConfig, expert_group: s
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW (paper: beta 0.9/0.95, weight decay 0.1); no weight decay on norms (1-D weights)."""
-    return torch.optim.AdamW(build_param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    """AdamW (paper: beta 0.9/0.95, weight decay 0.1); no weight decay on norms (1-D weights). torch's fused kernel
+    where the parameters allow it (CPU and CUDA floating-point tensors): one pass over each tensor instead of a
+    dozen (measured 5x faster on the tiny preset's 2.7M parameters on CPU, docs/performance.md)."""
+    groups = build_param_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

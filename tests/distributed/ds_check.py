@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model import next_token_labels
 from trainer.build import build_model
 from trainer.config import TrainConfig
+from tests.distributed.torchrun import init_gloo
 from trainer.distributed import DistEnv
 from trainer.engines import build_engine
 from trainer.expert_parallel import build_grid
@@ -169,9 +168,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    env = init_gloo(60)
     results = {}
     for layout in args.layouts:
         forget_deepspeed_expert_groups()

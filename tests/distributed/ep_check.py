@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -26,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model import CausalLM, LocalDispatcher, next_token_labels  # noqa: E402
 from model.moe import RoutedExperts  # noqa: E402
-from trainer.distributed import DistEnv  # noqa: E402
+from tests.distributed.torchrun import init_gloo  # noqa: E402
 from trainer.expert_parallel import (AllToAllDispatcher, attach_dispatchers, build_grid, clip_grad_norm,  # noqa: E402
                                      is_expert_param, reduce_gradients)
 from trainer.presets import model_preset  # noqa: E402
@@ -224,9 +222,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    env = init_gloo(30)
     grid = build_grid(env, pp=1, ep=args.ep)
     worst: dict[str, float] = {}
     for case in ("all_on_rank0", "uniform", "empty_rank", "random"):

@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import weakref
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -194,14 +193,13 @@ def check_engine(grid, env, esft: bool, steps: int = 2) -> dict:
 def main() -> None:
     import torch.distributed as dist
 
+    from tests.distributed.torchrun import init_gloo
     from trainer.expert_parallel import build_grid
     p = argparse.ArgumentParser()
     p.add_argument("--eps", type=int, nargs="+", required=True)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    env = DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    env = init_gloo(60)
     results = {}
     for ep in args.eps:
         grid = build_grid(env, pp=1, ep=ep)
