@@ -176,8 +176,10 @@ def attach_dispatchers(model: CausalLM, grid: ProcessGrid) -> list[AllToAllDispa
 
 def reduce_gradients(model: torch.nn.Module, grid: ProcessGrid, bucket_bytes: int = 32 * 2**20) -> None:
     """Sum dense gradients over the data-parallel group and expert gradients over the expert-data-parallel group,
-    in coalesced buckets. A parameter without a gradient on this rank contributes zeros, so every rank's buckets
-    have the same layout whatever its routing was."""
+    in coalesced buckets, all after the backward. A parameter without a gradient on this rank contributes zeros, so
+    every rank's buckets have the same layout whatever its routing was. The built-in engine overlaps these sums with
+    the backward instead (`grad_sync.GradReducer`); this all-at-once form is the reference the tests hold it to
+    (tests/trainer/test_grad_sync.py, tests/distributed/ep_check.py)."""
     dense, expert = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
