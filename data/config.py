@@ -46,8 +46,14 @@ class DataConfig:
     split. (How often validation runs is `trainer.val_every`.)"""
     val_every: int | None = None
     """Deprecated name of `holdout_every` (it read like `trainer.val_every`); still accepted."""
+    shards: int = 8
+    """Canonical shards of the data order (docs/data.md#data-order): shard c reads the records k with k mod
+    `shards` == c and packs and shuffles them on its own, and global row n is the next row of shard n mod `shards`,
+    so the global batches do not depend on the number of data-parallel ranks. Choose a multiple of every
+    data-parallel size you will run at: then each rank reads only its own shards' records. Part of the resumable
+    state: a checkpoint resumes only with the same value."""
     shuffle_buffer: int = 128
-    """Packed sequences held in the seeded shuffle buffer (part of the resumable state)."""
+    """Packed sequences held in the seeded shuffle buffer of each shard (part of the resumable state)."""
     prefetch: int = 8
     """Micro-batches prepared ahead by the background worker."""
     docs_per_chunk: int = 128
@@ -80,7 +86,7 @@ class DataConfig:
             raise bad("hub_path", "data.source=hub needs data.hub_path=<dataset name or builder>")
         if self.source == "stdlib" and self.kind == "sft":
             raise bad("source", "the built-in corpus has no conversations; SFT needs data.source=files")
-        for key in ("seq_len", "shuffle_buffer", "prefetch", "docs_per_chunk", "vocab_size", "holdout_every"):
+        for key in ("seq_len", "shards", "shuffle_buffer", "prefetch", "docs_per_chunk", "vocab_size", "holdout_every"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be >= 1")
         if self.seq_len < 2:

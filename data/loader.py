@@ -1,21 +1,31 @@
-"""The stateful streaming loader: source -> tokenizer -> packer -> shuffle buffer -> micro-batches, prepared by a
-background thread so a training step never waits on tokenization.
+"""The stateful streaming loader: source -> tokenizer -> packer -> shuffle buffer -> rows, in `data.shards`
+canonical shards merged into one global order of rows, of which each data-parallel rank takes its share as
+micro-batches, prepared by a background thread so a training step never waits on tokenization.
 
-Resume guarantee: `state_dict()` describes the stream just after the last micro-batch handed out by `__next__`
-(source position, tokens held by the packer, rows in the shuffle buffer and its RNG, bad-record counts). A loader
-built with the same config, tokenizer, seed, rank and world size, given that state through `load_state_dict()`,
-yields exactly the micro-batches the uninterrupted loader would have yielded next. The state is per data-parallel
-rank and is not portable to another world size.
+Data order (docs/data.md#data-order). Canonical shard c of C = `data.shards` reads the records k with k mod C == c,
+and packs and shuffles them on its own (its buffer seeded from the seed and c). Global row n (counted over the whole
+run) is the next row of shard n mod C, and data-parallel rank r of `world` takes the global rows n with
+n mod world == r, in order. Nothing about a shard depends on the number of ranks, and a global batch is a multiple of
+micro_batch_size x world rows, so global step s trains on the same rows at any process count.
+
+Resume guarantee: `state_dict()` describes the stream just after the last micro-batch handed out, when all ranks
+together have consumed N global rows: N, the state of each shard this rank owns (source position, tokens held by the
+packer, rows in the shuffle buffer and its RNG, bad-record counts) and a fingerprint of the settings. Every shard is
+owned by exactly one rank, so `merge_data_states` over all ranks' states holds every shard once. A loader of any
+world size dividing N, built with the same data settings, tokenizer and seed and given the merged state through
+`load_state_dict()`, yields exactly the rows the uninterrupted loader would have yielded next, in the same order.
 """
 
 from __future__ import annotations
 
+import math
 import platform
 import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from itertools import islice
 from typing import Any
 
@@ -25,8 +35,8 @@ import torch
 from .chat import encode_conversations, messages_extractor
 from .config import DataConfig
 from .packing import ConcatPacker, ConversationPacker, ShuffleBuffer
-from .sources import (BadRecords, DataError, FileSource, HubSource, Position, StdlibSource, expand_globs,
-                      text_extractor, what_to_fix)
+from .sources import (MAX_EXAMPLES, BadRecords, DataError, FileSource, HubSource, Position, StdlibSource,
+                      expand_globs, text_extractor, what_to_fix)
 from .tokenizer import TextTokenizer, cached_bpe, load_tokenizer
 
 
@@ -40,7 +50,8 @@ def build_tokenizer(cfg: DataConfig) -> TextTokenizer:
 
 
 def build_source(cfg: DataConfig, split: str, seed: int, rank: int, world: int):
-    """The record source of a split, or None when there is no validation data."""
+    """The record source of a split, or None when there is no validation data. `rank` of `world` picks the records
+    k with k mod world == rank: the loader builds canonical shard c as (rank=c, world=data.shards)."""
     shuffle = split == "train"
     sft = cfg.kind == "sft"
     extract = messages_extractor(cfg.messages_field) if sft else text_extractor(cfg.text_field)
@@ -57,11 +68,25 @@ def build_source(cfg: DataConfig, split: str, seed: int, rank: int, world: int):
     return HubSource(cfg.hub_path, cfg.hub_name, cfg.hub_split, list(cfg.hub_data_files), extract, seed, rank, world)
 
 
+def shard_layout(shards: int, rank: int, world: int) -> tuple[list[int], list[int]]:
+    """(held, owned): the canonical shards data-parallel rank `rank` of `world` runs, and those whose state it
+    writes. Rank r takes the global rows n = r (mod world), which come from the shards c = r (mod g) with
+    g = gcd(shards, world); the lowest rank holding c, c mod g, owns it, so every shard is written exactly once."""
+    g = math.gcd(shards, world)
+    held = [c for c in range(shards) if c % g == rank % g]
+    return held, [c for c in held if c % g == rank]
+
+
 def epoch_rows(cfg: DataConfig, tokenizer: TextTokenizer, seed: int, rank: int = 0, world: int = 1) -> int:
-    """Rows (packed sequences) that one pass over this rank's training records makes: what `trainer.epochs`
-    counts. Reads and tokenizes the pass once, a chunk at a time, without keeping it."""
-    source = build_source(cfg, "train", seed, rank, world)
-    pipeline = Pipeline(cfg, tokenizer, source, 1, seed, rank, world)
+    """Rows (packed sequences) that one pass over the training records of the shards this rank owns makes; summed
+    over the data-parallel ranks, the rows of one epoch (what `trainer.epochs` counts). Reads and tokenizes the pass
+    once, a chunk at a time, without keeping it."""
+    return sum(_shard_epoch_rows(cfg, tokenizer, seed, c) for c in shard_layout(cfg.shards, rank, world)[1])
+
+
+def _shard_epoch_rows(cfg: DataConfig, tokenizer: TextTokenizer, seed: int, shard: int) -> int:
+    source = build_source(cfg, "train", seed, shard, cfg.shards)
+    pipeline = Pipeline(cfg, tokenizer, source, 1, seed, shard, cfg.shards)
     rows, chunk = 0, []
 
     def flush() -> int:
@@ -79,32 +104,33 @@ def epoch_rows(cfg: DataConfig, tokenizer: TextTokenizer, seed: int, rank: int =
     return rows + flush()
 
 
+def collate(rows: list[dict], sft: bool) -> dict[str, torch.Tensor]:
+    if sft:
+        return {key: torch.from_numpy(np.stack([r[key] for r in rows]).astype(np.int64)) for key in rows[0]}
+    tokens = torch.from_numpy(np.stack([r["tokens"] for r in rows]).astype(np.int64))  # (B, seq_len + 1)
+    return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
+
+
 class Pipeline:
-    """One rank's deterministic stream of micro-batches, each paired with a snapshot of the state after it."""
+    """One canonical shard's deterministic stream of rows (`rank` of `world` picks its records and seeds its shuffle
+    buffer), whose state can be snapshot between any two rows. `pool`: the tokenizing threads, shared by the shards
+    of one loader (default: its own)."""
 
     def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer, source, micro_batch_size: int, seed: int,
-                 rank: int, world: int = 1, shuffle: bool = True):
+                 rank: int, world: int = 1, shuffle: bool = True, pool: ThreadPoolExecutor | None = None):
         self.cfg, self.tokenizer, self.source, self.batch_size = cfg, tokenizer, source, micro_batch_size
-        # What a saved position means: resuming under other settings would silently read another stream.
-        self.fingerprint = {
-            "kind": cfg.kind, "input": source.identity(), "seed": seed, "rank": rank, "world": world,
-            "seq_len": cfg.seq_len, "micro_batch_size": micro_batch_size, "shuffle_buffer": cfg.shuffle_buffer,
-            "docs_per_chunk": cfg.docs_per_chunk, "tokenizer_vocab": tokenizer.vocab_size,
-            "eos": tokenizer.eos_id, "bos": tokenizer.bos_id}
         self.sft = cfg.kind == "sft"
         self.packer = ConversationPacker(cfg.seq_len, tokenizer.pad_id) if self.sft else ConcatPacker(cfg.seq_len)
         self.buffer = ShuffleBuffer(cfg.shuffle_buffer if shuffle else 1, seed=[seed, rank, 1])
         self.position = Position()
         self.bad = BadRecords().state()  # skipped records up to `position`
+        self.pool = pool
+        # Records per encode_batch call. The rows do not depend on it (the packer concatenates documents whatever
+        # their chunk), so the loader may split data.docs_per_chunk between the shards it drives.
+        self.docs_per_chunk = cfg.docs_per_chunk
 
     # ---------------------------------------------------------------------------------------- state
     def load_state(self, state: dict) -> None:
-        saved = state.get("fingerprint", {})
-        changed = sorted(k for k in self.fingerprint if saved.get(k) != self.fingerprint[k])
-        if changed:
-            raise DataError("data: the checkpoint's data position was saved with other settings; changed: " + "; ".join(
-                f"{k}: {saved.get(k)!r} -> {self.fingerprint[k]!r}" for k in changed) +
-                " (resume with the original data settings, or start from the weights alone: launch/convert.py)")
         self.position = Position.from_state(state["position"])
         self.packer.load_state(state["packer"])
         self.buffer.load_state(state["buffer"])
@@ -118,7 +144,7 @@ class Pipeline:
     def state_from(self, snapshot: tuple) -> dict:
         position, packer, buffer, bad = snapshot
         return {"position": position, "packer": self.packer.state_from(packer), "buffer": self.buffer.state_from(buffer),
-                "bad": bad, "fingerprint": self.fingerprint}
+                "bad": bad}
 
     # ---------------------------------------------------------------------------------------- stream
     def _examples(self, payloads: list) -> list:
@@ -130,37 +156,27 @@ class Pipeline:
             ids = [np.concatenate((x, eos)) for x in ids]
         return ids
 
-    def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        if self.sft:
-            return {key: torch.from_numpy(np.stack([r[key] for r in rows]).astype(np.int64)) for key in rows[0]}
-        tokens = torch.from_numpy(np.stack([r["tokens"] for r in rows]).astype(np.int64))  # (B, seq_len + 1)
-        return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
-
-    def batches(self) -> Iterator[tuple[dict[str, torch.Tensor], tuple]]:
-        """Micro-batches with their state snapshots. The next chunk of records is read and tokenized in a worker
-        thread while the current one is waited on (tokenizers releases the GIL), so the tokenizer's threads never
-        idle at the tail of a chunk. Position and bad-record counts advance only when a chunk's tokens reach the
-        packer, so a snapshot never covers records that were read ahead."""
+    def rows(self) -> Iterator[dict]:
+        """Rows out of the shuffle buffer; while the generator waits at a row, `snapshot()` is the state just after
+        it. The next chunk of records is read and tokenized in a worker thread while the current one is waited on
+        (tokenizers releases the GIL), so the tokenizer's threads never idle at the tail of a chunk. Position and
+        bad-record counts advance only when a chunk's tokens reach the packer, so a snapshot never covers records
+        that were read ahead."""
         records = self.source.records(self.position)
-        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        pool = self.pool or ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
         in_flight: deque = deque()
 
         def read_ahead() -> None:
-            chunk = list(islice(records, self.cfg.docs_per_chunk))
+            chunk = list(islice(records, self.docs_per_chunk))
             in_flight.append((chunk, self.source.bad.state(), pool.submit(self._examples, [r.payload for r in chunk])))
 
-        rows: list[dict] = []
         try:
             read_ahead()
             while True:
                 for row in self.packer.rows():
                     out = self.buffer.push(row)
-                    if out is None:
-                        continue
-                    rows.append(out)
-                    if len(rows) == self.batch_size:
-                        yield self._collate(rows), self.snapshot()
-                        rows = []
+                    if out is not None:
+                        yield out
                 read_ahead()
                 chunk, bad, examples = in_flight.popleft()
                 for example in examples.result():
@@ -168,7 +184,20 @@ class Pipeline:
                 self.position, self.bad = chunk[-1].position, bad
                 self._check_bad_fraction()
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            for _, _, future in in_flight:
+                future.cancel()
+            if pool is not self.pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    def batches(self) -> Iterator[tuple[dict[str, torch.Tensor], tuple]]:
+        """This shard alone as micro-batches, each with the state snapshot after it."""
+        rows: list[dict] = []
+        with closing(self.rows()) as stream:
+            for row in stream:
+                rows.append(row)
+                if len(rows) == self.batch_size:
+                    yield collate(rows, self.sft), self.snapshot()
+                    rows = []
 
     def _check_bad_fraction(self) -> None:
         bad = BadRecords.from_state(self.bad)
@@ -179,44 +208,189 @@ class Pipeline:
                 f"{bad.examples[:5]}{what_to_fix(bad.counts)}")
 
 
+class RankRows:
+    """Data-parallel rank `rank`'s share of the global row order over `shards` canonical shards (see the module
+    docstring), and the position in that order: `global_rows`, the rows all ranks together have consumed."""
+
+    def __init__(self, pipelines: dict[int, Pipeline], shards: int, rank: int, world: int):
+        self.pipelines, self.shards, self.rank, self.world = pipelines, shards, rank, world
+        self.held, self.owned = shard_layout(shards, rank, world)
+        self.global_rows = 0
+
+    def rows(self) -> Iterator[dict]:
+        """This rank's rows in order. Works a block of `world` consecutive global rows at a time: it pulls the
+        block's rows of the shards it holds (only row block + rank is its own; when data.shards is not a multiple of
+        the world size, the others belong to other ranks and are dropped), so between blocks each held shard
+        stands exactly after its rows n < global_rows."""
+        g = math.gcd(self.shards, self.world)
+        streams = {c: self.pipelines[c].rows() for c in self.held}
+        try:
+            while True:
+                start, kept = self.global_rows, None
+                for n in range(start + self.rank % g, start + self.world, g):
+                    row = self._pull(streams, n % self.shards)
+                    if n == start + self.rank:
+                        kept = row
+                self.global_rows = start + self.world
+                yield kept
+        finally:
+            for stream in streams.values():
+                stream.close()
+
+    def _pull(self, streams: dict, shard: int) -> dict:
+        try:
+            return next(streams[shard])
+        except DataError as e:
+            if self.shards == 1:
+                raise
+            hint = ""
+            if "no usable record" in str(e):
+                hint = (f"; shard {shard} holds the records k with k mod {self.shards} == {shard}: with this few "
+                        "usable records, lower data.shards")
+            raise DataError(f"data shard {shard} of data.shards={self.shards}: {e}{hint}") from None
+
+    def snapshot(self) -> tuple[int, dict[int, tuple]]:
+        return self.global_rows, {c: self.pipelines[c].snapshot() for c in self.held}
+
+
+def merge_data_states(states: list[dict], names: list[str] | None = None) -> dict:
+    """One state holding every shard, from the `state_dict()`s of all ranks of one checkpoint (each data-parallel rank
+    writes the shards it owns; ranks that share a data-parallel rank, such as pipeline stages, write the same ones).
+    Raises DataError naming what differs. `names` (e.g. the files they came from) label the states in errors."""
+    names = names or [f"data state {i}" for i in range(len(states))]
+    if not states:
+        raise DataError("data: no data state to merge")
+    for name, state in zip(names, states):
+        if "global_rows" not in state:
+            raise DataError(f"data: {name} has the per-rank data position of an older version, which the "
+                            "layout-independent data order cannot continue; resume with "
+                            "checkpoint.data_resume=reset (restarts the data stream)")
+    first, merged = states[0], {}
+    for name, state in zip(names, states):
+        if state["global_rows"] != first["global_rows"]:
+            raise DataError(f"data: the data states disagree on the position: {names[0]} is after "
+                            f"{first['global_rows']} global rows, {name} after {state['global_rows']} (states of "
+                            "different checkpoints?)")
+        if state["fingerprint"] != first["fingerprint"]:
+            changed = sorted(k for k in {**first["fingerprint"], **state["fingerprint"]}
+                             if first["fingerprint"].get(k) != state["fingerprint"].get(k))
+            raise DataError(f"data: {names[0]} and {name} were saved with other data settings; differ: "
+                            f"{', '.join(changed)}")
+        for shard, shard_state in state["shards"].items():
+            if shard in merged and not _same(merged[shard][1], shard_state):  # pipeline stages write the same one
+                raise DataError(f"data: shard {shard} differs between {merged[shard][0]} and {name}")
+            merged.setdefault(shard, (name, shard_state))
+    return {"global_rows": first["global_rows"], "fingerprint": first["fingerprint"],
+            "shards": {shard: shard_state for shard, (_, shard_state) in merged.items()}}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal nested states (dicts, lists, arrays, scalars)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (np.ndarray, torch.Tensor)) or isinstance(b, (np.ndarray, torch.Tensor)):
+        return np.array_equal(np.asarray(a), np.asarray(b))
+    return type(a) is type(b) and a == b
+
+
+def fingerprint(cfg: DataConfig, tokenizer: TextTokenizer, source, seed: int) -> dict:
+    """What a saved data position means: resuming under other settings would silently read another stream. Neither
+    the world size nor the micro-batch size is here: the global order does not depend on them."""
+    return {"kind": cfg.kind, "input": source.identity(), "seed": seed, "shards": cfg.shards, "seq_len": cfg.seq_len,
+            "shuffle_buffer": cfg.shuffle_buffer, "docs_per_chunk": cfg.docs_per_chunk,
+            "tokenizer_vocab": tokenizer.vocab_size, "eos": tokenizer.eos_id, "bos": tokenizer.bos_id}
+
+
 _DONE = object()
 
 
 class StatefulLoader:
-    """Iterator of micro-batches from a `Pipeline`, produced `prefetch` ahead by a background thread."""
+    """Iterator of this rank's micro-batches of the global row order, produced `prefetch` ahead by a background
+    thread that drives every shard the rank holds."""
 
-    def __init__(self, pipeline: Pipeline, prefetch: int):
-        self.pipeline, self.prefetch = pipeline, prefetch
+    def __init__(self, order: RankRows, micro_batch_size: int, prefetch: int, fingerprint: dict, sft: bool,
+                 pool: ThreadPoolExecutor):
+        self.order, self.batch_size, self.prefetch = order, micro_batch_size, prefetch
+        self.fingerprint, self.sft, self._pool = fingerprint, sft, pool
         self._snapshot: tuple | None = None
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
         self._stop = threading.Event()
 
     def load_state_dict(self, state: dict) -> None:
+        """`state`: `merge_data_states` of every rank's `state_dict()` (a single rank's, when it owned every shard)."""
         if self._thread is not None:
             raise RuntimeError("load_state_dict() must come before the first batch is drawn")
-        self.pipeline.load_state(state)
+        if "global_rows" not in state:
+            merge_data_states([state])  # raises the message for the older per-rank format
+        saved = state.get("fingerprint", {})
+        changed = sorted(k for k in self.fingerprint if saved.get(k) != self.fingerprint[k])
+        if changed:
+            raise DataError("data: the checkpoint's data position was saved with other settings; changed: " + "; ".join(
+                f"{k}: {saved.get(k)!r} -> {self.fingerprint[k]!r}" for k in changed) +
+                " (resume with the original data settings, or start from the weights alone: launch/convert.py)")
+        order, rows = self.order, state["global_rows"]
+        if rows % order.world:
+            raise DataError(f"data: the checkpoint's data position is after {rows} global rows, which "
+                            f"{order.world} data-parallel ranks cannot share out evenly: resume with a process count "
+                            f"dividing {rows}")
+        missing = [c for c in order.held if str(c) not in state["shards"]]
+        if missing:
+            raise DataError(f"data: the checkpoint's data state lacks shard(s) {missing} of data.shards="
+                            f"{order.shards} that data-parallel rank {order.rank} of {order.world} needs (each shard "
+                            "is written by one rank: is a data_rank file missing from the checkpoint?)")
+        for c in order.held:
+            order.pipelines[c].load_state(state["shards"][str(c)])
+        order.global_rows = rows
         self._snapshot = None
 
+    def _current(self) -> tuple[int, dict[int, tuple]]:
+        return self._snapshot or self.order.snapshot()
+
     def state_dict(self) -> dict:
-        if self._snapshot is None:  # nothing drawn yet: the state we start from
-            return self.pipeline.state_from(self.pipeline.snapshot())
-        return self.pipeline.state_from(self._snapshot)
+        """The position after the last micro-batch handed out (before the first: the one it starts from), with the
+        shards this rank owns."""
+        rows, shards = self._current()
+        return {"global_rows": rows, "fingerprint": dict(self.fingerprint),
+                "shards": {str(c): self.order.pipelines[c].state_from(shards[c]) for c in self.order.owned}}
+
+    @property
+    def global_rows(self) -> int:
+        """Global rows consumed by all ranks together up to the last micro-batch handed out."""
+        return self._current()[0]
 
     @property
     def epoch(self) -> int:
-        """The epoch the source was reading when the last batch handed out was made (0 before the first pass ends)."""
-        snapshot = self._snapshot or self.pipeline.snapshot()
-        return int(snapshot[0]["epoch"])
+        """The smallest epoch the held shards' sources were reading when the last batch handed out was made (0
+        before every shard finished its first pass)."""
+        return min(int(snapshot[0]["epoch"]) for snapshot in self._current()[1].values())
 
     @property
     def bad_records(self) -> dict[str, Any]:
-        """Skipped records (by reason) up to the last batch handed out."""
-        snapshot = self._snapshot or self.pipeline.snapshot()
-        return snapshot[3]
+        """Skipped records (by reason) up to the last batch handed out, over the shards this rank owns, so that a
+        sum over ranks counts each record once."""
+        total = BadRecords()
+        shards = self._current()[1]
+        for c in self.order.owned:
+            bad = BadRecords.from_state(shards[c][3])
+            total.counts.update(bad.counts)
+            total.examples += bad.examples[:MAX_EXAMPLES - len(total.examples)]
+            total.good += bad.good
+        return total.state()
+
+    def _batches(self) -> Iterator[tuple[dict[str, torch.Tensor], tuple]]:
+        rows: list[dict] = []
+        with closing(self.order.rows()) as stream:
+            for row in stream:
+                rows.append(row)
+                if len(rows) == self.batch_size:
+                    yield collate(rows, self.sft), self.order.snapshot()
+                    rows = []
 
     def _produce(self) -> None:
-        batches = self.pipeline.batches()
+        batches = self._batches()
         try:
             for item in batches:
                 while not self._stop.is_set():
@@ -228,7 +402,8 @@ class StatefulLoader:
                 if self._stop.is_set():
                     return
         except BaseException as e:  # handed to the consumer, which re-raises it in the training thread
-            self._queue.put((_DONE, e))
+            if not self._stop.is_set():  # (after close() nobody reads the queue)
+                self._queue.put((_DONE, e))
         finally:
             batches.close()
 
@@ -249,17 +424,32 @@ class StatefulLoader:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def build_loader(cfg: DataConfig, tokenizer: TextTokenizer, micro_batch_size: int, seed: int, rank: int = 0,
                  world: int = 1, split: str = "train") -> StatefulLoader | None:
-    """The loader of one data-parallel rank for `split` ("train" or "val"); None when there is no val data."""
+    """The loader of data-parallel rank `rank` of `world` for `split` ("train" or "val"); None when there is no val
+    data. Validation uses the same order with shuffling off."""
     cfg.validate()
-    source = build_source(cfg, split, seed, rank, world)
-    if source is None:
-        return None
-    pipeline = Pipeline(cfg, tokenizer, source, micro_batch_size, seed, rank, world, shuffle=split == "train")
-    return StatefulLoader(pipeline, cfg.prefetch)
+    if not 0 <= rank < world:
+        raise ValueError(f"data-parallel rank {rank} is not in [0, {world})")
+    held, _ = shard_layout(cfg.shards, rank, world)
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+    pipelines: dict[int, Pipeline] = {}
+    for c in held:
+        source = build_source(cfg, split, seed, c, cfg.shards)
+        if source is None:
+            pool.shutdown()
+            return None
+        pipelines[c] = Pipeline(cfg, tokenizer, source, micro_batch_size, seed, c, cfg.shards,
+                                shuffle=split == "train", pool=pool)
+        # The held shards advance together, so one round of chunks tokenizes data.docs_per_chunk documents, as one
+        # shard's chunk would: the first batch waits for no more tokenizing than with a single shard.
+        pipelines[c].docs_per_chunk = -(-cfg.docs_per_chunk // len(held))
+    order = RankRows(pipelines, cfg.shards, rank, world)
+    return StatefulLoader(order, micro_batch_size, cfg.prefetch, fingerprint(cfg, tokenizer, pipelines[held[0]].source,
+                                                                            seed), cfg.kind == "sft", pool)
 
 
-__all__ = ["DataError", "StatefulLoader", "build_loader", "build_tokenizer"]
+__all__ = ["DataError", "StatefulLoader", "build_loader", "build_tokenizer", "epoch_rows", "merge_data_states"]

@@ -1,9 +1,11 @@
-"""Document sources: resumable, sharded across data-parallel ranks, with bad records skipped and counted.
+"""Document sources: resumable, split into disjoint parts (the canonical shards), with bad records skipped and counted.
 
 A source is an endless sequence of *records* (a JSON line, a Parquet row, a whole text file, a hub example),
-epoch after epoch, with the file order reshuffled each epoch from the seed. Record k of the global order belongs to
-data-parallel rank k % world: every rank walks the same order, parses only its own records, and no record is read
-by two ranks. `Position` says where a rank stands, so a resumed run continues with the very next record.
+epoch after epoch, with the file order reshuffled each epoch from the seed. A source is built as part `rank` of
+`world`: record k of the order belongs to part k % world, every part walks the same order and parses only its own
+records, so no record is read by two parts. The loader builds canonical shard c of `data.shards` as the part
+(rank=c, world=data.shards), whatever the number of data-parallel ranks (docs/data.md#data-order). `Position` says
+where a part stands, so a resumed run continues with the very next record.
 
 Records that cannot be used (malformed JSON, a missing or non-string field, an empty document, invalid UTF-8) are
 skipped and counted by reason, with the file and line of the first few, in `BadRecords`.
@@ -320,7 +322,7 @@ class StdlibSource:
         self.docs = stdlib_split(split, holdout_every)
         if len(self.docs) < world:
             raise DataError(f"the built-in corpus {split} split has {len(self.docs)} documents, fewer than the "
-                            f"{world} data-parallel ranks")
+                            f"{world} shards it is split into (lower data.shards)")
         self.seed, self.rank, self.world, self.shuffle = seed, rank, world, shuffle
         self.bad = BadRecords()
 
