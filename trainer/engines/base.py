@@ -35,8 +35,9 @@ class Engine:
                  precision: str):
         self.model, self.cfg, self.grid, self.env, self.device = model, cfg, grid, env, device
         self.precision = precision
-        self.optimizer: torch.optim.Optimizer | None = None
-        """Our AdamW when its state goes into our checkpoint files; None when the engine keeps it (DeepSpeed)."""
+        self.optimizer: torch.optim.Optimizer | ParamStates | None = None
+        """Where the checkpoint's per-entry optimizer files are read from and written into: our AdamW (the built-in
+        engine), or `ParamStates` over an optimizer the engine keeps partitioned (DeepSpeed); None: not saved."""
 
     # ---------------------------------------------------------------- training
     def step(self, step: int, batches: list[dict], bad_records: int = 0) -> StepResult:
@@ -107,6 +108,63 @@ class Engine:
         """The Hugging Face directory of the current weights (collective); its path on rank 0."""
         with self.full_weights():
             return export_hf(self.model, tokenizer, out, self.grid)
+
+
+class ParamStates:
+    """The optimizer state of each parameter, whole and under the parameter's own shape, whatever partitions the
+    engine keeps: the seam between an engine's optimizer and the checkpoint's per-entry files (trainer/checkpoint.py
+    `owned_tensors`, `load_owned_tensors`), so that any engine resumes from any other's checkpoint
+    (docs/checkpoints.md). Slots are AdamW's: `exp_avg` and `exp_avg_sq` (fp32, the parameter's shape) and `step`
+    (a 0-d fp32 tensor).
+
+    `get` and `master` are collective where the state is partitioned (`collective`): every rank of a data-parallel
+    group calls them for the same parameters in the same order, owners of the entries or not."""
+
+    collective = False
+    keeps_masters = False
+    """The engine keeps fp32 master copies of the weights beside the model's (`load` takes them)."""
+
+    def get(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        """`p`'s whole state ({} before the first update, and for a parameter the optimizer does not hold)."""
+        raise NotImplementedError
+
+    def master(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """The fp32 master copy of a lower-precision `p`, whole; None where `p` is its own master."""
+        return None
+
+    def load(self, states: dict[torch.nn.Parameter, dict[str, torch.Tensor]],
+             masters: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+        """Replace the optimizer state by `states` (whole tensors of this rank's parameters, in their shapes; the
+        parameters absent start afresh) and set the fp32 masters of lower-precision parameters from `masters`
+        (the checkpoint's fp32 weights). Not collective."""
+        raise NotImplementedError
+
+
+class TorchParamStates(ParamStates):
+    """A torch optimizer whose state is keyed by the model's own parameters (ours; DeepSpeed's at ZeRO-0 in fp32)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def get(self, p: torch.nn.Parameter) -> dict[str, torch.Tensor]:
+        return self.optimizer.state.get(p, {})
+
+    def load(self, states: dict[torch.nn.Parameter, dict[str, torch.Tensor]],
+             masters: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+        if not states:
+            return  # a checkpoint without optimizer entries: the state stays as it is
+        self.optimizer.state.clear()
+        for p, state in states.items():
+            if p.requires_grad:  # a frozen parameter (ESFT) is not the optimizer's
+                # AdamW keeps `step` on the CPU (unless capturable), the moments beside the parameter.
+                self.optimizer.state[p] = {k: v.to("cpu" if k == "step" else p.device) for k, v in state.items()}
+
+
+def param_states(optimizer: torch.optim.Optimizer | ParamStates | None) -> ParamStates | None:
+    """`Engine.optimizer` (or a bare torch optimizer) as `ParamStates`."""
+    if optimizer is None or isinstance(optimizer, ParamStates):
+        return optimizer
+    return TorchParamStates(optimizer)
 
 
 def finite(*values: float) -> bool:

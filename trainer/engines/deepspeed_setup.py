@@ -26,6 +26,7 @@ from model.hf import CheckpointError
 from ..config import TrainConfig
 from ..layout import ProcessGrid, is_expert_param
 from ..optim import build_param_groups
+from .base import ParamStates, TorchParamStates
 
 
 def import_deepspeed():
@@ -152,9 +153,134 @@ def _merge(base: dict, override: dict) -> dict:
 DEEPSPEED_DIR, TAG = "deepspeed", "state"
 
 
+class PartitionedParamStates(ParamStates):
+    """DeepSpeed's ZeRO-1/2/3 (and bf16) optimizer state per parameter, through DeepSpeed's public helpers
+    (`deepspeed.utils.safe_get_full_optimizer_state`, `safe_get_full_fp32_param` and their `safe_set_full_*`).
+    Getting is collective: ZeRO-1/2 and the bf16 optimizer sum each rank's fragment over the parameter's
+    data-parallel group (for experts, their expert-data-parallel group), ZeRO-3 all-gathers its partitions. Setting
+    writes this rank's own fragment from the whole tensor, with no communication.
+
+    The wrapped torch AdamW keeps one state per flat fp32 partition, created at its first update: on a resume before
+    that, the state is created here (zero moments, the resumed step) and DeepSpeed's fragment views re-linked to it,
+    then filled. `step` is one counter for all partitions (every update steps every group), so each parameter
+    reports the same."""
+
+    collective = keeps_masters = True
+
+    def __init__(self, ds):
+        self.zero = ds.optimizer  # DeepSpeed's wrapper
+        self.base = ds.optimizer.optimizer  # our torch AdamW over its flat fp32 partitions
+        for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+            if getattr(self.zero, name, None) is not None:  # ZeRO-3, ZeRO-1/2, bf16 optimizer
+                self.flats = list(getattr(self.zero, name))
+                break
+        else:
+            raise TypeError(f"{type(self.zero).__name__}: not a DeepSpeed optimizer whose state we can read")
+
+    def _slots(self) -> list[str]:
+        """AdamW's per-element slots ([] before the first update), the same on every rank."""
+        for flat in self.flats:
+            state = self.base.state.get(flat)
+            if state:
+                return sorted(k for k, v in state.items() if torch.is_tensor(v) and v.shape == flat.shape)
+        return []
+
+    def _link(self, slots: list[str]) -> None:
+        """ZeRO-1/2 and the bf16 optimizer give each parameter views of its fragment in AdamW's state, linked once,
+        after the first parameter group's first update, when the other groups have no state yet (DeepSpeed 0.19):
+        link again whenever the state tensors are not those last linked. (ZeRO-3 reads AdamW's state directly.)"""
+        if not hasattr(self.zero, "_hp_optimizer_states_linked"):
+            return
+        current = tuple(id(self.base.state[flat][slot]) for flat in self.flats for slot in slots)
+        if current != getattr(self, "_linked", None):
+            self.zero._hp_optimizer_states_linked = False
+            self.zero._lazy_init_hp_params_optimizer_state()
+            self._linked = current
+
+    def _step(self) -> float:
+        states = [self.base.state.get(flat, {}) for flat in self.flats]
+        return max(float(state["step"]) for state in states if "step" in state)
+
+    def get(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
+        slots = self._slots() if p.requires_grad else []
+        if not slots:
+            return {}
+        from deepspeed.utils import safe_get_full_optimizer_state
+        self._link(slots)
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3: the whole shape, whether gathered or not
+        state = {slot: safe_get_full_optimizer_state(p, slot).reshape(shape) for slot in slots}
+        return {**state, "step": torch.tensor(self._step(), dtype=torch.float32)}
+
+    def master(self, p: nn.Parameter) -> torch.Tensor | None:
+        if p.dtype == torch.float32 or not p.requires_grad:
+            return None
+        from deepspeed.utils import safe_get_full_fp32_param
+        return safe_get_full_fp32_param(p).reshape(getattr(p, "ds_shape", p.shape))
+
+    def load(self, states: dict[nn.Parameter, dict[str, torch.Tensor]],
+             masters: dict[nn.Parameter, torch.Tensor]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        states = {p: s for p, s in states.items() if p.requires_grad}
+        slots = sorted({k for s in states.values() for k in s if k != "step"})
+        if slots:
+            steps = [float(s["step"]) for s in states.values() if "step" in s]
+            for flat in self.flats:
+                self.base.state[flat] = {"step": torch.tensor(max(steps, default=0.0), dtype=torch.float32),
+                                         **{k: torch.zeros_like(flat) for k in slots}}
+            self._link(slots)
+            for p, state in states.items():
+                for slot in slots:
+                    if slot in state:
+                        safe_set_full_optimizer_state(p, state[slot].to(p.device, torch.float32), slot)
+        for p, value in masters.items():  # every fp32 master: they were taken from the weights the engine started with
+            if p.requires_grad:
+                safe_set_full_fp32_param(p, value.to(p.device, torch.float32))
+
+
+class MasterParamStates(TorchParamStates):
+    """DeepSpeed's optimizer at ZeRO-0 in bf16: a whole fp32 master copy of each parameter, which AdamW updates and
+    keys its state by (nothing partitioned, nothing collective)."""
+
+    keeps_masters = True
+
+    def __init__(self, wrapper):
+        super().__init__(wrapper.optimizer)
+        self.masters = {p: m for lp, fp32 in zip(wrapper.fp16_groups, wrapper.fp32_groups, strict=True)
+                        for p, m in zip(lp, fp32, strict=True)}
+
+    def get(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
+        return self.optimizer.state.get(self.masters[p], {}) if p in self.masters else {}
+
+    def master(self, p: nn.Parameter) -> torch.Tensor | None:
+        return self.masters.get(p)
+
+    def load(self, states: dict[nn.Parameter, dict[str, torch.Tensor]],
+             masters: dict[nn.Parameter, torch.Tensor]) -> None:
+        super().load({self.masters[p]: s for p, s in states.items() if p in self.masters}, {})
+        with torch.no_grad():
+            for p, value in masters.items():
+                if p in self.masters:
+                    self.masters[p].copy_(value)
+
+
+def deepspeed_param_states(ds) -> ParamStates | None:
+    """DeepSpeed's optimizer state per parameter, for our per-entry checkpoint files; None for an optimizer wrapper
+    we cannot read (its checkpoints then resume only at the layout that wrote them)."""
+    optimizer = ds.optimizer
+    if isinstance(optimizer, torch.optim.Optimizer):  # ZeRO-0 in fp32: our AdamW over the model's parameters
+        return TorchParamStates(optimizer)
+    if hasattr(optimizer, "fp16_groups") and hasattr(optimizer, "fp32_groups"):
+        return MasterParamStates(optimizer)
+    try:
+        return PartitionedParamStates(ds)
+    except TypeError:
+        return None
+
+
 class DeepSpeedState:
     """What both DeepSpeed engines do alike around `self.ds` (DeepSpeed's engine): the learning rate of its
-    optimizer, and its own checkpoint files beside ours."""
+    optimizer, its state per parameter for our checkpoint files (`self.optimizer`), and its own checkpoint files
+    beside ours."""
 
     ds = None
 

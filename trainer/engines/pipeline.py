@@ -35,6 +35,7 @@ from .base import Engine, checked, finite
 from .deepspeed_setup import (
     DeepSpeedState,
     create_expert_groups,
+    deepspeed_param_states,
     import_deepspeed,
     initialize,
     mark_expert_params,
@@ -141,6 +142,7 @@ class PipelineEngine(DeepSpeedState, Engine):
                 module.expert_groups = moe_marker_class()(cfg.model.n_routed_experts, grid.ep, grid.pp)
         self.accumulation = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * grid.dp)
         self.ds = initialize(module, model, cfg, grid, self.accumulation, self.precision)
+        self.optimizer = deepspeed_param_states(self.ds)  # our per-entry files read and write it
         self.n_moe_layers = sum(cfg.model.is_moe_layer(i) for i in range(cfg.model.num_hidden_layers))
 
     def _micro_batches(self, batches: list[dict], scale: float):

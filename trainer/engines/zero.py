@@ -20,6 +20,7 @@ from .builtin import DataParallelEngine
 from .deepspeed_setup import (
     DeepSpeedState,
     create_expert_groups,
+    deepspeed_param_states,
     import_deepspeed,
     initialize,
     mark_expert_params,
@@ -53,6 +54,7 @@ class ZeroEngine(DeepSpeedState, DataParallelEngine):
         self.per_term = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size  # accumulation x dp
         self.ds = initialize(EngineModel(model, grid.ep, grid.pp), model, cfg, grid,
                              self.per_term // grid.dp, self.precision)
+        self.optimizer = deepspeed_param_states(self.ds)  # our per-entry files read and write it
 
     def forward(self, **inputs):
         return self.ds(**inputs)
