@@ -32,17 +32,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from data.loader import merge_data_states
 from data.tokenizer import TextTokenizer
 from model.hf import CheckpointError, save_safetensors
 from model.moe import RoutedExperts
 
+from .config import NonFiniteError
 from .distributed import DistEnv, barrier
+from .faults import fault
+from .integrity import digests, write_manifest
 
 if TYPE_CHECKING:
     from .engines import Engine
+    from .engines.base import ParamStates
 
 COMPLETE = "COMPLETE"
 PREFIX = "step_"
+DELETING = ".deleting"
+REJECTED = "rejected"
+"""Where `resume=auto` moves a checkpoint that failed verification (kept for inspection, never resumed)."""
 
 
 class CheckpointNotFound(ValueError):
@@ -53,7 +61,8 @@ def step_dir(root: str | os.PathLike, step: int) -> Path:
     return Path(root) / f"{PREFIX}{step:08d}"
 
 
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
+    """The step of a `step_<N>` checkpoint directory; None for another name (an imported model's directory)."""
     if not path.name.startswith(PREFIX):
         return None
     try:
@@ -71,7 +80,7 @@ def list_checkpoints(root: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     root = Path(root)
     if not root.is_dir():
         return [], []
-    steps = sorted((s, p) for p in root.iterdir() if p.is_dir() and (s := _step_of(p)) is not None)
+    steps = sorted((s, p) for p in root.iterdir() if p.is_dir() and (s := step_of(p)) is not None)
     return [p for _, p in steps if is_complete(p)], [p for _, p in steps if not is_complete(p)]
 
 
@@ -115,7 +124,7 @@ def choose_resume(root: str | os.PathLike, resume: str) -> tuple[Path | None, li
     inside = chosen.resolve().parent == Path(root).resolve()
     if not inside:
         return (complete[-1] if complete else chosen), []
-    return chosen, [p for p in complete if _step_of(p) > _step_of(chosen)]
+    return chosen, [p for p in complete if step_of(p) > step_of(chosen)]
 
 
 def set_aside_newer(path: Path) -> Path:
@@ -200,33 +209,50 @@ def _expert_params(model: torch.nn.Module) -> dict[str, RoutedExperts]:
             for leaf in ("gate_up_proj", "down_proj")}
 
 
-def _entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dense: bool, experts: bool):
-    """(entry name, parameter, index into its first dim or None, optimizer state) for the selected entries. An
-    expert trained on its own (ESFT: `RoutedExperts.set_trainable_experts`) is read from and written to its
-    trainable copy, so its weights and AdamW moments keep the layout-independent entry names."""
+def _entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer | ParamStates | None, dense: bool,
+             experts: bool):
+    """(entry name, parameter, index into its first dim or None, optimizer state, fp32 master or None) for the
+    selected entries; the state and master are whole tensors of the parameter (`ParamStates`). Where the engine
+    partitions its optimizer (DeepSpeed ZeRO) every parameter's state is gathered, selected or not, in the model's
+    order, so every rank takes part in each collective. An expert trained on its own (ESFT:
+    `RoutedExperts.set_trainable_experts`) is read from and written to its trainable copy, so its weights and AdamW
+    moments keep the layout-independent entry names."""
+    from .engines.base import param_states
+    view = param_states(optimizer)
+
+    def whole(p: torch.nn.Parameter) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        return (view.get(p), view.master(p)) if view is not None else ({}, None)
+
     stacked = _expert_params(model)
     for name, p in model.named_parameters():
         if name.endswith("_trainable"):
             continue  # entered under the stacked tensor's per-expert names below
         module = stacked.get(name)
         if module is None:
+            state, master = whole(p)
             if dense:
-                yield name, p, None, optimizer.state.get(p, {}) if optimizer is not None else {}
-        elif experts:
+                yield name, p, None, state, master
+        else:
             copy = getattr(module, f"{name.rpartition('.')[2]}_trainable", None)
+            held = {id(t): whole(t) for t in (p, copy) if t is not None}
+            if not experts:
+                continue
             position = {local: j for j, local in enumerate(module.trainable_ids or [])}
             for local in range(module.n_experts):
                 target, index = (copy, position[local]) if local in position else (p, local)
-                state = optimizer.state.get(target, {}) if optimizer is not None else {}
-                yield f"{name}.{module.expert_offset + local}", target, index, state
+                yield f"{name}.{module.expert_offset + local}", target, index, *held[id(target)]
 
 
-def owned_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, dense: bool, experts: bool
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The weights and optimizer entries this rank writes, under layout-independent names."""
+def owned_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | ParamStates | None, dense: bool,
+                  experts: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The weights and optimizer entries this rank writes, under layout-independent names. `optimizer`: the
+    engine's (`Engine.optimizer`: our AdamW or DeepSpeed's `ParamStates`), or None for weights only; collective when
+    that state is partitioned (every rank calls it). A weight the engine holds in lower precision (DeepSpeed bf16)
+    is written as its fp32 master copy, so that any engine resumes from the exact weights."""
     weights, optim = {}, {}
-    for key, p, index, state in _entries(model, optimizer, dense, experts):
-        weights[key] = (p if index is None else p[index]).detach().cpu().contiguous()
+    for key, p, index, state, master in _entries(model, optimizer, dense, experts):
+        source = p if master is None else master
+        weights[key] = (source if index is None else source[index]).detach().cpu().contiguous()
         for slot, value in state.items():
             # A scalar slot (AdamW's step) is shared by all experts of the stack: each entry gets its own copy.
             part = value.clone() if value.ndim == 0 else (value if index is None else value[index])
@@ -242,11 +268,15 @@ def _entry_index(directory: Path, stem: str) -> dict[str, Path]:
     return index
 
 
-def load_owned_tensors(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
-    """Fill this rank's weights (and optimizer state) from a checkpoint written at any expert-parallel layout or
-    pipeline cut."""
+def load_owned_tensors(directory: Path, model: torch.nn.Module,
+                       optimizer: torch.optim.Optimizer | ParamStates | None) -> None:
+    """Fill this rank's weights from a checkpoint written at any expert-parallel layout, pipeline cut or engine;
+    given the engine's optimizer (`Engine.optimizer`), also its state from the per-entry optimizer files and, where
+    it keeps fp32 masters of lower-precision weights, those from the (fp32) weight entries. Not collective."""
+    from .engines.base import param_states
+    view = param_states(optimizer)
     weight_index = _entry_index(directory, "model")
-    optim_index = _entry_index(directory, "optimizer") if optimizer is not None else {}
+    optim_index = _entry_index(directory, "optimizer") if view is not None else {}
     slots: dict[str, list[str]] = {}
     for name in optim_index:
         key, _, slot = name.rpartition("::")
@@ -263,66 +293,68 @@ def load_owned_tensors(directory: Path, model: torch.nn.Module, optimizer: torch
             handles[index[key]] = safe_open(str(index[key]), framework="pt")
         return handles[index[key]].get_tensor(key)
 
+    def add(into: dict, slot: Any, value: torch.Tensor, index: int | None) -> None:
+        if index is None or value.ndim == 0:
+            into[slot] = value
+        else:  # experts of one parameter come in local order 0, 1, ...: stacked below
+            into.setdefault(slot, []).append(value)
+
     states: dict[torch.nn.Parameter, dict] = {}
+    masters: dict[torch.nn.Parameter, Any] = {}
     with torch.no_grad():
-        for key, p, index, _ in wanted:  # experts of one parameter come in local order 0, 1, ...
+        for key, p, index, *_ in wanted:
             value, target = read(weight_index, key), (p if index is None else p[index])
             if tuple(value.shape) != tuple(target.shape):
                 raise CheckpointError(f"{directory}: {key} has shape {list(value.shape)}, the model expects "
                                       f"{list(target.shape)}")
             target.copy_(value)
+            if not p.requires_grad:
+                continue  # frozen (ESFT): the optimizer does not hold it
+            if view is not None and view.keeps_masters:
+                add(masters, p, value, index)
             for slot in slots.get(key, []):
-                entry = read(optim_index, f"{key}::{slot}")
-                state = states.setdefault(p, {})
-                if index is None or entry.ndim == 0:
-                    state[slot] = entry
-                else:
-                    state.setdefault(slot, []).append(entry)
+                add(states.setdefault(p, {}), slot, read(optim_index, f"{key}::{slot}"), index)
     for module in model.modules():
         if isinstance(module, RoutedExperts):
             module.sync_trainable()
-    if optimizer is not None and states:
-        optimizer.state.clear()
-        for p, state in states.items():
-            if not p.requires_grad:
-                continue  # frozen (ESFT): the optimizer does not hold it
-            optimizer.state[p] = {k: (torch.stack(v) if isinstance(v, list) else v).to(
-                "cpu" if k == "step" else p.device) for k, v in state.items()}
+    if view is not None:
+        def stacked(v: Any) -> torch.Tensor:
+            return torch.stack(v) if isinstance(v, list) else v
+        view.load({p: {k: stacked(v) for k, v in state.items()} for p, state in states.items()},
+                  {p: stacked(v) for p, v in masters.items()})
 
 
 # ------------------------------------------------------------------------------------ save / load
-def _fault(site: str, step: int, env: DistEnv) -> None:
-    """Test-only fault injection: LATENTMOE_FAULT=<site>@<step>[:rank] ends the process abruptly at that point."""
-    spec = os.environ.get("LATENTMOE_FAULT", "")
-    if not spec:
-        return
-    where, _, rest = spec.partition("@")
-    at_step, _, rank = rest.partition(":")
-    if where == site and int(at_step) == step and (not rank or int(rank) == env.rank):
-        os._exit(137)
-
-
 def save_checkpoint(root: str | os.PathLike, step: int, engine: Engine, train_state: dict, data_state: dict,
                     env: DistEnv, keep: int, tokenizer: TextTokenizer | None = None) -> Path:
-    """Collective: every rank calls it. Each rank writes the weights (and, where the engine keeps it in our optimizer,
-    the AdamW state) it owns (`engine.owns_dense`, `engine.owns_experts`), its data position and RNG, and whatever
-    the engine keeps of its own (`engine.save_state`: DeepSpeed's partitions); rank 0 the train state and tokenizer.
-    Each rank fsyncs its own files before the commit barrier; rank 0 then writes and fsyncs COMPLETE. Returns the
+    """Collective: every rank calls it. Each rank writes the weights (and the AdamW state, in our per-entry layout)
+    it owns (`engine.owns_dense`, `engine.owns_experts`), its data position and RNG, and whatever the engine keeps
+    of its own (`engine.save_state`: DeepSpeed's partitions); rank 0 the train state and tokenizer.
+
+    The commit (docs/checkpoints.md): weights holding NaN/Inf are refused before anything is written (every rank
+    raises NonFiniteError, naming the tensor); each rank fsyncs its files and hashes them; rank 0 writes the
+    SHA-256 manifest (`integrity.json`, fsynced) and only then `COMPLETE` (fsynced), and prunes. Returns the
     committed directory."""
     path = step_dir(root, step)
-    if env.is_main:
-        if path.exists():
-            shutil.rmtree(path)  # leftovers of an interrupted save of the same step
-        path.mkdir(parents=True)
-    barrier(env)
-    written = []
     with engine.full_weights():  # write inside: under ZeRO-3 the gathered storage is only valid here
         weights, optim = owned_tensors(engine.model, engine.optimizer, engine.owns_dense, engine.owns_experts)
+        bad = gather_problems([p for name, t in {**weights, **optim}.items() if (p := _non_finite(name, t, env))],
+                              env)
+        if bad:
+            raise NonFiniteError(f"step {step}: the weights are not finite ({'; '.join(bad[:3])}); they were not "
+                                 f"checkpointed (the newest checkpoint in {root} is the last good one)")
+        if env.is_main:
+            if path.exists():
+                shutil.rmtree(path)  # leftovers of an interrupted save of the same step
+            path.mkdir(parents=True)
+        barrier(env)
+        written = []
         files = {"model": weights, "optimizer": optim} if engine.optimizer is not None else {"model": weights}
         for stem, tensors in files.items() if weights else ():
             name = f"{stem}_rank{env.rank:05d}.safetensors"
             save_safetensors(tensors, path / name, metadata={"format": "pt"})
             written.append(name)
+            fault("save_shards", step)
     if env.is_main:
         _write_json(path / "train_state.json", train_state)
         written.append("train_state.json")
@@ -330,23 +362,50 @@ def save_checkpoint(root: str | os.PathLike, step: int, engine: Engine, train_st
             tokenizer.save(path / "tokenizer.json")
             written.append("tokenizer.json")
     save_state(path, f"data_rank{env.rank:05d}", data_state)
-    _fault("save", step, env)
+    fault("save", step)
     save_state(path, f"rng_rank{env.rank:05d}", rng_state())
     for stem in (f"data_rank{env.rank:05d}", f"rng_rank{env.rank:05d}"):
         written += [f"{stem}.json", f"{stem}.safetensors"]
-    extra = engine.save_state(path)
-    for file in [path / name for name in written] + extra:
+    mine = [path / name for name in written] + engine.save_state(path)
+    for file in mine:
         _fsync_file(file)
-    barrier(env)
+    manifest = gather_digests(digests(path, mine), env)  # also the barrier: every rank's files are durable
     if env.is_main:
+        write_manifest(path, step, manifest, fault=lambda: fault("save_manifest", step))
+        _fsync_dir(path)
+        fault("save_marker", step)
         with open(path / COMPLETE, "w") as f:
             f.write(f"step {step}\n")
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(path)
-        prune(root, keep)
+        prune(root, keep, protect=path)
     barrier(env)
     return path
+
+
+def _non_finite(name: str, tensor: torch.Tensor, env: DistEnv) -> str | None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        return f"{name} on rank {env.rank}"
+    return None
+
+
+def gather_problems(mine: list[str], env: DistEnv) -> list[str]:
+    """Every rank's problems, on every rank (collective)."""
+    if not env.distributed:
+        return mine
+    everyone: list = [None] * env.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    return [p for problems in everyone for p in problems]
+
+
+def gather_digests(mine: dict[str, dict], env: DistEnv) -> dict[str, dict]:
+    """The union of every rank's file digests, on every rank (collective)."""
+    if not env.distributed:
+        return mine
+    everyone: list = [None] * env.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    return {name: entry for part in everyone for name, entry in part.items()}
 
 
 def _fsync_file(path: Path) -> None:
@@ -362,15 +421,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def prune(root: str | os.PathLike, keep: int) -> list[Path]:
+def prune(root: str | os.PathLike, keep: int, protect: Path | None = None) -> list[Path]:
     """Delete all but the newest `keep` complete checkpoints, and incomplete ones older than the newest complete.
-    The newest complete checkpoint is never deleted."""
+    Never deleted: the newest complete checkpoint, and `protect` (the one just written and verified by its own
+    save); checkpoints that failed verification were already moved to `rejected/` and do not count."""
     complete, incomplete = list_checkpoints(root)
-    newest = _step_of(complete[-1]) if complete else None
+    newest = step_of(complete[-1]) if complete else None
     doomed = complete[:-keep] if keep > 0 else []
-    doomed += [p for p in incomplete if newest is not None and _step_of(p) < newest]
-    for p in doomed:
-        shutil.rmtree(p, ignore_errors=True)
+    doomed += [p for p in incomplete if newest is not None and step_of(p) < newest]
+    kept = {complete[-1].resolve()} if complete else set()
+    if protect is not None:
+        kept.add(Path(protect).resolve())
+    doomed = [p for p in doomed if p.resolve() not in kept]
+    for p in doomed:  # renamed first (atomic), so a crash mid-delete never leaves a half checkpoint marked complete
+        trash = p.with_name(p.name + DELETING)
+        os.replace(p, trash)
+        fault("save_prune", step_of(protect) if protect is not None else None)
+        shutil.rmtree(trash, ignore_errors=True)
+    for trash in Path(root).glob(f"{PREFIX}*{DELETING}"):  # left by a crash mid-delete
+        shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
 
@@ -429,44 +498,51 @@ def plan_resume(path: Path, layout: dict, world_size: int, optimizer_resume: str
     """What a resume from `path` restores. Raises ValueError naming the key to set when the checkpoint cannot be
     resumed as it is; cheap, so it runs before any process group.
 
-    Weights load at any layout and engine (one entry per expert, CausalLM names), and so does the built-in engine's
-    optimizer state. DeepSpeed's (its ZeRO partitions) only loads into the layout that wrote it (`layout`: engine,
-    ZeRO stage, pp, dp, ep, pipeline format): across layouts `optimizer_resume=strict` refuses and `reset` continues
-    from the weights with a fresh optimizer. The data position is per data-parallel rank: with another number of
-    processes `data_resume=strict` refuses and `reset` restarts the data stream (documents already seen may be seen
-    again)."""
+    Weights and optimizer state load at any layout and engine from our per-entry files (one entry per expert,
+    CausalLM names), which every engine writes. At the layout that wrote it (`layout`: engine, ZeRO stage, pp, dp,
+    ep, pipeline format) a DeepSpeed checkpoint restores from DeepSpeed's own partitions instead (bitwise). Under
+    another layout `optimizer_resume=reset` continues from the weights with a fresh optimizer; `strict` keeps the
+    optimizer, and refuses a DeepSpeed checkpoint without our optimizer files (written before they existed).
+    The data position (canonical shards, docs/data.md) continues at any number of processes; `data_resume=reset`
+    restarts the data stream instead (documents already seen are seen again)."""
     state = read_train_state(path)
     if state.get("weights_only"):
         return Resume(path, state, optimizer=False, data=False)
     saved = state.get("layout")
-    same = layout.get("engine") != "deepspeed" if saved is None or saved.get("engine") != "deepspeed" \
-        else saved == layout
-    if not same and optimizer_resume != "reset":
+    deepspeed = saved is not None and saved.get("engine") == "deepspeed"
+    same = saved == layout if deepspeed else layout.get("engine") != "deepspeed"
+    per_entry = deepspeed and any(path.glob("optimizer_rank*.safetensors"))
+    if deepspeed and not same and not per_entry and optimizer_resume != "reset":
         raise ValueError(f"{path}: written by {describe_layout(saved)}, resuming under {describe_layout(layout)}; "
-                         "DeepSpeed's optimizer partitions only load into the layout (and pipeline format) that "
+                         f"it holds no per-parameter optimizer files ({path / 'optimizer_rank00000.safetensors'} "
+                         "and the other ranks' are missing: written before DeepSpeed checkpoints carried them), and "
+                         "DeepSpeed's own optimizer partitions only load into the layout (and pipeline format) that "
                          "wrote them. Resume with that layout, or set checkpoint.optimizer_resume=reset to continue "
                          "from the weights (any layout) with a fresh optimizer")
-    if state["world_size"] != world_size and data_resume != "reset":
-        raise ValueError(f"{path}: saved with {state['world_size']} processes, resuming with {world_size}; "
-                         "the data position is per rank, so resume with the same number of processes, or set "
-                         "checkpoint.data_resume=reset to restart the data stream")
-    return Resume(path, state, optimizer=same, data=state["world_size"] == world_size)
+    keep = same or optimizer_resume != "reset"
+    return Resume(path, state, optimizer=keep, data=data_resume != "reset")
 
 
 def load_checkpoint(resume: Resume, engine: Engine, env: DistEnv) -> dict | None:
-    """Restore what `resume` allows into the engine: its own state (DeepSpeed's partitions), the weights from our
-    files unless that state held them (ZeRO-3), the AdamW state our files hold, and this rank's RNG; returns this
-    rank's data state, or None when the data stream restarts."""
-    weights_restored = engine.load_state(resume.path) if resume.optimizer else False
+    """Restore what `resume` allows into the engine: at the layout that wrote it, DeepSpeed's own state (its
+    partitions, bitwise); otherwise the optimizer state from our per-entry files (`Engine.optimizer`, any engine and
+    layout); the weights from our files unless DeepSpeed's state held them (ZeRO-3); and this rank's RNG; returns
+    this rank's data state, or None when the data stream restarts."""
+    saved = resume.state.get("layout") or {}
+    own = resume.optimizer and saved.get("engine") == "deepspeed" and saved == engine.cfg.layout(env.world_size)
+    weights_restored = engine.load_state(resume.path) if own else False
     if not weights_restored:
         with engine.full_weights(modifier_rank=0):
-            load_owned_tensors(resume.path, engine.model, engine.optimizer if resume.optimizer else None)
+            load_owned_tensors(resume.path, engine.model, engine.optimizer if resume.optimizer and not own else None)
     if not resume.optimizer:
         engine.weights_changed()  # e.g. ZeRO's fp32 masters were made from the initial weights
     if not resume.data:
         return None
-    set_rng_state(load_state(resume.path, f"rng_rank{env.rank:05d}"))
-    return load_state(resume.path, f"data_rank{env.rank:05d}")
+    if resume.state.get("world_size") == env.world_size:  # RNG streams are per rank: only a same-size job has them
+        set_rng_state(load_state(resume.path, f"rng_rank{env.rank:05d}"))
+    # Each rank wrote the canonical data shards it owned; the shards this rank now holds come from any of them.
+    return merge_data_states([load_state(resume.path, f.stem)
+                              for f in sorted(resume.path.glob("data_rank*.json"))])
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:
@@ -481,5 +557,9 @@ def write_weights_only(path: Path, model: torch.nn.Module, config: dict) -> Path
     weights, _ = owned_tensors(model, None, dense=True, experts=True)
     save_safetensors(weights, path / "model_rank00000.safetensors", metadata={"format": "pt"})
     _write_json(path / "train_state.json", {"weights_only": True, "step": 0, "config": config})
+    files = [path / "model_rank00000.safetensors", path / "train_state.json"]
+    for file in files:
+        _fsync_file(file)
+    write_manifest(path, step_of(path) or 0, digests(path, files))
     (path / COMPLETE).write_text("weights only\n")
     return path

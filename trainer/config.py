@@ -132,6 +132,10 @@ class TrainerConfig:
     non_finite: NonFinite = NonFinite.skip
     max_skipped_steps: int = 20
     """With non_finite=skip, stop once this many updates were skipped."""
+    loss_spike_ratio: float = 2.0
+    """Flag (in the log line and metrics.jsonl as `loss_spike`, never stopping) a step whose loss exceeds this
+    multiple of the median of the last `loss_spike_window` steps; 0 disables."""
+    loss_spike_window: int = 32
     peak_tflops: float | None = None
     """Hardware peak for MFU on GPUs; default from the device name (H100/H200: 989 bf16 dense)."""
     progress: bool = True
@@ -180,13 +184,19 @@ class CheckpointConfig:
     """Complete checkpoints kept; older ones are deleted (the newest complete one never is)."""
     export_hf: bool = True
     """Export the final model in Hugging Face format to `<run dir>/hf` at the end."""
+    verify: bool = True
+    """Check the checkpoint a run resumes from against its SHA-256 manifest (every file, the step, NaN/Inf in the
+    stored tensors), the ranks sharing the hashing. `resume=auto` sets a failing checkpoint aside and takes the
+    newest one that verifies; a named `resume=<path>` stops. false: for checkpoints written before manifests."""
     optimizer_resume: str = "strict"
-    """Resuming a DeepSpeed checkpoint under another engine or layout (ZeRO stage, pp, dp, ep): `strict` refuses
-    (DeepSpeed's optimizer partitions only load into the layout that wrote them), `reset` loads the weights and
-    step and starts the optimizer afresh. The built-in engine's own checkpoints load at any layout."""
+    """Resuming under another engine or layout (ZeRO stage, pp, dp, ep): `strict` keeps the AdamW state, read from
+    the checkpoint's per-entry optimizer files that every engine writes (a DeepSpeed checkpoint at its own layout
+    restores from DeepSpeed's files instead); it refuses a DeepSpeed checkpoint written before those files existed,
+    naming the missing file. `reset` loads the weights and step and starts the optimizer afresh."""
     data_resume: str = "strict"
-    """Resuming with another number of data-parallel processes: `strict` refuses (the data position is per rank),
-    `reset` loads weights, optimizer and step and restarts the data stream."""
+    """`strict` continues the data stream exactly where the checkpoint left it, at any number of processes whose
+    data-parallel size divides the rows consumed so far (docs/data.md); `reset` loads weights, optimizer and step
+    and restarts the data stream from its beginning (logged: documents already seen are seen again)."""
 
 
 @dataclass

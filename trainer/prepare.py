@@ -16,9 +16,12 @@ from data.tokenizer import TextTokenizer
 from model import ModelConfig
 from model.hf import load_config
 
-from .checkpoint import Resume, choose_resume, plan_resume
+from model.hf import CheckpointError
+
+from .checkpoint import REJECTED, Resume, choose_resume, gather_problems, plan_resume, step_of
 from .config import TrainConfig, config_dict, to_train_config
-from .distributed import DistEnv
+from .distributed import DistEnv, barrier, broadcast_object
+from .integrity import verify
 
 
 @dataclass
@@ -71,15 +74,55 @@ def prepare(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
     tokenizer = build_tokenizer(cfg.data)
     cfg.model = fit_model_to_tokenizer(cfg.model, tokenizer, f"data.tokenizer={cfg.data.tokenizer}")
     path, set_aside = choose_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
-    resume = None
-    if path is not None:  # a checkpoint this layout or model cannot resume fails here, naming the key to set
-        resume = plan_resume(path, cfg.layout(env.world_size), env.world_size, cfg.checkpoint.optimizer_resume,
-                             cfg.checkpoint.data_resume)
-        check_checkpoint_model(resume, cfg.model)
+    resume = plan(cfg, path, env)
     if env.is_main and cfg.esft.enabled and not cfg.model.pretrained and resume is None:
         print("warning: esft.enabled on randomly initialised weights: the experts' scores say nothing about your "
               "data; set model.pretrained=<released model directory>", flush=True)
     return Prepared(cfg, tokenizer, resume, set_aside)
+
+
+def plan(cfg: TrainConfig, path: Path | None, env: DistEnv) -> Resume | None:
+    """What resuming from `path` restores; a checkpoint this layout or model cannot resume fails here, naming the
+    key to set."""
+    if path is None:
+        return None
+    resume = plan_resume(path, cfg.layout(env.world_size), env.world_size, cfg.checkpoint.optimizer_resume,
+                         cfg.checkpoint.data_resume)
+    check_checkpoint_model(resume, cfg.model)
+    return resume
+
+
+def verify_resume(prepared: Prepared, env: DistEnv) -> Prepared:
+    """Verify the checkpoint a run resumes from against its manifest, every rank hashing its share of the files
+    (collective; docs/checkpoints.md). One that fails stops the run, naming the file and the reason, when it was
+    named by `checkpoint.resume=<path>`; one `resume=auto` chose is moved to `<checkpoint.dir>/rejected/` and the
+    newest checkpoint that verifies is taken instead."""
+    cfg = prepared.cfg
+    while prepared.resume is not None and cfg.checkpoint.verify:
+        path = prepared.resume.path
+        problems = gather_problems(verify(path, step_of(path), env.rank, env.world_size), env)
+        if not problems:
+            return prepared
+        named = cfg.checkpoint.resume != "auto" and Path(cfg.checkpoint.resume).expanduser().resolve() == \
+            path.resolve()
+        if named:
+            raise CheckpointError(f"checkpoint.resume={cfg.checkpoint.resume}: failed verification: "
+                                  f"{_listed(problems)}; resume from another checkpoint (checkpoint.verify=false "
+                                  "skips verification, for checkpoints written before manifests existed)")
+        barrier(env)  # every rank is done reading it before it moves
+        if env.is_main:
+            target = Path(cfg.checkpoint.dir) / REJECTED / f"{path.name}-{int(path.stat().st_mtime)}"
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            print(f"checkpoint {path} failed verification: {_listed(problems)}; moved to {target}; trying the "
+                  "next newest checkpoint", flush=True)
+            chosen, _ = choose_resume(cfg.checkpoint.dir, "auto")
+            resume = plan(cfg, chosen, env)
+        shared = broadcast_object(resume.to_dict() if env.is_main and resume else None, env)
+        prepared = dataclasses.replace(prepared, resume=Resume.from_dict(shared) if shared else None)
+        if prepared.resume is None and env.is_main:
+            print(f"no checkpoint in {cfg.checkpoint.dir} verifies: starting from the beginning", flush=True)
+    return prepared
 
 
 def resolve_pretrained(cfg: TrainConfig, choices: ModelChoices | None,
