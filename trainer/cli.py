@@ -79,7 +79,7 @@ def dry_run(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from .prepare import Prepared, prepare
+    from .prepare import Prepared, prepare, verify_resume
     from .train import copy_run_config, train
 
     env = env_from_launcher()
@@ -101,6 +101,7 @@ def _task(cfg: DictConfig) -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             copy_run_config(run_dir, prepared.cfg)
         with user_errors(config=False):
+            prepared = verify_resume(prepared, env)
             train(prepared, run_dir, env)
     finally:
         shutdown()
@@ -115,8 +116,14 @@ def user_errors(config: bool = True):
     from model.hf import CheckpointError
 
     from .config import ConfigError, NonFiniteError
+    from .distributed import CollectiveError, end_local_peers
     try:
         yield
+    except CollectiveError as e:
+        sys.stdout.flush()
+        print(f"distributed error: {e}", file=sys.stderr, flush=True)
+        end_local_peers()
+        os._exit(3)  # no teardown: destroying a group whose peer is gone can block
     except (DataError, CheckpointError) as e:
         print(f"{'data' if isinstance(e, DataError) else 'checkpoint'} error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -4,9 +4,12 @@ lives in trainer/, never in model/."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -61,8 +64,68 @@ def init_process_group(env: DistEnv, device: torch.device, backend: str, timeout
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                            timeout=timedelta(seconds=timeout_s))
+        for key, value in NCCL_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    timeout = timedelta(seconds=timeout_s)
+    # Every group created later without a timeout of its own (ours in expert_parallel.build_grid, DeepSpeed's expert
+    # and data groups) takes torch's default: make that default ours, so no collective waits torch's 30 minutes.
+    c10d = dist.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+
+
+NCCL_DEFAULTS = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",  # the watchdog ends the process on a timed-out or failed collective
+    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",  # the flight recorder: the last collectives of every rank...
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",  # ...dumped when one times out (docs/reliability.md)
+}
+"""NCCL watchdog and flight-recorder settings set unless the environment already has them."""
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: a peer died (its connection closed) or stopped responding (the group's timeout)."""
+
+
+_FAILURE_SIGNS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                  "NCCL", "Broken pipe", "DistBackendError")
+
+
+def collective_failure(e: BaseException, step: int, env: DistEnv) -> CollectiveError | None:
+    """A CollectiveError naming this rank, the step and where the failed collective was called (the innermost
+    frame of our code), if `e` is the failure of a collective; None otherwise."""
+    if not (isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(s in str(e) for s in _FAILURE_SIGNS)):
+        return None
+    root = Path(__file__).resolve().parents[1]
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve().is_relative_to(root)]
+    where = " <- ".join(f"{f.name} ({Path(f.filename).resolve().relative_to(root)}:{f.lineno})"
+                        for f in reversed(frames[-3:])) if frames else "an unknown collective"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return CollectiveError(f"rank {env.rank}: step {step}: the collective at {where} failed: {first[:300]}; another "
+                           "rank died or stopped responding (parallel.timeout_s); the job ends, and a relaunch "
+                           "resumes from the newest checkpoint")
+
+
+def end_local_peers() -> list[int]:
+    """Under torchrun: SIGKILL the other workers of this launcher (this host), so that a worker which is alive but
+    stuck (stopped, spinning, in a kernel wait) cannot hold the job for the launcher's grace period after a
+    collective failed; the launcher then ends at once. Returns the pids signalled."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return []
+    parent, me, killed = os.getppid(), os.getpid(), []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent:
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except OSError:
+                pass
+    return killed
 
 
 def shutdown() -> None:

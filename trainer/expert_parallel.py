@@ -19,6 +19,7 @@ import torch.distributed._functional_collectives as funcol
 from model import CausalLM
 from model.moe import RoutedExperts, combine, expert_histogram
 
+from . import faults
 from .distributed import DistEnv, all_reduce_sum
 from .layout import ProcessGrid, is_expert_param
 
@@ -95,6 +96,8 @@ class AllToAllDispatcher:
         hit = torch.zeros(T, ep + 1, dtype=torch.bool, device=x.device).scatter_(1, rank, True)[:, :ep]  # (T, ep)
         rows = hit.sum(0)  # (ep,) rows this rank sends to each rank
         counts = torch.cat((rows[:, None], expert_histogram(expert_ids, ep * L).view(ep, L)), 1)  # (ep, 1 + L)
+        if faults.armed("a2a"):  # test-only (trainer/faults.py); a constant False otherwise, also when compiled
+            faults.fault("a2a")
         arrived = funcol.all_to_all_single(counts, None, None, self.group)  # (ep sources, 1 + L)
         sizes = torch.cat((rows, arrived.reshape(-1))).tolist()  # the one host sync of the layer
         send_splits, recv_splits = sizes[:ep], sizes[ep::1 + L]

@@ -31,6 +31,7 @@ import threading
 import torch
 import torch.distributed as dist
 
+from . import faults
 from .layout import ProcessGrid, is_expert_param
 
 BUCKET_BYTES = 25 * 2**20
@@ -135,6 +136,8 @@ class GradReducer:
         for p in bucket.params:  # the gradients become views of the buffer the sum is written into
             p.grad = bucket.flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
+        if faults.armed("grad_reduce"):  # test-only (trainer/faults.py)
+            faults.fault("grad_reduce")
         bucket.work = dist.all_reduce(bucket.flat, op=dist.ReduceOp.SUM, group=bucket.group, async_op=True)
         self.launched += 1
 

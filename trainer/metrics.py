@@ -154,6 +154,8 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
     parts.append(f"skipped {m.get('skipped_steps', 0)} bad {m.get('bad_records', 0)}")
     if "val_loss" in m:
         parts.append(f"val {num('val_loss', '.4f')} ppl {num('val_ppl', '.1f')}")
+    if m.get("loss_spike"):
+        parts.append(f"LOSS SPIKE {m['loss_spike']:.2f}x the recent median")
     if m.get("eta_s") is not None and step < max_steps:
         minutes, seconds = divmod(int(m["eta_s"]), 60)
         parts.append(f"eta {minutes // 60}:{minutes % 60:02d}:{seconds:02d}")
@@ -175,3 +177,25 @@ class Throughput:
         rate = self.tokens / max(self.seconds, 1e-9)
         self.seconds, self.tokens = 0.0, 0
         return rate
+
+
+class LossSpikes:
+    """Flags a step whose loss exceeds `ratio` x the median loss of the previous `window` finite steps (after
+    `window // 2` of them; non-fatal: the step is logged, with its size). A median over a window follows the
+    falling loss of early training without flagging it and is not pulled up by one spike (docs/reliability.md)."""
+
+    def __init__(self, ratio: float, window: int):
+        self.ratio, self.window = ratio, window
+        self.recent: list[float] = []
+
+    def check(self, loss: float) -> float | None:
+        """The loss over the recent median when the step is a spike, else None; then remembers the loss."""
+        if not math.isfinite(loss) or self.ratio <= 0:
+            return None
+        spike = None
+        if len(self.recent) >= max(1, self.window // 2):
+            median = float(np.median(self.recent))
+            if median > 0 and loss > self.ratio * median:
+                spike = loss / median
+        self.recent = (self.recent + [loss])[-self.window:]
+        return spike

@@ -20,12 +20,14 @@ from model.flops import training_flops_per_token
 from .build import build_model, load_start_weights, setup_trainable
 from .checkpoint import load_checkpoint, save_checkpoint, set_aside_newer, step_dir
 from .config import NonFiniteError, TrainConfig, config_dict
-from .distributed import DistEnv, barrier, pick_device
+from . import faults
+from .distributed import DistEnv, barrier, collective_failure, pick_device
 from .engines import Engine, build_engine
 from .expert_parallel import build_grid, dispatch_metrics
 from .layout import ProcessGrid
-from .metrics import MetricsLogger, Throughput, device_peak_tflops, load_imbalance, peak_memory_gib
+from .metrics import LossSpikes, MetricsLogger, Throughput, device_peak_tflops, load_imbalance, peak_memory_gib
 from .optim import global_batch_at
+from .preempt import Preemption
 from .prepare import Prepared
 from .step import StepResult, merge_dispatch
 
@@ -71,29 +73,18 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
                            config_dict(cfg), cfg.trainer.progress)
     announce(logger, run_dir, engine, weights, tokenizer, trainable, selection)
     reporter = Reporter(cfg, engine, env, device, progress.step)
-    last_saved = progress.step if prepared.resume else None
     try:
-        while progress.step < cfg.trainer.max_steps:
-            step_start = time.perf_counter()
-            batches = draw_batches(progress.step, loader, cfg, grid)
-            result = engine.step(progress.step, batches, sum(loader.bad_records["counts"].values()))
-            progress.add(result)
-            logger.advance()
-            if result.skipped:
-                logger.print(f"step {progress.step}: non-finite loss or gradient, update skipped "
-                             f"({progress.skipped} so far)")
-                if progress.skipped > cfg.trainer.max_skipped_steps:
-                    raise NonFiniteError(f"{progress.skipped} updates skipped, more than "
-                                         f"trainer.max_skipped_steps={cfg.trainer.max_skipped_steps}")
-            metrics = reporter.metrics(progress, result, time.perf_counter() - step_start, val_batches)
-            if metrics is not None:
-                logger.log(progress.step, metrics, result.tokens_per_expert, reporter.moe_layer_ids)
-            if cfg.checkpoint.every and progress.step % cfg.checkpoint.every == 0:
-                save(cfg, progress, engine, loader, env, tokenizer, selection)
-                last_saved = progress.step
-        checkpoint = step_dir(cfg.checkpoint.dir, progress.step) if last_saved == progress.step else \
-            save(cfg, progress, engine, loader, env, tokenizer, selection)
-        hf_dir = engine.export(run_dir / "hf", tokenizer) if cfg.checkpoint.export_hf else None
+        stopped_by, last_saved = loop(progress, engine, loader, logger, reporter, prepared, env, selection,
+                                      val_batches)
+        checkpoint = step_dir(cfg.checkpoint.dir, progress.step) if last_saved == progress.step else None
+        hf_dir = None
+        if stopped_by:
+            logger.print(f"preempted ({stopped_by}) after step {progress.step}: "
+                         f"{f'checkpoint {checkpoint} committed' if checkpoint else 'nothing new to save'}; "
+                         "relaunch the same command to continue")
+        else:
+            checkpoint = checkpoint or save(cfg, progress, engine, loader, env, tokenizer, selection)
+            hf_dir = engine.export(run_dir / "hf", tokenizer) if cfg.checkpoint.export_hf else None
         barrier(env)
     finally:
         loader.close()
@@ -101,16 +92,64 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     return summarize(progress, checkpoint, run_dir, hf_dir, logger.summary_line(), time.time() - t_start, env)
 
 
+def loop(progress: Progress, engine: Engine, loader, logger: MetricsLogger, reporter: Reporter, prepared: Prepared,
+         env: DistEnv, selection: dict[int, list[int]] | None, val_batches: list[dict]) -> tuple[str | None, int | None]:
+    """Train to `max_steps`, checkpointing every `checkpoint.every` steps, or until a preemption signal (then the
+    step just finished is checkpointed). A failed collective ends the run with a CollectiveError naming where.
+    Returns (the preemption signal's name or None, the step of the last checkpoint written or resumed)."""
+    cfg = prepared.cfg
+    last_saved = progress.step if prepared.resume else None
+    with Preemption(env, engine.device) as preemption:
+        try:
+            while progress.step < cfg.trainer.max_steps:
+                step(progress, engine, loader, logger, reporter, cfg, engine.grid, val_batches)
+                stopped_by = preemption.requested()
+                if (cfg.checkpoint.every and progress.step % cfg.checkpoint.every == 0) or \
+                        (stopped_by and last_saved != progress.step):
+                    save(cfg, progress, engine, loader, env, prepared.tokenizer, selection)
+                    last_saved = progress.step
+                if stopped_by:
+                    return stopped_by, last_saved
+        except RuntimeError as e:  # a peer died or stopped responding: say where, and end
+            failure = collective_failure(e, progress.step + 1, env)
+            if failure is None:
+                raise
+            raise failure from None
+    return None, last_saved
+
+
+def step(progress: Progress, engine: Engine, loader, logger: MetricsLogger, reporter: Reporter, cfg: TrainConfig,
+         grid: ProcessGrid, val_batches: list[dict]) -> None:
+    """One training step: its micro-batches, the engine's step, the skip policy, the log line and validation."""
+    step_start = time.perf_counter()
+    faults.current_step = progress.step + 1
+    faults.fault("step")
+    batches = draw_batches(progress.step, loader, cfg, grid)
+    result = engine.step(progress.step, batches, sum(loader.bad_records["counts"].values()))
+    if faults.armed("weights") and faults.fault("weights"):  # test-only: a weight turned NaN
+        with torch.no_grad(), engine.full_weights(modifier_rank=0):
+            next(engine.model.parameters()).view(-1)[0] = float("nan")
+    progress.add(result)
+    logger.advance()
+    if result.skipped:
+        logger.print(f"step {progress.step}: non-finite loss or gradient, update skipped ({progress.skipped} so far)")
+        if progress.skipped > cfg.trainer.max_skipped_steps:
+            raise NonFiniteError(f"{progress.skipped} updates skipped, more than "
+                                 f"trainer.max_skipped_steps={cfg.trainer.max_skipped_steps}")
+    metrics = reporter.metrics(progress, result, time.perf_counter() - step_start, val_batches)
+    if metrics is not None:
+        logger.log(progress.step, metrics, result.tokens_per_expert, reporter.moe_layer_ids)
+
+
 def steps_from_epochs(cfg: TrainConfig, tokenizer: TextTokenizer, grid: ProcessGrid, device: torch.device,
                       env: DistEnv) -> None:
-    """`trainer.epochs`: max_steps from one counted pass over the training data (read and tokenized once; the
-    smallest count of packed rows over data-parallel ranks, per micro-batch and accumulation step)."""
+    """`trainer.epochs`: max_steps from one counted pass over the training data (read and tokenized once, the
+    canonical shards shared out over the data-parallel ranks; packed rows per global batch)."""
     rows = torch.tensor(float(epoch_rows(cfg.data, tokenizer, cfg.trainer.seed, grid.dp_rank, grid.dp)),
                         device=device)
-    if grid.world > 1:
-        torch.distributed.all_reduce(rows, op=torch.distributed.ReduceOp.MIN)
-    accumulation = cfg.trainer.global_batch_size // (cfg.trainer.micro_batch_size * grid.dp)
-    per_epoch = max(1, int(rows) // cfg.trainer.micro_batch_size // accumulation)
+    if grid.world > 1:  # each rank counted the canonical shards it owns: the sum is the whole pass
+        torch.distributed.all_reduce(rows, group=grid.dp_group)
+    per_epoch = max(1, int(rows) // cfg.trainer.global_batch_size)
     cfg.trainer.max_steps = max(1, int(cfg.trainer.epochs * per_epoch))
     if env.is_main:
         print(f"trainer.epochs={cfg.trainer.epochs:g}: {cfg.trainer.max_steps} steps ({per_epoch} per epoch)")
@@ -141,6 +180,9 @@ def resume(prepared: Prepared, engine: Engine, loader, env: DistEnv) -> Progress
     data_state = load_checkpoint(prepared.resume, engine, env)
     if data_state is not None:
         loader.load_state_dict(data_state)
+    elif not prepared.resume.weights_only and env.is_main:
+        print(f"checkpoint.data_resume=reset: the data stream restarts from its beginning at step "
+              f"{prepared.resume.state['step']} (documents read before the checkpoint are read again)", flush=True)
     state = prepared.resume.state
     if prepared.resume.weights_only:
         return Progress()
@@ -172,6 +214,7 @@ class Reporter:
     def __init__(self, cfg: TrainConfig, engine: Engine, env: DistEnv, device: torch.device, start_step: int):
         self.cfg, self.engine, self.env, self.device = cfg, engine, env, device
         self.throughput, self.dropped = Throughput(), 0
+        self.spikes = LossSpikes(cfg.trainer.loss_spike_ratio, cfg.trainer.loss_spike_window)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak = cfg.trainer.peak_tflops or device_peak_tflops(device)
         self.moe_layer_ids = [i for i in range(cfg.model.num_hidden_layers) if cfg.model.is_moe_layer(i)]
@@ -194,6 +237,10 @@ class Reporter:
             val_loss = self.engine.validate(val_batches)
             metrics = metrics or {"loss": result.loss}
             metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+        spike = self.spikes.check(result.loss)  # every rank alike: the loss is reduced
+        if spike is not None:
+            metrics = metrics or {"loss": result.loss}
+            metrics["loss_spike"] = spike
         return metrics
 
     def log_step(self, progress: Progress, result: StepResult) -> dict:
