@@ -430,24 +430,26 @@ class StatefulLoader:
 def build_loader(cfg: DataConfig, tokenizer: TextTokenizer, micro_batch_size: int, seed: int, rank: int = 0,
                  world: int = 1, split: str = "train") -> StatefulLoader | None:
     """The loader of data-parallel rank `rank` of `world` for `split` ("train" or "val"); None when there is no val
-    data. Validation uses the same order with shuffling off."""
+    data. Validation uses the same order with shuffling off, over one shard (a held-out set is small: every rank
+    reads all of it and keeps its rows, and a held-out file of few records never needs data.shards changed)."""
     cfg.validate()
     if not 0 <= rank < world:
         raise ValueError(f"data-parallel rank {rank} is not in [0, {world})")
-    held, _ = shard_layout(cfg.shards, rank, world)
+    shards = cfg.shards if split == "train" else 1
+    held, _ = shard_layout(shards, rank, world)
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
     pipelines: dict[int, Pipeline] = {}
     for c in held:
-        source = build_source(cfg, split, seed, c, cfg.shards)
+        source = build_source(cfg, split, seed, c, shards)
         if source is None:
             pool.shutdown()
             return None
-        pipelines[c] = Pipeline(cfg, tokenizer, source, micro_batch_size, seed, c, cfg.shards,
+        pipelines[c] = Pipeline(cfg, tokenizer, source, micro_batch_size, seed, c, shards,
                                 shuffle=split == "train", pool=pool)
         # The held shards advance together, so one round of chunks tokenizes data.docs_per_chunk documents, as one
         # shard's chunk would: the first batch waits for no more tokenizing than with a single shard.
         pipelines[c].docs_per_chunk = -(-cfg.docs_per_chunk // len(held))
-    order = RankRows(pipelines, cfg.shards, rank, world)
+    order = RankRows(pipelines, shards, rank, world)
     return StatefulLoader(order, micro_batch_size, cfg.prefetch, fingerprint(cfg, tokenizer, pipelines[held[0]].source,
                                                                             seed), cfg.kind == "sft", pool)
 

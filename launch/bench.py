@@ -581,8 +581,10 @@ def data_main(argv: list[str]) -> dict:
     p.add_argument("--max-mb", type=float, default=64, help="text measured (the corpus's first epoch, capped)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    # One canonical shard: its rows are the documents of the whole stream packed in order, which the parity check
+    # below compares; more shards pack each shard's documents apart and cost the same per token (docs/data.md).
     cfg = DataConfig(source="files" if args.paths else "stdlib", paths=list(args.paths), tokenizer=args.tokenizer,
-                     seq_len=args.seq, cache_dir=args.cache_dir)
+                     seq_len=args.seq, cache_dir=args.cache_dir, shards=1)
     tokenizer = build_tokenizer(cfg)
     # The documents of one epoch (up to 64 MB), in memory, for the raw measurement; the pipeline reads the same.
     texts = []

@@ -19,6 +19,7 @@ the next save or prune removes). Only safetensors and JSON are read back by our 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from data.loader import merge_data_states
@@ -348,28 +349,21 @@ def save_checkpoint(root: str | os.PathLike, step: int, engine: Engine, train_st
                 shutil.rmtree(path)  # leftovers of an interrupted save of the same step
             path.mkdir(parents=True)
         barrier(env)
-        written = []
         files = {"model": weights, "optimizer": optim} if engine.optimizer is not None else {"model": weights}
-        for stem, tensors in files.items() if weights else ():
-            name = f"{stem}_rank{env.rank:05d}.safetensors"
-            save_safetensors(tensors, path / name, metadata={"format": "pt"})
-            written.append(name)
-            fault("save_shards", step)
-    if env.is_main:
-        _write_json(path / "train_state.json", train_state)
-        written.append("train_state.json")
-        if tokenizer is not None:  # the exact tokenizer of the run travels with its weights
-            tokenizer.save(path / "tokenizer.json")
-            written.append("tokenizer.json")
-    save_state(path, f"data_rank{env.rank:05d}", data_state)
-    fault("save", step)
-    save_state(path, f"rng_rank{env.rank:05d}", rng_state())
-    for stem in (f"data_rank{env.rank:05d}", f"rng_rank{env.rank:05d}"):
-        written += [f"{stem}.json", f"{stem}.safetensors"]
-    mine = [path / name for name in written] + engine.save_state(path)
-    for file in mine:
-        _fsync_file(file)
-    manifest = gather_digests(digests(path, mine), env)  # also the barrier: every rank's files are durable
+        with _write_errors(path, env):
+            mine = []
+            for stem, tensors in files.items() if weights else ():
+                mine.append(path / f"{stem}_rank{env.rank:05d}.safetensors")
+                save_safetensors(tensors, mine[-1], metadata={"format": "pt"})
+                fault("save_shards", step)
+    with _write_errors(path, env):
+        mine += _write_states(path, step, train_state, data_state, env, tokenizer)
+        # DeepSpeed's files (every rank lists all of them after its barrier) are fsynced and hashed a share each.
+        mine += sorted(engine.save_state(path))[env.rank::env.world_size]
+        for file in mine:
+            _fsync_file(file)
+        local = digests(path, mine)
+    manifest = gather_digests(local, env)  # also the barrier: every rank's files are durable
     if env.is_main:
         write_manifest(path, step, manifest, fault=lambda: fault("save_manifest", step))
         _fsync_dir(path)
@@ -382,6 +376,35 @@ def save_checkpoint(root: str | os.PathLike, step: int, engine: Engine, train_st
         prune(root, keep, protect=path)
     barrier(env)
     return path
+
+
+def _write_states(path: Path, step: int, train_state: dict, data_state: dict, env: DistEnv,
+                  tokenizer: TextTokenizer | None) -> list[Path]:
+    """Rank 0's train state and tokenizer, and every rank's data position and RNG; returns the files written."""
+    written = []
+    if env.is_main:
+        _write_json(path / "train_state.json", train_state)
+        written.append(path / "train_state.json")
+        if tokenizer is not None:  # the exact tokenizer of the run travels with its weights
+            tokenizer.save(path / "tokenizer.json")
+            written.append(path / "tokenizer.json")
+    save_state(path, f"data_rank{env.rank:05d}", data_state)
+    fault("save", step)
+    save_state(path, f"rng_rank{env.rank:05d}", rng_state())
+    for stem in (f"data_rank{env.rank:05d}", f"rng_rank{env.rank:05d}"):
+        written += [path / f"{stem}.json", path / f"{stem}.safetensors"]
+    return written
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path, env: DistEnv):
+    """A failed write (a full disk, a quota, a lost mount) as a CheckpointError naming the rank and directory."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"rank {env.rank}: writing checkpoint {path} failed: {e}; it is not committed, and "
+                              f"the newest complete checkpoint in {path.parent} is still the one to resume (free "
+                              "space, or lower checkpoint.keep)") from None
 
 
 def _non_finite(name: str, tensor: torch.Tensor, env: DistEnv) -> str | None:
@@ -541,8 +564,8 @@ def load_checkpoint(resume: Resume, engine: Engine, env: DistEnv) -> dict | None
     if resume.state.get("world_size") == env.world_size:  # RNG streams are per rank: only a same-size job has them
         set_rng_state(load_state(resume.path, f"rng_rank{env.rank:05d}"))
     # Each rank wrote the canonical data shards it owned; the shards this rank now holds come from any of them.
-    return merge_data_states([load_state(resume.path, f.stem)
-                              for f in sorted(resume.path.glob("data_rank*.json"))])
+    files = sorted(resume.path.glob("data_rank*.json"))
+    return merge_data_states([load_state(resume.path, f.stem) for f in files], names=[str(f) for f in files])
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:

@@ -27,6 +27,8 @@ from .presets import CONF_DIR
 from .distributed import (
     DistEnv,
     broadcast_object,
+    collective_errors,
+    current,
     env_from_launcher,
     init_process_group,
     pick_device,
@@ -100,7 +102,8 @@ def _task(cfg: DictConfig) -> None:
         if env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             copy_run_config(run_dir, prepared.cfg)
-        with user_errors(config=False):
+        with user_errors(config=False), collective_errors(env):
+            current.at("verify")
             prepared = verify_resume(prepared, env)
             train(prepared, run_dir, env)
     finally:

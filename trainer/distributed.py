@@ -3,6 +3,7 @@ lives in trainer/, never in model/."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -90,17 +91,48 @@ _FAILURE_SIGNS = ("Timed out", "timed out", "Connection closed by peer", "Connec
                   "NCCL", "Broken pipe", "DistBackendError")
 
 
-def collective_failure(e: BaseException, step: int, env: DistEnv) -> CollectiveError | None:
-    """A CollectiveError naming this rank, the step and where the failed collective was called (the innermost
-    frame of our code), if `e` is the failure of a collective; None otherwise."""
+@dataclass
+class Where:
+    """What the run is doing, for the message of a collective that fails: the step (1-based) being trained or
+    just finished, and the phase (startup, verify, resume, step, save, export)."""
+
+    step: int = 0
+    phase: str = "startup"
+
+    def at(self, phase: str, step: int | None = None) -> None:
+        self.phase = phase
+        if step is not None:
+            self.step = step
+
+
+current = Where()
+"""Updated by the training loop (`current.at("save", step)`)."""
+
+
+@contextlib.contextmanager
+def collective_errors(env: DistEnv):
+    """Turn the failure of a collective inside the block into a CollectiveError naming rank, step, phase and where."""
+    try:
+        yield
+    except RuntimeError as e:
+        failure = collective_failure(e, env)
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def collective_failure(e: BaseException, env: DistEnv) -> CollectiveError | None:
+    """A CollectiveError naming this rank, the step and phase (`current`) and where the failed collective was called
+    (the innermost frames of our code), if `e` is the failure of a collective; None otherwise."""
     if not (isinstance(e, dist.DistError) or isinstance(e, RuntimeError) and any(s in str(e) for s in _FAILURE_SIGNS)):
         return None
     root = Path(__file__).resolve().parents[1]
     frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve().is_relative_to(root)]
-    where = " <- ".join(f"{f.name} ({Path(f.filename).resolve().relative_to(root)}:{f.lineno})"
-                        for f in reversed(frames[-3:])) if frames else "an unknown collective"
+    site = " <- ".join(f"{f.name} ({Path(f.filename).resolve().relative_to(root)}:{f.lineno})"
+                       for f in reversed(frames[-3:])) if frames else "an unknown collective"
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return CollectiveError(f"rank {env.rank}: step {step}: the collective at {where} failed: {first[:300]}; another "
+    return CollectiveError(f"rank {env.rank}: step {current.step} ({current.phase}): the collective at {site} "
+                           f"failed: {first[:300]}; another "
                            "rank died or stopped responding (parallel.timeout_s); the job ends, and a relaunch "
                            "resumes from the newest checkpoint")
 

@@ -18,10 +18,10 @@ from model.hf import load_config
 
 from model.hf import CheckpointError
 
-from .checkpoint import REJECTED, Resume, choose_resume, gather_problems, plan_resume, step_of
-from .config import TrainConfig, config_dict, to_train_config
-from .distributed import DistEnv, barrier, broadcast_object
-from .integrity import verify
+from .checkpoint import REJECTED, Resume, choose_resume, gather_problems, list_checkpoints, plan_resume, step_of
+from .config import ConfigError, TrainConfig, config_dict, to_train_config
+from .distributed import DistEnv, barrier
+from .integrity import MANIFEST, verify
 
 
 @dataclass
@@ -31,18 +31,25 @@ class Prepared:
     cfg: TrainConfig
     tokenizer: TextTokenizer
     resume: Resume | None
+    """What the chosen checkpoint restores; None for a fresh start, and until verification when the checkpoint's
+    state file could not be read (a damaged one is then set aside, see `verify_resume`)."""
     set_aside: list[Path]
     """Newer checkpoints of an abandoned timeline, moved aside before training (a rollback)."""
+    candidate: Path | None = None
+    """The checkpoint chosen, before verification."""
 
     def shared(self) -> dict:
         """What rank 0 broadcasts so that every rank trains with the same settings (the tokenizer each rank built)."""
         return {"cfg": config_dict(self.cfg), "resume": self.resume.to_dict() if self.resume else None,
-                "set_aside": [str(p) for p in self.set_aside]}
+                "set_aside": [str(p) for p in self.set_aside],
+                "candidate": str(self.candidate) if self.candidate else None}
 
     @classmethod
     def from_shared(cls, shared: dict, tokenizer: TextTokenizer) -> "Prepared":
         resume = Resume.from_dict(shared["resume"]) if shared["resume"] else None
-        return cls(to_train_config(shared["cfg"]), tokenizer, resume, [Path(p) for p in shared["set_aside"]])
+        candidate = Path(shared["candidate"]) if shared["candidate"] else None
+        return cls(to_train_config(shared["cfg"]), tokenizer, resume, [Path(p) for p in shared["set_aside"]],
+                   candidate)
 
 
 @dataclass
@@ -74,11 +81,16 @@ def prepare(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
     tokenizer = build_tokenizer(cfg.data)
     cfg.model = fit_model_to_tokenizer(cfg.model, tokenizer, f"data.tokenizer={cfg.data.tokenizer}")
     path, set_aside = choose_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
-    resume = plan(cfg, path, env)
-    if env.is_main and cfg.esft.enabled and not cfg.model.pretrained and resume is None:
+    try:
+        resume = plan(cfg, path, env)
+    except ValueError:
+        if not (cfg.checkpoint.verify and (path / MANIFEST).is_file()):
+            raise
+        resume = None  # verification decides: a damaged state file fails it, a sound one fails here again
+    if env.is_main and cfg.esft.enabled and not cfg.model.pretrained and path is None:
         print("warning: esft.enabled on randomly initialised weights: the experts' scores say nothing about your "
               "data; set model.pretrained=<released model directory>", flush=True)
-    return Prepared(cfg, tokenizer, resume, set_aside)
+    return Prepared(cfg, tokenizer, resume, set_aside, path)
 
 
 def plan(cfg: TrainConfig, path: Path | None, env: DistEnv) -> Resume | None:
@@ -92,37 +104,65 @@ def plan(cfg: TrainConfig, path: Path | None, env: DistEnv) -> Resume | None:
     return resume
 
 
+def named(cfg: TrainConfig, path: Path | None) -> bool:
+    """`path` is the checkpoint `checkpoint.resume=<path>` names (not one `auto` or a relaunch picked)."""
+    return path is not None and cfg.checkpoint.resume not in ("auto", "none") and \
+        Path(cfg.checkpoint.resume).expanduser().resolve() == path.resolve()
+
+
 def verify_resume(prepared: Prepared, env: DistEnv) -> Prepared:
     """Verify the checkpoint a run resumes from against its manifest, every rank hashing its share of the files
-    (collective; docs/checkpoints.md). One that fails stops the run, naming the file and the reason, when it was
-    named by `checkpoint.resume=<path>`; one `resume=auto` chose is moved to `<checkpoint.dir>/rejected/` and the
-    newest checkpoint that verifies is taken instead."""
+    (collective; docs/reliability.md), then plan the resume from it.
+
+    A checkpoint named by `checkpoint.resume=<path>` that fails stops the run, naming the file and the reason. One
+    that `auto` (or a relaunch) picked is passed over for the next newest, and once one verifies, those that failed
+    are moved to `<checkpoint.dir>/rejected/` with a line saying why. When none verifies nothing is moved and the run
+    stops, listing the reasons (so checkpoints written before manifests existed stay where they are)."""
     cfg = prepared.cfg
-    while prepared.resume is not None and cfg.checkpoint.verify:
-        path = prepared.resume.path
+    path, rejected = prepared.candidate, {}
+    while path is not None and cfg.checkpoint.verify:
         problems = gather_problems(verify(path, step_of(path), env.rank, env.world_size), env)
         if not problems:
-            return prepared
-        named = cfg.checkpoint.resume != "auto" and Path(cfg.checkpoint.resume).expanduser().resolve() == \
-            path.resolve()
-        if named:
+            break
+        if named(cfg, path):
             raise CheckpointError(f"checkpoint.resume={cfg.checkpoint.resume}: failed verification: "
                                   f"{_listed(problems)}; resume from another checkpoint (checkpoint.verify=false "
                                   "skips verification, for checkpoints written before manifests existed)")
-        barrier(env)  # every rank is done reading it before it moves
-        if env.is_main:
-            target = Path(cfg.checkpoint.dir) / REJECTED / f"{path.name}-{int(path.stat().st_mtime)}"
+        rejected[path] = problems
+        path = next_candidate(cfg, list(rejected))
+    if rejected and path is None:
+        old = any("integrity.json: missing" in p for problems in rejected.values() for p in problems)
+        raise CheckpointError("no checkpoint verifies: " + "; ".join(
+            f"{p}: {_listed(problems, 2)}" for p, problems in rejected.items()) +
+            ("; checkpoints written before manifests existed resume with checkpoint.verify=false" if old else ""))
+    barrier(env)  # every rank is done reading before anything moves
+    if env.is_main:
+        for bad, problems in rejected.items():
+            target = Path(cfg.checkpoint.dir) / REJECTED / f"{bad.name}-{int(bad.stat().st_mtime)}"
             target.parent.mkdir(exist_ok=True)
-            os.replace(path, target)
-            print(f"checkpoint {path} failed verification: {_listed(problems)}; moved to {target}; trying the "
-                  "next newest checkpoint", flush=True)
-            chosen, _ = choose_resume(cfg.checkpoint.dir, "auto")
-            resume = plan(cfg, chosen, env)
-        shared = broadcast_object(resume.to_dict() if env.is_main and resume else None, env)
-        prepared = dataclasses.replace(prepared, resume=Resume.from_dict(shared) if shared else None)
-        if prepared.resume is None and env.is_main:
-            print(f"no checkpoint in {cfg.checkpoint.dir} verifies: starting from the beginning", flush=True)
-    return prepared
+            os.replace(bad, target)
+            print(f"checkpoint {bad} failed verification: {_listed(problems)}; moved to {target}; resuming from "
+                  f"{path}", flush=True)
+    if path is None or (prepared.resume is not None and prepared.resume.path == path):
+        return prepared
+    try:
+        resume = plan(cfg, path, env)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return dataclasses.replace(prepared, resume=resume, candidate=path)
+
+
+def next_candidate(cfg: TrainConfig, rejected: list[Path]) -> Path | None:
+    """The checkpoint to try after `rejected` failed: the newest other complete one of `checkpoint.dir`, then a start
+    point named outside it (another run's checkpoint, an imported model)."""
+    passed = {p.resolve() for p in rejected}
+    complete = [p for p in list_checkpoints(cfg.checkpoint.dir)[0] if p.resolve() not in passed]
+    if complete:
+        return complete[-1]
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        start = Path(cfg.checkpoint.resume).expanduser()
+        return start if start.resolve() not in passed else None
+    return None
 
 
 def resolve_pretrained(cfg: TrainConfig, choices: ModelChoices | None,
@@ -185,7 +225,10 @@ def check_checkpoint_model(resume: Resume, model_cfg: ModelConfig) -> None:
     saved = resume.state.get("config", {}).get("model")
     if not saved:
         return
-    theirs = ModelConfig.from_hf_config(saved) if resume.weights_only else ModelConfig(**saved)
+    try:
+        theirs = ModelConfig.from_hf_config(saved) if resume.weights_only else ModelConfig(**saved)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{resume.path / 'train_state.json'}: its model config does not read ({e})") from None
     diffs = model_cfg.architecture_differences(theirs)
     if diffs:
         listed = _listed([f"model.{f}={ours!r} but the checkpoint has {value!r}" for f, ours, value in diffs])

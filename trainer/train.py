@@ -21,7 +21,7 @@ from .build import build_model, load_start_weights, setup_trainable
 from .checkpoint import load_checkpoint, save_checkpoint, set_aside_newer, step_dir
 from .config import NonFiniteError, TrainConfig, config_dict
 from . import faults
-from .distributed import DistEnv, barrier, collective_failure, pick_device
+from .distributed import DistEnv, barrier, current, pick_device
 from .engines import Engine, build_engine
 from .expert_parallel import build_grid, dispatch_metrics
 from .layout import ProcessGrid
@@ -74,17 +74,16 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     announce(logger, run_dir, engine, weights, tokenizer, trainable, selection)
     reporter = Reporter(cfg, engine, env, device, progress.step)
     try:
-        stopped_by, last_saved = loop(progress, engine, loader, logger, reporter, prepared, env, selection,
+        stopped_by, checkpoint = loop(progress, engine, loader, logger, reporter, prepared, env, selection,
                                       val_batches)
-        checkpoint = step_dir(cfg.checkpoint.dir, progress.step) if last_saved == progress.step else None
         hf_dir = None
         if stopped_by:
             logger.print(f"preempted ({stopped_by}) after step {progress.step}: "
                          f"{f'checkpoint {checkpoint} committed' if checkpoint else 'nothing new to save'}; "
                          "relaunch the same command to continue")
-        else:
-            checkpoint = checkpoint or save(cfg, progress, engine, loader, env, tokenizer, selection)
-            hf_dir = engine.export(run_dir / "hf", tokenizer) if cfg.checkpoint.export_hf else None
+        elif cfg.checkpoint.export_hf:
+            current.at("export")
+            hf_dir = engine.export(run_dir / "hf", tokenizer)
         barrier(env)
     finally:
         loader.close()
@@ -93,29 +92,33 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
 
 
 def loop(progress: Progress, engine: Engine, loader, logger: MetricsLogger, reporter: Reporter, prepared: Prepared,
-         env: DistEnv, selection: dict[int, list[int]] | None, val_batches: list[dict]) -> tuple[str | None, int | None]:
-    """Train to `max_steps`, checkpointing every `checkpoint.every` steps, or until a preemption signal (then the
-    step just finished is checkpointed). A failed collective ends the run with a CollectiveError naming where.
-    Returns (the preemption signal's name or None, the step of the last checkpoint written or resumed)."""
+         env: DistEnv, selection: dict[int, list[int]] | None, val_batches: list[dict]
+         ) -> tuple[str | None, Path | None]:
+    """Train to `max_steps`, checkpointing every `checkpoint.every` steps and at the end, or until a preemption
+    signal: then the step just finished is checkpointed (a signal during a save ends the run after it). Returns
+    (the preemption signal's name or None, the checkpoint of the last step, None when there is none)."""
     cfg = prepared.cfg
     last_saved = progress.step if prepared.resume else None
+
+    def checkpoint() -> Path:
+        nonlocal last_saved
+        if last_saved != progress.step:
+            current.at("save", progress.step)
+            save(cfg, progress, engine, loader, env, prepared.tokenizer, selection)
+            last_saved = progress.step
+        return step_dir(cfg.checkpoint.dir, progress.step)
+
     with Preemption(env, engine.device) as preemption:
-        try:
-            while progress.step < cfg.trainer.max_steps:
-                step(progress, engine, loader, logger, reporter, cfg, engine.grid, val_batches)
-                stopped_by = preemption.requested()
-                if (cfg.checkpoint.every and progress.step % cfg.checkpoint.every == 0) or \
-                        (stopped_by and last_saved != progress.step):
-                    save(cfg, progress, engine, loader, env, prepared.tokenizer, selection)
-                    last_saved = progress.step
-                if stopped_by:
-                    return stopped_by, last_saved
-        except RuntimeError as e:  # a peer died or stopped responding: say where, and end
-            failure = collective_failure(e, progress.step + 1, env)
-            if failure is None:
-                raise
-            raise failure from None
-    return None, last_saved
+        while progress.step < cfg.trainer.max_steps:
+            current.at("step", progress.step + 1)
+            step(progress, engine, loader, logger, reporter, cfg, engine.grid, val_batches)
+            stopped_by = preemption.requested()
+            if cfg.checkpoint.every and progress.step % cfg.checkpoint.every == 0:
+                checkpoint()
+                stopped_by = stopped_by or preemption.requested()  # a signal that came during the save
+            if stopped_by:
+                return stopped_by, checkpoint() if progress.step > 0 else None
+        return None, checkpoint()
 
 
 def step(progress: Progress, engine: Engine, loader, logger: MetricsLogger, reporter: Reporter, cfg: TrainConfig,
@@ -177,6 +180,7 @@ def resume(prepared: Prepared, engine: Engine, loader, env: DistEnv) -> Progress
     barrier(env)
     if prepared.resume is None:
         return Progress()
+    current.at("resume")
     data_state = load_checkpoint(prepared.resume, engine, env)
     if data_state is not None:
         loader.load_state_dict(data_state)

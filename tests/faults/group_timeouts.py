@@ -1,5 +1,5 @@
 """Run under torchrun (2 processes): every process group of the job, ours and DeepSpeed's, has the timeout given
-to `init_process_group` (parallel.timeout_s); prints one JSON line per rank."""
+to `init_process_group` (parallel.timeout_s); rank 0 prints every rank's, as one JSON line."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ def main() -> None:
         timeouts[f"deepspeed_{name}"] = timeout_of(group)
     for name, group in groups._get_expert_data_parallel_group_dict().items():
         timeouts[f"deepspeed_data_{name}"] = timeout_of(group)
-    print(json.dumps({"rank": env.rank, "timeouts": timeouts}), flush=True)
+    everyone: list = [None] * env.world_size
+    torch.distributed.all_gather_object(everyone, {"rank": env.rank, "timeouts": timeouts})
+    if env.is_main:
+        print(json.dumps(everyone), flush=True)
     torch.distributed.destroy_process_group()
 
 

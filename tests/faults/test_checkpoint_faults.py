@@ -18,8 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.checkpoint import COMPLETE, choose_resume, list_checkpoints, prune, step_dir
+from trainer.checkpoint import COMPLETE, REJECTED, choose_resume, list_checkpoints, prune, step_dir, step_of
+from trainer.config import TrainConfig
+from trainer.distributed import DistEnv
 from trainer.integrity import MANIFEST, digests, sha256, verify, write_manifest
+from trainer.prepare import Prepared, verify_resume
 
 from .report import record
 
@@ -54,12 +57,13 @@ def copy(saved: Path, tmp_path: Path) -> Path:
 
 
 def resume_step(root: Path) -> int | None:
-    """The step `resume=auto` would take after verification, as the trainer's fallback does."""
-    while True:
-        chosen, _ = choose_resume(root, "auto")
-        if chosen is None or not verify(chosen, int(chosen.name.split("_")[1])):
-            return None if chosen is None else int(chosen.name.split("_")[1])
-        shutil.move(str(chosen), str(root / f"rejected-{chosen.name}"))
+    """The step a relaunch with `resume=auto` resumes from: the trainer's own choice and verification (one
+    process), which sets failing checkpoints aside."""
+    cfg = TrainConfig()
+    cfg.checkpoint.dir = str(root)
+    chosen, _ = choose_resume(root, "auto")
+    prepared = verify_resume(Prepared(cfg, None, None, [], chosen), DistEnv())
+    return step_of(prepared.resume.path) if prepared.resume else None
 
 
 @pytest.mark.parametrize("phase", ["save_shards", "save", "save_manifest", "save_marker", "save_prune"])
@@ -168,7 +172,7 @@ def test_nan_in_stored_weights_or_moments_is_reported(saved, tmp_path):
     write_manifest(target, 4, files)
     problems = verify(target, 4)
     assert sum("non-finite" in p for p in problems) == 2
-    assert resume_step(root) == 2
+    assert resume_step(root) == 2 and not step_dir(root, 4).exists()  # set aside in rejected/
     record("T14-checkpoint", non_finite_files_detected=sum("non-finite" in p for p in problems),
            resume_falls_back_to=2)
 
@@ -191,7 +195,7 @@ def test_retention_never_deletes_the_newest_verified_checkpoint(saved, tmp_path)
     flip(step_dir(root, 5) / "model_rank00000.safetensors", random.Random(1))
     (step_dir(root, 4) / COMPLETE).unlink()
     chosen = resume_step(root)  # moves step 5 aside, skips the incomplete 4
-    assert chosen == 3
+    assert chosen == 3 and [p.name.split("-")[0] for p in (root / REJECTED).iterdir()] == ["step_00000005"]
     deleted = prune(root, keep=1, protect=step_dir(root, 3))
     remaining = [p.name for p in list_checkpoints(root)[0]]
     assert remaining == ["step_00000003"] and [p.name for p in deleted] == ["step_00000002"]
@@ -203,8 +207,8 @@ def test_a_full_disk_never_leaves_a_checkpoint_counted_as_complete(tmp_path):
     is complete (and verifies)."""
     root = tmp_path / "ckpt"
     proc = save(root, 2, 4, file_limit=20_000)
-    assert proc.returncode != 0 and ("File too large" in proc.stderr or "No space" in proc.stderr
-                                     or "EFBIG" in proc.stderr or "Errno 27" in proc.stderr), proc.stderr[-2000:]
+    assert proc.returncode != 0 and "CheckpointError: rank 0: writing checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert "File too large" in proc.stderr and "is not committed" in proc.stderr
     complete, incomplete = list_checkpoints(root)
     assert [p.name for p in complete] == ["step_00000002"] and not verify(complete[0], 2)
     record("full_disk", complete=[p.name for p in complete], incomplete=[p.name for p in incomplete],

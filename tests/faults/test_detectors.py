@@ -24,7 +24,7 @@ def test_every_process_group_honours_parallel_timeout():
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(HERE / "group_timeouts.py"), "7"], capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    lines = next(json.loads(line) for line in out.stdout.splitlines() if line.startswith("["))
     assert len(lines) == 2
     for line in lines:
         assert len(line["timeouts"]) >= 6 and set(line["timeouts"].values()) == {7.0}, line

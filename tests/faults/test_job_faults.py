@@ -30,12 +30,13 @@ BASE = ["experiment=smoke", "logging.wandb=disabled", f"trainer.max_steps={STEPS
         "checkpoint.keep=4", "checkpoint.export_hf=false", "trainer.val_every=0", "trainer.progress=false"]
 
 
-def command(run_dir: Path, cache: Path, *overrides: str, nproc: int = 2, timeout_s: int = 20) -> list[str]:
+def command(run_dir: Path, cache: Path, *overrides: str, nproc: int = 2, timeout_s: int = 20,
+            launcher: tuple[str, ...] = ()) -> list[str]:
     args = [*BASE, f"hydra.run.dir={run_dir}", f"data.cache_dir={cache}", *overrides]
     if nproc == 1:
         return [sys.executable, PRETRAIN, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", PRETRAIN,
-            *args, f"parallel.timeout_s={timeout_s}"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher,
+            PRETRAIN, *args, f"parallel.timeout_s={timeout_s}"]
 
 
 def environment(fault: str | None = None) -> dict:
@@ -131,7 +132,7 @@ def test_rank_killed_mid_step_ends_the_job_and_the_relaunch_resumes_bitwise(refe
     run = tmp_path / "run"
     crashed = launch(run, cache_dir, fault=f"{site}@3:1:KILL")
     assert crashed.returncode != 0
-    assert "distributed error: rank 0: step 3: the collective at" in crashed.stderr, crashed.stderr[-3000:]
+    assert "distributed error: rank 0: step 3 (step): the collective at" in crashed.stderr, crashed.stderr[-3000:]
     latency = crashed.ended - fault_time(crashed)
     figures = {"site": site, "job_end_after_kill_s": round(latency, 2), "orphans": orphans(run)}
     assert latency < 15 and figures["orphans"] == 0
@@ -158,7 +159,7 @@ def test_stopped_rank_ends_the_job_within_the_timeout(tmp_path, cache_dir):
     stopped = launch(run, cache_dir, fault="step@3:1:STOP", timeout_s=timeout_s)
     elapsed = stopped.ended - fault_time(stopped)
     assert stopped.returncode != 0
-    assert "distributed error: rank 0: step 3: the collective at" in stopped.stderr, stopped.stderr[-3000:]
+    assert "distributed error: rank 0: step 3 (step): the collective at" in stopped.stderr, stopped.stderr[-3000:]
     assert timeout_s <= elapsed < timeout_s + 10
     assert orphans(run) == 0
     record("T03", timeout_s=timeout_s, job_end_after_stop_s=round(elapsed, 2),
@@ -182,11 +183,13 @@ def test_sigterm_on_one_rank_checkpoints_the_step_and_exits_zero(reference, tmp_
            signal_to_committed_s=round(committed_after, 2), steps_lost=0, bitwise_equal_steps_after=equal)
 
 
-def test_sigterm_to_torchrun_is_forwarded_and_checkpointed(tmp_path, cache_dir):
-    """T18 as a scheduler sends it: SIGTERM to torchrun itself, which forwards it to every rank: the step in
-    flight is checkpointed (committed, verified) before torchrun's grace period ends."""
+def test_sigusr1_to_torchrun_is_forwarded_and_checkpointed(tmp_path, cache_dir):
+    """T18 as SLURM sends it before the time limit: SIGUSR1 to torchrun itself, launched as
+    launch/slurm/pretrain.sbatch does (forwarding SIGUSR1): the step in flight is checkpointed (committed, verified)
+    on every rank before torchrun's grace period ends."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(command(run, cache_dir, "trainer.max_steps=200", "checkpoint.every=0"),
+    launcher = ("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",)
+    proc = subprocess.Popen(command(run, cache_dir, "trainer.max_steps=200", "checkpoint.every=0", launcher=launcher),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
                             cwd=tmp_path, start_new_session=True)
     metrics = run / "metrics.jsonl"
@@ -194,34 +197,37 @@ def test_sigterm_to_torchrun_is_forwarded_and_checkpointed(tmp_path, cache_dir):
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
         time.sleep(0.2)
     sent = time.time()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)
     ended = time.time() - sent
     last = max(steps(run))
     checkpoint = run / "checkpoints" / f"step_{last:08d}"
-    assert f"preempted (SIGTERM) after step {last}" in out, err[-3000:]
+    assert f"preempted (SIGUSR1) after step {last}" in out, err[-3000:]
     assert verify(checkpoint, last) == [] and (checkpoint / "COMPLETE").exists()
     assert ended < 30  # torchrun's default grace before it kills its workers
     assert orphans(run) == 0
-    record("T18-torchrun", checkpoint_step=last, signal_to_exit_s=round(ended, 2),
+    record("T18-torchrun", signal="SIGUSR1", checkpoint_step=last, signal_to_exit_s=round(ended, 2),
            torchrun_exit_status=proc.returncode, ranks_failed="ChildFailedError" in err)
 
 
 def test_corrupt_newest_checkpoint_falls_back_and_a_named_one_stops(reference, tmp_path, cache_dir):
-    """T06 end to end: the newest checkpoint's optimizer file gets one flipped bit. `resume=auto` reports it,
-    sets it aside and resumes from the previous one (step 6), training step 7-8 bitwise like the reference; the
-    same checkpoint named by `checkpoint.resume=<path>` stops before training, naming the file."""
+    """T06 end to end: the newest checkpoint's optimizer file gets one flipped bit and its state file an invalid
+    first byte (so even reading its step fails). `resume=auto` reports it, sets it aside and resumes from the
+    previous one (step 6), training steps 7-8 bitwise like the reference; the same checkpoint named by
+    `checkpoint.resume=<path>` stops before training, naming the file."""
     run = tmp_path / "run"
     shutil.copytree(reference / "checkpoints", run / "checkpoints")
     damaged = run / "checkpoints" / "step_00000008" / "optimizer_rank00000.safetensors"
     data = bytearray(damaged.read_bytes())
     data[random.Random(3).randrange(len(data))] ^= 0x10
     damaged.write_bytes(bytes(data))
+    state = damaged.parent / "train_state.json"
+    state.write_bytes(b"\xff" + state.read_bytes()[1:])
     named = launch(tmp_path / "named", cache_dir, f"checkpoint.resume={damaged.parent}", nproc=1)
     assert named.returncode == 2 and named.stderr.startswith("checkpoint error: checkpoint.resume="), named.stderr
     assert "failed verification" in named.stderr and damaged.name in named.stderr
     out = ok(launch(run, cache_dir, "trainer.max_steps=8")).stdout
-    assert "failed verification" in out and damaged.name in out and "at step 6" in out
+    assert "failed verification" in out and damaged.name in out and state.name in out and "at step 6" in out
     equal = bitwise(steps(reference), steps(run), range(7, STEPS + 1))
     assert equal == 2
     record("T06-e2e", auto_fell_back_to=6, named_resume_exit=named.returncode, bitwise_equal_steps_after=equal)

@@ -201,9 +201,10 @@ def _hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def test_checkpoint_saved_at_ep2_resumes_at_ep1_and_ep4_with_identical_weights(tmp_path, cache_dir):
+def test_checkpoint_saved_at_ep2_resumes_at_ep1_with_identical_weights(tmp_path, cache_dir):
     """Experts re-shard on load (and the HF export gathers them from every rank): the export after resuming at
-    ep=1 (2 processes) and at ep=4 (4 processes) equals the export of the ep=2 run that wrote the checkpoint, and
+    ep=1 (2 processes) equals the export of the ep=2 run that wrote the checkpoint (other expert layouts:
+    tests/trainer/test_checkpoint.py), and
     one more step at ep=1 from the re-sharded weights and AdamW state reproduces the ep=2 run's loss within 1e-5
     relative and its gradient norm within 1e-4."""
     from model.hf import load_pretrained
@@ -223,15 +224,15 @@ def test_checkpoint_saved_at_ep2_resumes_at_ep1_and_ep4_with_identical_weights(t
     full = load_model_weights(ckpt, CausalLM(load_config(first / "hf")))
     reference = {name: t.contiguous() for name, t in hf_tensors(full)}
     assert len([k for k in reference if ".mlp.experts." in k]) == 2 * 8 * 3  # 2 MoE layers x 8 experts x 3
-    for name, nproc, extra in (("ep1", 2, ["parallel.ep=1"]),
-                               ("ep4", 4, ["parallel.ep=4", "trainer.global_batch_size=8"])):
+    # (4 processes at ep=4 train like 2 at ep=2 from the start: tests/faults/test_job_faults.py)
+    for name, nproc, extra in (("ep1", 2, ["parallel.ep=1"]),):
         out = _ok(run_pretrain(tmp_path / name, cache_dir, "trainer.max_steps=2", f"checkpoint.resume={ckpt}",
                                *extra, nproc=nproc)).stdout
         assert "resumed from" in out and "nothing to do: already at step 2" in out
         tensors = _hf_tensors(tmp_path / name / "hf")
         assert tensors.keys() == reference.keys()
         assert all(torch.equal(tensors[k], reference[k]) for k in reference), name
-    load_pretrained(tmp_path / "ep4" / "hf")  # a complete, loadable export
+    load_pretrained(tmp_path / "ep1" / "hf")  # a complete, loadable export
     # One more step at ep=1 from the re-sharded weights and AdamW state: the loss the ep=2 run had at step 3.
     _ok(run_pretrain(tmp_path / "ep1-step3", cache_dir, "trainer.max_steps=3", f"checkpoint.resume={ckpt}",
                      "parallel.ep=1", nproc=2))
