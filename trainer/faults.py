@@ -19,6 +19,7 @@ import time
 SITES = {
     "step": "the start of a training step, before its first forward",
     "weights": "the end of a training step, after its update (with action `nan`)",
+    "nan_loss": "every micro-batch loss of a step, made NaN (its step is 0-based; read by trainer/step.py)",
     "a2a": "inside an MoE layer's expert all-to-all, before this rank's exchange of split sizes",
     "grad_reduce": "the data-parallel gradient all-reduce, before this rank launches it",
     "save": "a checkpoint save, after this rank's data state and before its RNG state",
@@ -47,6 +48,11 @@ def _parse() -> tuple[str, int, int | None, str] | None:
 
 
 _spec = _parse()  # read once, at import: the launcher sets it before the process starts
+
+
+def scheduled(site: str) -> tuple[int, int | None] | None:
+    """(step, rank or None for every rank) of the fault set for `site`, or None."""
+    return (_spec[1], _spec[2]) if armed(site) else None
 
 
 def armed(site: str) -> bool:

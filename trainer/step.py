@@ -8,7 +8,6 @@ float64 vector reduced by a single all-reduce, so no engine syncs the host per m
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from model import CausalLMOutput
 from model.balance import BALANCE_TERMS
 from model.loss import IGNORE_INDEX
 
+from . import faults
 from .distributed import DistEnv, all_reduce_sum
 
 MODEL_INPUTS = ("input_ids", "position_ids", "document_ids")
@@ -116,9 +116,7 @@ def merge_dispatch(total: torch.Tensor | None, calls: torch.Tensor) -> torch.Ten
 
 
 def fault_scale(step: int, rank: int) -> float:
-    """Test-only: LATENTMOE_FAULT=nan_loss@<step>[:rank] makes that step's loss NaN on that rank (1.0 otherwise)."""
-    where, _, rest = os.environ.get("LATENTMOE_FAULT", "").partition("@")
-    if where != "nan_loss":
-        return 1.0
-    at_step, _, at_rank = rest.partition(":")
-    return float("nan") if int(at_step) == step and (not at_rank or int(at_rank) == rank) else 1.0
+    """Test-only (trainer/faults.py): LATENTMOE_FAULT=nan_loss@<step>[:rank] makes that 0-based step's loss NaN on
+    that rank (1.0 otherwise)."""
+    at = faults.scheduled("nan_loss")
+    return float("nan") if at is not None and at[0] == step and at[1] in (None, rank) else 1.0
