@@ -141,6 +141,31 @@ class CausalLM(nn.Module):
         return (self.model.embed_tokens is None or self.lm_head is None
                 or len(self.model.layers) != self.config.num_hidden_layers)
 
+    def share_part(self, layers: range, embedding: bool, head: bool) -> CausalLM:
+        """A part of this model made of its own modules (shared, not copied): the decoder layers `layers` (global
+        indices, all held here) with or without the embedding and the final norm + head. Runs the model's forward
+        on that part, as a pipeline stage built on its own would; several parts of one model are the virtual
+        stages a rank holds under an interleaved or V-shaped pipeline schedule (docs/parallelism.md)."""
+        missing = [i for i in layers if str(i) not in self.model.layers]
+        if missing or (embedding and self.model.embed_tokens is None) or (head and self.lm_head is None):
+            raise ValueError(f"share_part: this model does not hold layers {missing}"
+                             + (" / the embedding" if embedding and self.model.embed_tokens is None else "")
+                             + (" / the head" if head and self.lm_head is None else ""))
+        part = CausalLM.__new__(CausalLM)
+        nn.Module.__init__(part)
+        decoder = Decoder.__new__(Decoder)
+        nn.Module.__init__(decoder)
+        decoder.embed_tokens = self.model.embed_tokens if embedding else None
+        decoder.layers = LayerStack({str(i): self.model.layers[i] for i in layers})
+        decoder.norm = self.model.norm if head else None
+        decoder.rotary_emb = self.model.rotary_emb
+        part.config, part.init_seed, part.no_drop_fraction = self.config, self.init_seed, self.no_drop_fraction
+        part.model, part.lm_head = decoder, self.lm_head if head else None
+        if "loss_fn" in self.__dict__:  # a compiled loss (trainer.compile)
+            part.loss_fn = self.loss_fn
+        part.train(self.training)
+        return part
+
     def init_weights(self, std: float | None = None) -> None:
         """Normal(0, std) for every matrix (std defaults to `initializer_range`), ones for norms; see
         `init_module_weights`, which makes the values independent of how the model is split over processes."""

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from data.config import DataConfig
 from model.config import ModelConfig
 
-from .layout import resolve_ep, slot_kinds, stage_boundaries, validate_layout
+from .layout import (PP_SCHEDULES, SPLIT_BACKWARD, V_SCHEDULES, resolve_ep, slot_kinds, stage_boundaries,
+                     stages_per_rank, validate_layout)
 
 
 class WandbMode(str, Enum):
@@ -81,8 +82,16 @@ class ParallelConfig:
     dp / ep. Must divide the data-parallel size and model.n_routed_experts. Default (null): the largest size dividing
     both, and model.n_group under device-limited routing (1 turns expert parallelism off)."""
     pp: int = 1
-    """Pipeline stages (world = pp x dp), through DeepSpeed's pipeline engine (needs zero_stage 0 or 1; null picks
+    """Pipeline ranks (world = pp x dp), through the engine `pp_schedule` names (needs zero_stage 0 or 1; null picks
     1, the paper's ZeRO-1)."""
+    pp_schedule: str = "deepspeed"
+    """The pipeline engine and its schedule (pp > 1): `deepspeed` (DeepSpeed's PipelineEngine, 1F1B), or one of
+    torch.distributed.pipelining's: `1f1b`, `interleaved_1f1b`, `zbv` (zero-bubble, two stages per rank in a V, as
+    the paper trained V2), `interleaved_zb`, `dualpipev`. When to pick which: docs/parallelism.md, "Pipeline
+    schedules"."""
+    pp_stages_per_rank: int | None = None
+    """Virtual stages per pipeline rank for interleaved_1f1b and interleaved_zb (null: 2); zbv and dualpipev hold
+    exactly 2, 1f1b and deepspeed 1. The model is cut into pp x this many stages by `pp_partition`."""
     pp_partition: str = "parameters"
     """How layers are spread over pipeline stages: `parameters` (balanced by each rank's parameter count, experts
     counted per EP shard), `uniform` (equal numbers of pipeline layers) or `type:moe` (equal numbers of MoE
@@ -231,17 +240,31 @@ class TrainConfig:
                           m.topk_method == "group_limited_greedy")
 
     @property
+    def torch_pipeline(self) -> bool:
+        """Pipeline stages on torch.distributed.pipelining (any `pp_schedule` but `deepspeed`)."""
+        return self.parallel.pp > 1 and self.parallel.pp_schedule != "deepspeed"
+
+    @property
     def uses_deepspeed(self) -> bool:
-        return self.parallel.zero_stage is not None or self.parallel.pp > 1
+        return (self.parallel.zero_stage is not None or self.parallel.pp > 1) and not self.torch_pipeline
+
+    def pipeline_stages(self) -> int:
+        """Virtual stages the model is cut into: pp x stages per rank (1 without a pipeline)."""
+        if self.parallel.pp <= 1:
+            return 1
+        return self.parallel.pp * stages_per_rank(self.parallel.pp_schedule, self.parallel.pp_stages_per_rank)
 
     def layout(self, world_size: int) -> dict:
         """What DeepSpeed's optimizer partitions depend on, recorded in every checkpoint (`pipeline`: the stage
         format, 2 since stages are cuts of CausalLM; DeepSpeed's state from older pipeline checkpoints does not
         load into them)."""
         pp = self.parallel.pp
-        layout = {"engine": "deepspeed" if self.uses_deepspeed else "builtin", "zero_stage": self.resolved_zero_stage(),
+        engine = "deepspeed" if self.uses_deepspeed else "pipelining" if self.torch_pipeline else "builtin"
+        layout = {"engine": engine, "zero_stage": self.resolved_zero_stage(),
                   "pp": pp, "dp": world_size // pp, "ep": self.expert_parallel_size(world_size)}
-        if pp > 1:
+        if self.torch_pipeline:
+            layout["schedule"] = self.parallel.pp_schedule
+        elif pp > 1:
             layout["pipeline"] = 2
         return layout
 
@@ -259,7 +282,8 @@ class TrainConfig:
             raise ValueError(f"parallel.world_size={par.world_size}: must be >= 1")
         if stage is not None and stage not in (0, 1, 2, 3):
             raise ValueError(f"parallel.zero_stage={stage}: allowed: null (built-in engine), 0, 1, 2, 3")
-        if par.pp > 1 and stage not in (0, 1):
+        self._validate_pipeline(world_size)
+        if par.pp > 1 and stage not in (0, 1) and not self.torch_pipeline:
             raise ValueError(f"parallel.zero_stage={stage} with parallel.pp={par.pp}: DeepSpeed's pipeline engine "
                              "only supports ZeRO-0 and ZeRO-1 (it cannot partition gradients across micro-batches "
                              "in flight); use parallel.zero_stage=1, or parallel.pp=1 for ZeRO-2/3")
@@ -290,7 +314,7 @@ class TrainConfig:
         if par.pp_partition not in ("parameters", "uniform") and not par.pp_partition.startswith("type:"):
             raise ValueError(f"parallel.pp_partition={par.pp_partition!r}: allowed: parameters, uniform, type:moe, "
                              "type:<layer class regex>")
-        if par.pp > 1 and ep > 1 and self.model.num_hidden_layers >= par.pp:
+        if par.pp > 1 and ep > 1 and self.model.num_hidden_layers >= par.pp and not self.torch_pipeline:
             parts, kinds = stage_boundaries(self.model, par.pp, ep, par.pp_partition), slot_kinds(self.model)
             empty = [st for st in range(par.pp) if "moe_layer" not in kinds[parts[st]:parts[st + 1]]]
             if empty:
@@ -298,11 +322,53 @@ class TrainConfig:
                                  f"MoE layer, which expert parallelism (parallel.ep={ep}) does not support; use "
                                  "parallel.pp_partition=type:moe, fewer stages, or parallel.ep=1")
         if par.deepspeed_config is not None:
-            if stage is None:
+            if stage is None or self.torch_pipeline:
                 raise ValueError(f"parallel.deepspeed_config={par.deepspeed_config!r} needs the DeepSpeed engine: "
                                  "set parallel.zero_stage")
             if not os.path.isfile(os.path.expanduser(par.deepspeed_config)):
                 raise ValueError(f"parallel.deepspeed_config={par.deepspeed_config!r}: no such file")
+
+    def _validate_pipeline(self, world_size: int) -> None:
+        """A `pp_schedule` the layout, the batch and the other settings allow, refused with what to use instead."""
+        par, t = self.parallel, self.trainer
+        if par.pp_schedule not in PP_SCHEDULES:
+            raise ValueError(f"parallel.pp_schedule={par.pp_schedule!r}: allowed: {', '.join(PP_SCHEDULES)}")
+        if par.pp_stages_per_rank is not None and par.pp_stages_per_rank < 1:
+            raise ValueError(f"parallel.pp_stages_per_rank={par.pp_stages_per_rank}: must be >= 1")
+        if not self.torch_pipeline:
+            if par.pp_schedule != "deepspeed":
+                raise ValueError(f"parallel.pp_schedule={par.pp_schedule} needs pipeline stages: set parallel.pp >= 2 "
+                                 "(or leave parallel.pp_schedule=deepspeed)")
+            return
+        name, stage = par.pp_schedule, self.resolved_zero_stage()
+        if stage not in (0, 1):
+            raise ValueError(f"parallel.zero_stage={stage} with parallel.pp_schedule={name}: a pipeline keeps the "
+                             "gradients of every micro-batch in flight whole, so only the optimizer states are "
+                             "sharded; use parallel.zero_stage=1 (ZeRO-1) or 0, or parallel.pp=1 for ZeRO-2/3")
+        if name in SPLIT_BACKWARD and t.compile:
+            raise ValueError(f"trainer.compile=true with parallel.pp_schedule={name}: torch's split backward (input "
+                             "gradients, then weight gradients) does not run through compiled modules; use "
+                             "parallel.pp_schedule=interleaved_1f1b or 1f1b to compile, or trainer.compile=false")
+        if t.batch_ramp_start is not None:
+            raise ValueError(f"trainer.batch_ramp_start={t.batch_ramp_start} with parallel.pp_schedule={name}: the "
+                             "schedule is built for a fixed number of micro-batches per step; leave the ramp off")
+        per_rank = stages_per_rank(name, par.pp_stages_per_rank)
+        if name in V_SCHEDULES and par.pp_stages_per_rank not in (None, 2):
+            raise ValueError(f"parallel.pp_stages_per_rank={par.pp_stages_per_rank} with parallel.pp_schedule={name}"
+                             ": a V schedule holds exactly 2 stages per rank; leave it null")
+        n_stages, slots = par.pp * per_rank, self.model.num_hidden_layers + 2
+        if n_stages > slots:
+            raise ValueError(f"parallel.pp_schedule={name} with parallel.pp={par.pp}: {n_stages} stages ({per_rank} "
+                             f"per rank), but the model has {slots} pipeline slots (embedding, "
+                             f"{self.model.num_hidden_layers} layers, head); use fewer ranks "
+                             f"(parallel.pp <= {slots // per_rank}), parallel.pp_schedule=1f1b, or "
+                             "parallel.pp_schedule=deepspeed")
+        micro = t.global_batch_size // max(1, t.micro_batch_size * self.data_parallel_size(world_size))
+        from .schedules import schedule_problem
+        problem = schedule_problem(name, par.pp, per_rank, micro)
+        if problem:
+            raise ValueError(f"parallel.pp_schedule={name} with parallel.pp={par.pp} and {micro} micro-batches per "
+                             f"step (trainer.global_batch_size / (micro_batch_size x data-parallel size)): {problem}")
 
     def _validate_esft(self) -> None:
         e = self.esft

@@ -45,6 +45,12 @@ def build_grid(env: DistEnv, pp: int, ep: int) -> ProcessGrid:
             group = dist.new_group(ranks)
             if env.rank in ranks:
                 grid.edp_group = group
+    if pp > 1:
+        for r in range(dp):
+            ranks = list(range(r, env.world_size, dp))
+            group = dist.new_group(ranks)
+            if env.rank in ranks:
+                grid.pp_group = group
     return grid
 
 
@@ -214,7 +220,7 @@ def _bucketed_all_reduce(grads: list[torch.Tensor], group, bucket_bytes: int) ->
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float, grid: ProcessGrid) -> float:
     """Global gradient norm over every parameter, counting each expert once (its squares summed over the EP
-    group), then clipping; returns the norm before clipping (the same value on every rank)."""
+    group) and every pipeline stage (summed over the pipeline group), then clipping; returns the norm before clipping (the same value on every rank)."""
     dense, expert = [], []
     for name, p in model.named_parameters():
         if p.grad is not None:
@@ -230,7 +236,10 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, grid: ProcessGrid) -
     dense_sq, expert_sq = squares(dense), squares(expert)
     if grid.ep > 1:
         dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=grid.ep_group)
-    norm = float((dense_sq + expert_sq).sqrt())
+    total = dense_sq + expert_sq
+    if grid.pp > 1 and grid.pp_group is not None:  # the other pipeline stages' parameters
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=grid.pp_group)
+    norm = float(total.sqrt())
     if math.isfinite(norm) and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         for g in grads:

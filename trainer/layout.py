@@ -33,6 +33,8 @@ class ProcessGrid:
     dp_group: object = None
     ep_group: object = None
     edp_group: object = None
+    pp_group: object = None
+    """The `pp` ranks of this rank's pipeline (same data-parallel rank, every stage); created for pp > 1."""
 
     @property
     def dp(self) -> int:
@@ -222,3 +224,38 @@ def stage_part(c: ModelConfig, parts: list[int], stage: int) -> StagePart:
     first, stop = parts[stage], parts[stage + 1]
     return StagePart(range(max(first, 1) - 1, min(stop, c.num_hidden_layers + 1) - 1), embedding=first == 0,
                      head=stop == c.num_hidden_layers + 2)
+
+
+# ------------------------------------------------------------------------------------ pipeline schedules
+PP_SCHEDULES = {"deepspeed": 1, "1f1b": 1, "interleaved_1f1b": 2, "zbv": 2, "interleaved_zb": 2, "dualpipev": 2}
+"""`parallel.pp_schedule` -> default stages per pipeline rank. `deepspeed` is DeepSpeed's PipelineEngine (1F1B);
+the others run on torch.distributed.pipelining (docs/parallelism.md, "Pipeline schedules")."""
+V_SCHEDULES = ("zbv", "dualpipev")
+"""Schedules placing a rank's two stages in a V (rank r holds stages r and 2 pp - 1 - r); the others loop (rank r
+holds stages r, r + pp, r + 2 pp, ...)."""
+SPLIT_BACKWARD = ("zbv", "interleaved_zb", "dualpipev")
+"""Schedules that split each backward into input gradients and weight gradients (zero-bubble)."""
+
+
+def stages_per_rank(schedule: str, requested: int | None = None) -> int:
+    """Virtual stages each pipeline rank holds under `schedule` (`parallel.pp_stages_per_rank`, where the schedule
+    lets it vary: the interleaved ones)."""
+    if schedule not in PP_SCHEDULES:
+        raise ValueError(f"parallel.pp_schedule={schedule!r}: allowed: {', '.join(PP_SCHEDULES)}")
+    if requested is None or schedule not in ("interleaved_1f1b", "interleaved_zb"):
+        return PP_SCHEDULES[schedule]
+    return requested
+
+
+def stage_ranks(pp: int, per_rank: int, schedule: str) -> list[int]:
+    """The pipeline rank of every virtual stage, as torch.distributed.pipelining places them: a V for zbv and
+    dualpipev, a loop otherwise."""
+    n = pp * per_rank
+    if schedule not in V_SCHEDULES:
+        return [s % pp for s in range(n)]
+    return [s % pp if (s // pp) % 2 == 0 else pp - 1 - s % pp for s in range(n)]
+
+
+def rank_stages(pp: int, per_rank: int, schedule: str, pipe_rank: int) -> list[int]:
+    """The virtual stages pipeline rank `pipe_rank` holds, in increasing order."""
+    return [s for s, r in enumerate(stage_ranks(pp, per_rank, schedule)) if r == pipe_rank]

@@ -1,0 +1,241 @@
+"""torch.distributed.pipelining's schedules by our names, and what they need of a layout, checked without a process
+group: the schedule classes are built on stand-in stages, so their own checks and their action lists are what the
+config validation and the dry run see (docs/parallelism.md, "Pipeline schedules")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+
+def schedule_class(name: str) -> type:
+    """The torch schedule class for `parallel.pp_schedule=name` (not `deepspeed`)."""
+    from torch.distributed.pipelining import schedules as s
+    return {"1f1b": s.Schedule1F1B, "interleaved_1f1b": s.ScheduleInterleaved1F1B,
+            "zbv": s.ScheduleZBVZeroBubble, "interleaved_zb": s.ScheduleInterleavedZeroBubble,
+            "dualpipev": s.ScheduleDualPipeV}[name]
+
+
+@cache
+def schedule_actions(name: str, pp: int, per_rank: int, micro_batches: int) -> list[list]:
+    """Each pipeline rank's list of compute actions (torch's `_Action`s; None for an idle slot where the schedule
+    inserts one), as the schedule class computes it for `pp` ranks, `per_rank` stages each and `micro_batches`.
+    Raises ValueError where the schedule refuses the combination."""
+    from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+    return get_schedule_ops(schedule_class(name), pp, micro_batches, num_stages_per_rank=per_rank)
+
+
+def schedule_problem(name: str, pp: int, per_rank: int, micro_batches: int) -> str | None:
+    """Why the schedule cannot run this layout and batch (the schedule's own words, with what to change), or None."""
+    if micro_batches < 1:
+        return "no micro-batch per step; raise trainer.global_batch_size"
+    try:
+        schedule_actions(name, pp, per_rank, micro_batches)
+    except (ValueError, AssertionError, RuntimeError) as e:
+        need = pp * per_rank if name != "interleaved_1f1b" else pp
+        return (f"{e}; give it more micro-batches per step (e.g. {need} or a multiple of {pp}: raise "
+                "trainer.global_batch_size or lower trainer.micro_batch_size), or use parallel.pp_schedule=deepspeed")
+    return None
+
+
+# ------------------------------------------------------------------------------------ what a schedule costs
+# The zero-bubble paper (Qi et al. 2023, "Zero Bubble Pipeline Parallelism", §2) times a forward (F), the input
+# gradient (I, its "B") and the weight gradient (W) of one stage and micro-batch as equal; a full backward (B) is I + W.
+UNIT_COSTS = {"F": 1.0, "I": 1.0, "W": 1.0}
+"""Default cost of each compute action; B costs I + W unless given."""
+MAX_SIMULATED_MICRO_BATCHES = 128
+"""`analyse` simulates at most this many micro-batches per step: torch builds a schedule's action list in time
+quadratic in them (pp 16, zero-bubble: about 1 s at 128, 10 s at 512). Past it the steady state repeats, each rank's
+idle time stays what it is at the cap (checked in tests/trainer/test_schedules.py), and the fraction is extended."""
+
+Op = tuple[int, str, int]
+"""(stage, kind, micro-batch): kind F forward, B full backward, I input gradient, W weight gradient."""
+
+
+def compute_ops(actions: list[list]) -> list[list[Op]]:
+    """Each rank's compute actions in the order it runs them: torch's `_Action`s (or `Op`s) with the idle slots,
+    communication, unshard/reshard and gradient-reduce actions dropped, and DualPipeV's overlapped F + B pairs
+    (OVERLAP_F_B) taken as their two parts, one after the other."""
+    out = []
+    for rank in actions:
+        ops: list[Op] = []
+        for a in rank:
+            if a is None:
+                continue
+            if not hasattr(a, "computation_type"):
+                ops.append(tuple(a))
+                continue
+            for part in a.sub_actions or (a,):
+                kind = part.computation_type.value  # _ComputationType: "F", "B", "I", "W", "SEND_F", ...
+                if kind in ("F", "B", "I", "W"):
+                    ops.append((part.stage_index, kind, part.microbatch_index))
+        out.append(ops)
+    return out
+
+
+def _in_run_order(ops: list[list[Op]], micro_batches: int) -> list[list[Op]]:
+    """The ops, with a stage's passes of one kind numbered 0, 1, ... in the order they run where torch's list does
+    not number them 0..m-1: torch's Schedule1F1B lists the last rank's forwards as micro-batches 1..m (the list is
+    for display; its runtime does not read it and runs them in order)."""
+    seen: dict[tuple[int, str], list[int]] = {}
+    for rank in ops:
+        for s, k, mb in rank:
+            seen.setdefault((s, k), []).append(mb)
+    if all(sorted(v) == list(range(micro_batches)) for v in seen.values()):
+        return ops
+    count: dict[tuple[int, str], int] = {}
+    out = []
+    for rank in ops:
+        out.append([])
+        for s, k, _ in rank:
+            mb = count.get((s, k), 0)
+            count[(s, k)] = mb + 1
+            out[-1].append((s, k, mb))
+    return out
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """A step's timeline from list-scheduling every rank's actions in order, each as soon as what it needs is done."""
+
+    busy: list[float]
+    """Per rank: time spent computing."""
+    makespan: float
+    """The step: the last action's end on any rank (every rank waits for it before the optimizer step)."""
+
+    @property
+    def bubble(self) -> list[float]:
+        """Per rank: the fraction of the step it idles."""
+        return [1 - b / self.makespan for b in self.busy]
+
+    @property
+    def bubble_max(self) -> float:
+        return max(self.bubble)
+
+    @property
+    def bubble_mean(self) -> float:
+        return sum(self.bubble) / len(self.bubble)
+
+
+def simulate(actions: list[list], costs: dict[str, float] | None = None) -> Simulation:
+    """Run each rank's action list in its order, every action as soon as its rank is free and its inputs exist:
+    F(mb, s) after F(mb, s - 1); B or I(mb, s) after F(mb, s) and the input gradient (B or I) of (mb, s + 1);
+    W(mb, s) after I(mb, s). Communication takes no time. `costs`: seconds per F, I, W (and B, default I + W);
+    default `UNIT_COSTS`. Raises ValueError if the lists deadlock."""
+    cost = {**UNIT_COSTS, **(costs or {})}
+    if "B" not in (costs or {}):
+        cost["B"] = cost["I"] + cost["W"]
+    ops = compute_ops(actions)
+    n_stages = 1 + max(s for rank in ops for s, _, _ in rank)
+    done: dict[tuple[str, int, int], float] = {}  # ("F" | "grad" | "I", stage, mb) -> end time
+
+    def needs(s: int, k: str, mb: int) -> list[tuple[str, int, int]]:
+        if k == "F":
+            return [("F", s - 1, mb)] if s else []
+        if k == "W":
+            return [("I", s, mb)]
+        return [("F", s, mb)] + ([("grad", s + 1, mb)] if s + 1 < n_stages else [])
+
+    pos, clock, busy = [0] * len(ops), [0.0] * len(ops), [0.0] * len(ops)
+    left = sum(map(len, ops))
+    while left:
+        progress = False
+        for r, rank in enumerate(ops):
+            while pos[r] < len(rank):
+                s, k, mb = rank[pos[r]]
+                start = clock[r]
+                for key in needs(s, k, mb):
+                    if key not in done:
+                        break
+                    start = max(start, done[key])
+                else:
+                    clock[r] = start + cost[k]
+                    busy[r] += cost[k]
+                    done[("grad" if k in ("B", "I") else k, s, mb)] = clock[r]
+                    if k == "I":
+                        done[("I", s, mb)] = clock[r]
+                    pos[r] += 1
+                    left -= 1
+                    progress = True
+                    continue
+                break
+        if not progress:
+            stuck = {r: rank[pos[r]] for r, rank in enumerate(ops) if pos[r] < len(rank)}
+            raise ValueError(f"the action lists deadlock: each rank's next action waits on another ({stuck})")
+    return Simulation(busy=busy, makespan=max(clock))
+
+
+def in_flight(actions: list[list], stage_bytes: list[int] | None = None) -> tuple[list[int], list[int] | None]:
+    """Per rank, the most (micro-batch, stage) activations held at once, walking its actions in order: F(mb, s)
+    keeps stage s's activations of one micro-batch until the backward that frees them, B, or under a split backward
+    W (torch keeps the graph for the weight gradients). With `stage_bytes` (one micro-batch's activations of each
+    stage), also the peak in bytes."""
+    peaks, peak_bytes = [], []
+    for rank in compute_ops(actions):
+        held, most, size, most_size = set(), 0, 0, 0
+        for s, k, mb in rank:
+            if k == "F":
+                held.add((s, mb))
+                size += stage_bytes[s] if stage_bytes else 0
+            elif k in ("B", "W") and (s, mb) in held:
+                held.discard((s, mb))
+                size -= stage_bytes[s] if stage_bytes else 0
+            most, most_size = max(most, len(held)), max(most_size, size)
+        peaks.append(most)
+        peak_bytes.append(most_size)
+    return peaks, (peak_bytes if stage_bytes else None)
+
+
+@dataclass(frozen=True)
+class ScheduleFigures:
+    """What one schedule costs a layout and batch (`analyse`)."""
+
+    name: str
+    analysed_as: str
+    """The torch schedule whose action list was analysed (`1f1b` for `deepspeed`: DeepSpeed's PipelineEngine trains
+    with 1F1B)."""
+    pp: int
+    per_rank: int
+    micro_batches: int
+    simulated: int
+    """Micro-batches the action lists were built and simulated for (`micro_batches`, or the cap)."""
+    bubble: list[float]
+    """Per rank, at `micro_batches` (extended from `simulated` past the cap)."""
+    in_flight: list[int]
+    """Per rank: the most (micro-batch, stage) activations held at once."""
+    in_flight_bytes: list[int] | None
+    actions: list[int]
+    """Per rank: compute actions in the simulated step (F, B, I, W; an overlapped F + B counts two)."""
+
+    @property
+    def bubble_max(self) -> float:
+        return max(self.bubble)
+
+    @property
+    def bubble_mean(self) -> float:
+        return sum(self.bubble) / len(self.bubble)
+
+
+def schedule_ops(name: str, pp: int, per_rank: int, micro_batches: int) -> list[list[Op]]:
+    """Each rank's compute `Op`s under schedule `name` (`deepspeed` as torch's `1f1b`), in run order."""
+    torch_name = "1f1b" if name == "deepspeed" else name
+    return _in_run_order(compute_ops(schedule_actions(torch_name, pp, per_rank, micro_batches)), micro_batches)
+
+
+def analyse(name: str, pp: int, per_rank: int, micro_batches: int, stage_bytes: list[int] | None = None,
+            costs: dict[str, float] | None = None, cap: int = MAX_SIMULATED_MICRO_BATCHES) -> ScheduleFigures:
+    """Bubble fraction and activations in flight of schedule `name` (`deepspeed` analysed as torch's `1f1b`) for
+    `pp` ranks of `per_rank` stages and `micro_batches` per step, from torch's own action lists (`simulate`,
+    `in_flight`). Past `cap` micro-batches the lists are built for `cap`; each rank's idle time, its peak in flight
+    and the order of its steady state do not change with more, so the busy time is scaled to `micro_batches`.
+    Raises ValueError where the schedule refuses the layout (`schedule_problem` says why)."""
+    simulated = min(micro_batches, cap)
+    ops = schedule_ops(name, pp, per_rank, simulated)
+    sim = simulate(ops, costs)
+    idle = [sim.makespan - b for b in sim.busy]
+    busy = [b * micro_batches / simulated for b in sim.busy]
+    bubble = [i / (i + b) for i, b in zip(idle, busy)]
+    peaks, peak_bytes = in_flight(ops, stage_bytes)
+    return ScheduleFigures(name=name, analysed_as="1f1b" if name == "deepspeed" else name, pp=pp, per_rank=per_rank,
+                           micro_batches=micro_batches, simulated=simulated, bubble=bubble, in_flight=peaks,
+                           in_flight_bytes=peak_bytes, actions=[len(r) for r in ops])
