@@ -3,9 +3,9 @@ in one process, on the same initial weights and global batches (the harness of d
 
     torchrun --standalone --nproc_per_node=2 tests/distributed/pp_check.py zbv interleaved_1f1b --out result.json
 
-A layout is `<schedule>[-ep<E>][-zero<Z>][-ac][-drop]` (pp=2 always; `ac`: activation checkpointing, `drop`: token
-dropping with capacity factor 1). Checked on every rank: losses, balance losses and gradient norms within 1e-5
-relative, every parameter it holds after every step (ds_check's tolerances), and each router it holds moved by the
+A layout is `<schedule>[-ep<E>][-zero<Z>][-ac][-drop][-docs]` (pp=2 always; `ac`: activation checkpointing,
+`drop`: token dropping with capacity factor 1, `docs`: packed-SFT rows of two documents). Checked on every rank:
+losses, balance losses and gradient norms within 1e-5 relative, every parameter it holds after every step (ds_check's tolerances), and each router it holds moved by the
 balance losses as in one process. Any mismatch raises (non-zero exit); rank 0 writes the figures to --out.
 """
 
@@ -22,6 +22,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.distributed import ds_check
+
+ds_check.plain_global_batch = ds_check.global_batch
 from tests.distributed.ds_check import LOSS_RTOL, PARAM_TOL, Reference, UnderTest, config
 from tests.distributed.torchrun import init_gloo
 from trainer.distributed import DistEnv
@@ -39,6 +41,18 @@ def layout_config(layout: str):
     return cfg
 
 
+def packed_batch(step: int, vocab: int) -> list[dict]:
+    """ds_check's global batch packed as SFT packs it: each row holds two documents (positions restart, attention
+    stays inside each), so document ids and positions must reach every stage."""
+    batches = ds_check.plain_global_batch(step, vocab)
+    for b in batches:
+        B, S = b["input_ids"].shape
+        cut = S // 3 + step  # documents of unequal lengths
+        b["document_ids"] = (torch.arange(S) >= cut).long().expand(B, S).contiguous()
+        b["position_ids"] = torch.cat([torch.arange(cut), torch.arange(S - cut)]).expand(B, S).contiguous()
+    return batches
+
+
 def reference_config(cfg):
     ref = config(None, 1, 1)
     ref.moe.capacity_factor = cfg.moe.capacity_factor
@@ -47,6 +61,7 @@ def reference_config(cfg):
 
 def check(layout: str, env: DistEnv, steps: int) -> dict:
     cfg = layout_config(layout)
+    ds_check.global_batch = packed_batch if "docs" in layout.split("-") else ds_check.plain_global_batch
     cfg.validate(env.world_size)
     ours, ref = UnderTest(cfg, env), Reference(reference_config(cfg))
     ours.compare_params(ref.model, {})  # layout-free initialisation: the same starting weights

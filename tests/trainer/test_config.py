@@ -184,6 +184,41 @@ def test_combinations_deepspeed_cannot_run_are_refused_with_what_to_use(world, o
         compose_config(*overrides, world_size=world)
 
 
+@pytest.mark.parametrize("world,overrides,message", [
+    (4, ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.zero_stage=2"],
+     "use parallel.zero_stage=1 (ZeRO-1) or 0, or parallel.pp=1 for ZeRO-2/3"),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=zbv", "trainer.compile=true"],
+     "use parallel.pp_schedule=interleaved_1f1b or 1f1b to compile"),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=dualpipev", "trainer.micro_batch_size=2",
+         "trainer.global_batch_size=4"],
+     "DualPipeV requires at least as many microbatches as stages, but got 2 microbatches and 4 stages.; give it "
+     "more micro-batches per step"),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=1f1b", "trainer.micro_batch_size=2", "trainer.global_batch_size=2"],
+     "must be greater than or equal to the number of stages (2)"),
+    (4, ["parallel.pp=4", "parallel.pp_schedule=zbv", "model=tiny_lite"],
+     "8 stages (2 per rank), but the model has 5 pipeline slots"),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_stages_per_rank=3"],
+     "a V schedule holds exactly 2 stages per rank"),
+    (1, ["parallel.pp_schedule=zbv"], "needs pipeline stages: set parallel.pp >= 2"),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=gpipe"], "parallel.pp_schedule='gpipe': allowed: deepspeed, 1f1b"),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=zbv", "trainer.batch_ramp_start=4", "trainer.batch_ramp_steps=5"],
+     "the schedule is built for a fixed number of micro-batches per step"),
+])
+def test_pipeline_schedules_refuse_what_they_cannot_run_with_what_to_use(world, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compose_config(*overrides, world_size=world)
+
+
+def test_torch_pipeline_schedules_are_their_own_engine():
+    cfg = compose_config("parallel.pp=2", "parallel.pp_schedule=zbv", world_size=4)
+    assert cfg.torch_pipeline and not cfg.uses_deepspeed and cfg.resolved_zero_stage() == 1
+    assert cfg.pipeline_stages() == 4 and cfg.layout(4)["engine"] == "pipelining"
+    interleaved = compose_config("parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b",
+                                 "parallel.pp_stages_per_rank=3", "model=tiny", world_size=2)
+    assert interleaved.pipeline_stages() == 6
+    assert compose_config("parallel.pp=2", world_size=2).uses_deepspeed  # the default stays DeepSpeed's
+
+
 @pytest.mark.parametrize("args,message", [
     (["trainer.max_step=3"], "config error: trainer.max_step: unknown key (did you mean trainer.max_steps?)"),
     (["+model.hidden_sise=8"], "config error: model.hidden_sise: unknown key (did you mean model.hidden_size?)"),
