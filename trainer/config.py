@@ -364,7 +364,7 @@ class TrainConfig:
                              f"(parallel.pp <= {slots // per_rank}), parallel.pp_schedule=1f1b, or "
                              "parallel.pp_schedule=deepspeed")
         micro = t.global_batch_size // max(1, t.micro_batch_size * self.data_parallel_size(world_size))
-        from .schedules import schedule_problem
+        from .schedules import problem as schedule_problem
         problem = schedule_problem(name, par.pp, per_rank, micro)
         if problem:
             raise ValueError(f"parallel.pp_schedule={name} with parallel.pp={par.pp} and {micro} micro-batches per "

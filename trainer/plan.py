@@ -9,6 +9,7 @@ Bytes per parameter held by a rank (weights / gradients / optimizer states):
     DeepSpeed engine, bf16:      2 / 2 / 12   (bf16 weights and gradients; fp32 master copy + Adam m + v)
     DeepSpeed engine, fp32:      4 / 4 / 8    (Adam m + v)
     built-in engine (any):       4 / 4 / 8    (fp32 weights: bf16 autocast only casts activations)
+    torch pipeline engine (any): 4 / 4 / 8    (as the built-in engine; its ZeRO-1 splits Adam's m + v)
 
 ZeRO-1 divides the optimizer states over data parallelism (dense parameters over dp, experts over their edp
 replicas, each rounded up), ZeRO-2 also the gradients, ZeRO-3 also the weights; ZeRO-0 and the built-in engine
@@ -17,8 +18,13 @@ divide nothing. Only trainable parameters get gradients and optimizer states (`p
 Activations are a ROUGH estimate, without recomputation: per micro-batch and decoder layer
 `seq_len x micro_batch x hidden x 34` bytes (Korthikanti et al. 2022, 16-bit activations, attention scores left out
 as a fused kernel keeps them; 68 in fp32), plus `seq_len x micro_batch x vocab x 4` for the fp32 logits of the head.
-Under 1F1B pipeline stage s keeps min(pp - s, micro-batches per step) micro-batches in flight (stage 0 up to pp);
-without a pipeline one. Buffers, fragmentation, the all-to-all and the CUDA context are not counted.
+Under DeepSpeed's 1F1B pipeline stage s keeps min(pp - s, micro-batches per step) micro-batches in flight (stage 0
+up to pp); without a pipeline one. Under a torch.distributed.pipelining schedule a rank holds several virtual stages
+(`layout.rank_stages`), and what it keeps in flight is counted from the schedule's action list
+(`schedules.in_flight`). Buffers, fragmentation, the all-to-all and the CUDA context are not counted.
+
+With a pipeline, the report also compares every schedule at this pp and batch: the bubble fraction from simulating
+the schedule's action list (`schedules.analyse`, unit costs F = I = W, B = I + W) and each one's activations.
 """
 
 from __future__ import annotations
@@ -29,7 +35,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .config import TrainConfig
-from .layout import SlotParams, is_expert_param, slot_kinds, slot_param_counts, slot_params, stage_boundaries
+from .layout import (
+    PP_SCHEDULES,
+    SlotParams,
+    is_expert_param,
+    rank_stages,
+    slot_kinds,
+    slot_param_counts,
+    slot_params,
+    stage_boundaries,
+    stages_per_rank,
+)
+from .schedules import ScheduleFigures, analyse, problem
 
 ACTIVATION_BYTES_PER_HIDDEN = 34
 """Bytes of saved 16-bit activations per token, hidden unit and decoder layer (no recomputation)."""
@@ -49,11 +66,13 @@ class GroupKind:
 
 @dataclass
 class StagePlan:
-    """One pipeline stage as one of its ranks sees it (every rank of a stage holds the same amounts)."""
+    """One pipeline stage as one of its ranks sees it (every rank of a stage holds the same amounts); under a
+    torch.distributed.pipelining schedule one pipeline rank with all its virtual stages."""
 
     stage: int
+    """The stage, or under a torch schedule the pipeline rank."""
     ranks: list[int]
-    slots: range
+    slots: Sequence[int]
     kinds: list[str]
     params: SlotParams
     """Parameters held (before any ZeRO-3 partitioning)."""
@@ -62,11 +81,26 @@ class StagePlan:
     optimizer_bytes: int
     activation_bytes: int
     in_flight: int
-    """Micro-batches whose activations the stage keeps at once."""
+    """Micro-batches whose activations the stage keeps at once; under a torch schedule (micro-batch, virtual stage)
+    pairs."""
+    virtual_stages: list[int] = field(default_factory=list)
+    """Under a torch schedule: the virtual stages the pipeline rank holds."""
 
     @property
     def total_bytes(self) -> int:
         return self.weight_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+@dataclass
+class ScheduleRow:
+    """One pipeline schedule at the plan's pp and batch: its figures, or why it cannot run the layout."""
+
+    name: str
+    per_rank: int
+    figures: ScheduleFigures | None = None
+    activation_bytes: list[int] = field(default_factory=list)
+    """Per pipeline rank, as the memory table counts them (in flight + logits + recomputation)."""
+    problem: str | None = None
 
 
 @dataclass
@@ -90,6 +124,15 @@ class Plan:
     stages: list[StagePlan] = field(default_factory=list)
     recompute: bool = False
     """Activation checkpointing: layers keep only their inputs."""
+    schedule: str = "deepspeed"
+    """`parallel.pp_schedule` (pp > 1)."""
+    stages_per_rank: int = 1
+    schedules: list[ScheduleRow] = field(default_factory=list)
+    """Every schedule at this pp and batch (pp > 1)."""
+
+    @property
+    def torch_pipeline(self) -> bool:
+        return self.pp > 1 and self.schedule != "deepspeed"
 
     @property
     def peak(self) -> StagePlan:
@@ -116,6 +159,26 @@ def _groups(world: int, pp: int, ep: int) -> list[GroupKind]:
     ]
 
 
+@dataclass(frozen=True)
+class _Activations:
+    """The activation model of the module docstring for one configuration."""
+
+    per_layer: int
+    """Bytes one decoder layer keeps per micro-batch in flight (its input only under recomputation)."""
+    working: int
+    """Bytes of the one layer recomputed in full at a time (0 without recomputation)."""
+    logits: int
+    """Bytes of the head's fp32 logits of one micro-batch."""
+
+    def stage_bytes(self, kinds: list[str], slots: Sequence[int]) -> int:
+        """One micro-batch's activations of the slots (a stage)."""
+        return self.per_layer * sum(kinds[i].endswith("_layer") for i in slots)
+
+    def rank_bytes(self, in_flight_bytes: int, kinds: list[str], slots: Sequence[int]) -> int:
+        """What a rank holding `slots` keeps: what is in flight, the working layer, and the logits with the head."""
+        return in_flight_bytes + self.working + (self.logits if kinds[slots[-1]] == "head" else 0)
+
+
 def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | None = None) -> Plan:
     """The layout and per-rank memory of `cfg` on `world_size` processes (validate the config first).
 
@@ -130,12 +193,15 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
     trainable = list(held if trainable is None else trainable)
     if len(trainable) != len(held):
         raise ValueError(f"trainable: {len(trainable)} slots given, the model has {len(held)}")
-    fp32 = zero is None or t.precision == "fp32"  # the built-in engine keeps fp32 weights under autocast
+    # the built-in and the torch pipeline engine keep fp32 weights under autocast
+    fp32 = zero is None or cfg.torch_pipeline or t.precision == "fp32"
     w_bytes, g_bytes, o_bytes = (4, 4, 8) if fp32 else (2, 2, 12)
     act_scale = 2 if t.precision == "fp32" else 1
-    parts = stage_boundaries(c, pp, ep, par.pp_partition) if pp > 1 else [0, len(held)]
     per_step = t.global_batch_size // (t.micro_batch_size * dp)
     tokens = t.micro_batch_size * cfg.data.seq_len
+    layer = tokens * c.hidden_size * ACTIVATION_BYTES_PER_HIDDEN * act_scale
+    act = _Activations(per_layer=tokens * c.hidden_size * 2 * act_scale if t.activation_checkpointing else layer,
+                       working=layer if t.activation_checkpointing else 0, logits=tokens * c.vocab_size * 4)
 
     def sharded(p: SlotParams, divide: bool) -> int:
         return _ceil_div(p.dense, dp) + _ceil_div(p.expert, edp) if divide else p.total
@@ -145,27 +211,78 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
                n_experts=c.n_routed_experts or 0, experts_per_rank=(c.n_routed_experts or 0) // ep,
                total_params=sum(slot_param_counts(c, 1)), micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
                micro_batches_per_step=per_step, groups=_groups(world_size, pp, ep),
-               recompute=t.activation_checkpointing)
+               recompute=t.activation_checkpointing, schedule=par.pp_schedule if pp > 1 else "deepspeed",
+               stages_per_rank=cfg.pipeline_stages() // pp)
     kinds = slot_kinds(c)
-    for s in range(pp):
-        slots = range(parts[s], parts[s + 1])
+    if pp > 1:
+        out.schedules = _schedule_table(cfg, pp, ep, per_step, kinds, act)
+    for s, (stages, slots, in_flight, in_flight_bytes) in enumerate(_rank_slots(cfg, out, kinds, act)):
         h = SlotParams(sum(held[i].dense for i in slots), sum(held[i].expert for i in slots))
         tr = SlotParams(sum(trainable[i].dense for i in slots), sum(trainable[i].expert for i in slots))
-        in_flight = min(pp - s, per_step) if pp > 1 else 1
-        n_layers = sum(k.endswith("_layer") for k in (kinds[i] for i in slots))
-        if t.activation_checkpointing:  # each layer keeps its input; one layer at a time is recomputed in full
-            activations = (in_flight * n_layers * tokens * c.hidden_size * 2
-                           + tokens * c.hidden_size * ACTIVATION_BYTES_PER_HIDDEN) * act_scale
-        else:
-            activations = in_flight * n_layers * tokens * c.hidden_size * ACTIVATION_BYTES_PER_HIDDEN * act_scale
-        if kinds[slots[-1]] == "head":
-            activations += tokens * c.vocab_size * 4
         z = zero or 0
         out.stages.append(StagePlan(
             stage=s, ranks=list(range(s * dp, (s + 1) * dp)), slots=slots, kinds=[kinds[i] for i in slots],
             params=h, weight_bytes=w_bytes * sharded(h, z >= 3), grad_bytes=g_bytes * sharded(tr, z >= 2),
-            optimizer_bytes=o_bytes * sharded(tr, z >= 1), activation_bytes=activations, in_flight=in_flight))
+            optimizer_bytes=o_bytes * sharded(tr, z >= 1), in_flight=in_flight, virtual_stages=stages,
+            activation_bytes=act.rank_bytes(in_flight_bytes, kinds, slots)))
     return out
+
+
+def _rank_slots(cfg: TrainConfig, p: Plan, kinds: list[str], act: _Activations):
+    """For each pipeline rank (each stage without a torch schedule): its virtual stages, its slots, what it keeps in
+    flight (micro-batches; (micro-batch, stage) pairs under a torch schedule) and the bytes of that."""
+    c, n = cfg.model, len(kinds)
+    if not p.torch_pipeline:
+        parts = stage_boundaries(c, p.pp, p.ep, p.partition) if p.pp > 1 else [0, n]
+        for s in range(p.pp):
+            slots = range(parts[s], parts[s + 1])
+            in_flight = min(p.pp - s, p.micro_batches_per_step) if p.pp > 1 else 1  # DeepSpeed's 1F1B
+            yield [], slots, in_flight, in_flight * act.stage_bytes(kinds, slots)
+        return
+    n_stages = p.pp * p.stages_per_rank
+    parts = stage_boundaries(c, n_stages, p.ep, p.partition)
+    cut = [range(parts[v], parts[v + 1]) for v in range(n_stages)]
+    figures = analyse(p.schedule, p.pp, p.stages_per_rank, p.micro_batches_per_step,
+                      [act.stage_bytes(kinds, slots) for slots in cut])
+    for r in range(p.pp):
+        stages = rank_stages(p.pp, p.stages_per_rank, p.schedule, r)
+        slots = sorted(i for v in stages for i in cut[v])
+        yield stages, slots, figures.in_flight[r], figures.in_flight_bytes[r]
+
+
+def _schedule_table(cfg: TrainConfig, pp: int, ep: int, micro_batches: int, kinds: list[str],
+                    act: _Activations) -> list[ScheduleRow]:
+    """Every schedule at this pp and batch (`deepspeed` and `1f1b` share a row: DeepSpeed's PipelineEngine trains
+    with 1F1B, and both cut pp stages): bubble fraction and activations per pipeline rank, or why it cannot run."""
+    rows, cuts = [], {}
+    for name in PP_SCHEDULES:
+        if name == "1f1b":
+            continue
+        per_rank = stages_per_rank(name, cfg.parallel.pp_stages_per_rank)
+        row = ScheduleRow(name=name, per_rank=per_rank)
+        rows.append(row)
+        n_stages = pp * per_rank
+        if n_stages > len(kinds):
+            row.problem = (f"cannot run: needs {n_stages} stages ({per_rank} per rank), the model has {len(kinds)} "
+                           "pipeline slots")
+            continue
+        why = problem(name, pp, per_rank, micro_batches)
+        if why and name == "deepspeed":
+            row.problem = (f"not analysed: torch's 1f1b list needs at least {pp} micro-batches per step (DeepSpeed's "
+                           "engine runs fewer, with a larger bubble)")
+        if why:
+            row.problem = row.problem or f"cannot run: {why}"
+            continue
+        if n_stages not in cuts:
+            parts = stage_boundaries(cfg.model, n_stages, ep, cfg.parallel.pp_partition)
+            cuts[n_stages] = [range(parts[v], parts[v + 1]) for v in range(n_stages)]
+        cut = cuts[n_stages]
+        row.figures = analyse(name, pp, per_rank, micro_batches, [act.stage_bytes(kinds, slots) for slots in cut])
+        schedule = "1f1b" if name == "deepspeed" else name
+        for r in range(pp):
+            slots = sorted(i for v in rank_stages(pp, per_rank, schedule, r) for i in cut[v])
+            row.activation_bytes.append(act.rank_bytes(row.figures.in_flight_bytes[r], kinds, slots))
+    return rows
 
 
 def trainable_slot_params(cfg: TrainConfig, ep: int) -> list[SlotParams] | None:
@@ -211,25 +328,36 @@ def _ranks(ranks: list[int]) -> str:
     return ",".join(map(str, ranks))
 
 
-def _layers(slots: range, kinds: list[str]) -> str:
-    """`embed + L0-3 (3 MoE) + head`: decoder layer indices are slot - 1."""
-    words = []
-    if kinds[0] == "embedding":
-        words.append("embed")
-    layers = [i - 1 for i, k in zip(slots, kinds) if k.endswith("_layer")]
+def _layers(slots: Sequence[int], kinds: list[str]) -> str:
+    """`embed + L0-3 (3 MoE) + head`: decoder layer indices are slot - 1. Slots that are not contiguous (a rank's
+    virtual stages) give one span per run: `embed + L0-1 + L57-59 + head`."""
+    words, run = [], []
+    for slot, kind in zip(slots, kinds, strict=True):
+        if run and slot != run[-1][0] + 1:
+            words += _run_words(run)
+            run = []
+        run.append((slot, kind))
+    return " + ".join(words + _run_words(run))
+
+
+def _run_words(run: list[tuple[int, str]]) -> list[str]:
+    words = ["embed"] if run[0][1] == "embedding" else []
+    layers = [slot - 1 for slot, kind in run if kind.endswith("_layer")]
     if layers:
-        n_moe = sum(k == "moe_layer" for k in kinds)
+        n_moe = sum(kind == "moe_layer" for _, kind in run)
         span = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
-        words.append(f"{span} ({n_moe} MoE)" if n_moe < len(layers) else span)
-    if kinds[-1] == "head":
-        words.append("head")
-    return " + ".join(words)
+        words.append(span if n_moe == len(layers) else f"{span} ({n_moe} MoE)" if n_moe else f"{span} (dense)")
+    return words + (["head"] if run[-1][1] == "head" else [])
 
 
 def format_plan(p: Plan) -> str:
-    """The dry run's report: layout, groups, then memory per rank for every stage (GiB)."""
+    """The dry run's report: layout, groups, memory per rank for every stage (GiB), then with a pipeline every
+    schedule's bubble and activations."""
     gib = 1024 ** 3
     engine = "built-in engine (nothing partitioned)" if p.zero_stage is None else f"DeepSpeed ZeRO-{p.zero_stage}"
+    if p.torch_pipeline:
+        engine = (f"torch.distributed.pipelining {p.schedule} ({p.stages_per_rank} stage"
+                  f"{'s' if p.stages_per_rank > 1 else ''} per rank), ZeRO-{p.zero_stage or 0}")
     lines = [
         f"dry run: {p.world} process{'es' if p.world > 1 else ''} = pp {p.pp} x dp {p.dp}; dp {p.dp} = ep {p.ep} x "
         f"edp {p.edp}; {engine}, {p.precision}" + (f", pp_partition={p.partition}" if p.pp > 1 else ""),
@@ -242,17 +370,58 @@ def format_plan(p: Plan) -> str:
     for g in p.groups:
         shown = "; ".join(f"[{_ranks(r)}]" for r in g.first) + ("; ..." if g.count > len(g.first) else "")
         lines.append(f"  {g.name:<17} {g.count:>5} x {g.size:<5} {shown}")
-    header = (f"{'stage':>5}  {'ranks':<9} {'layers':<30} {'params/rank':>15}  {'weights':>8} {'grads':>7} "
-              f"{'optim':>7} {'activ':>7} {'total':>7}")
+    width = max(30, *(len(_layers(s.slots, s.kinds)) for s in p.stages))
     recompute = "activation checkpointing" if p.recompute else "no recomputation"
-    lines += [f"memory per rank, GiB (activations: rough, {recompute}, micro-batches in flight in brackets):",
-              header]
+    if p.torch_pipeline:
+        lines += [f"memory per pipeline rank, GiB (activations: rough, {recompute}; then the rank's virtual stages "
+                  "and, in", f"brackets, the (micro-batch, stage) pairs it keeps in flight under the {p.schedule} "
+                  "action list):"]
+    else:
+        lines.append(f"memory per rank, GiB (activations: rough, {recompute}, micro-batches in flight in brackets):")
+    lines.append(f"{'stage' if not p.torch_pipeline else 'pipe':>5}  {'ranks':<9} {'layers':<{width}} "
+                 f"{'params/rank':>15}  {'weights':>8} {'grads':>7} {'optim':>7} {'activ':>7} {'total':>7}")
     for s in p.stages:
-        lines.append(f"{s.stage:>5}  {_ranks(s.ranks):<9} {_layers(s.slots, s.kinds):<30} {s.params.total:>15,}  "
+        stages = f"  stages {','.join(map(str, s.virtual_stages))}" if p.torch_pipeline else ""
+        lines.append(f"{s.stage:>5}  {_ranks(s.ranks):<9} {_layers(s.slots, s.kinds):<{width}} {s.params.total:>15,}  "
                      f"{s.weight_bytes / gib:>8.2f} {s.grad_bytes / gib:>7.2f} {s.optimizer_bytes / gib:>7.2f} "
-                     f"{s.activation_bytes / gib:>7.2f} {s.total_bytes / gib:>7.2f}  [{s.in_flight}]")
+                     f"{s.activation_bytes / gib:>7.2f} {s.total_bytes / gib:>7.2f}{stages}  [{s.in_flight}]")
     peak = p.peak
-    lines.append(f"peak: stage {peak.stage}, {peak.total_bytes / gib:.2f} GiB per rank "
+    lines.append(f"peak: {'stage' if not p.torch_pipeline else 'pipeline rank'} {peak.stage}, "
+                 f"{peak.total_bytes / gib:.2f} GiB per rank "
                  f"({(peak.total_bytes - peak.activation_bytes) / gib:.2f} GiB model states + "
                  f"{peak.activation_bytes / gib:.2f} GiB activations)")
+    if p.schedules:
+        lines += _format_schedules(p)
     return "\n".join(lines)
+
+
+def _format_schedules(p: Plan) -> list[str]:
+    """The schedule table: bubble fraction (max and mean over pipeline ranks) and activation GiB per pipeline rank
+    (largest, smallest), each schedule with its own cut into pp x stages-per-rank stages."""
+    gib = 1024 ** 3
+    simulated = {r.figures.simulated for r in p.schedules
+                 if r.figures and r.figures.simulated < r.figures.micro_batches}
+    lines = [f"pipeline schedules at pp {p.pp}, {p.micro_batches_per_step} micro-batches per step: bubble simulated "
+             "from each schedule's torch action list",
+             "  (unit costs F = I = W, B = I + W, no communication time); activ: GiB per pipeline rank as in the "
+             "memory", "  table; in flight: (micro-batch, stage) pairs"]
+    if simulated:
+        lines.append(f"  (lists built for {', '.join(map(str, sorted(simulated)))} micro-batches: each rank's idle "
+                     f"time is the same with more; the bubble is extended to {p.micro_batches_per_step})")
+    lines.append(f"  {'schedule':<17} {'stages/rank':>11} {'bubble max':>10} {'mean':>7}  {'activ max (pipe)':>16} "
+                 f"{'min':>6}  {'in flight max':>13}")
+    configured = "1f1b" if p.schedule == "deepspeed" else p.schedule
+    for row in p.schedules:
+        label = "deepspeed, 1f1b" if row.name == "deepspeed" else row.name
+        mark = "*" if configured == ("1f1b" if row.name == "deepspeed" else row.name) else " "
+        head = f"{mark} {label:<17} {row.per_rank:>11}"
+        if row.figures is None:
+            lines.append(f"{head}  {row.problem}")
+            continue
+        f, a = row.figures, row.activation_bytes
+        top = max(range(p.pp), key=lambda r: a[r])
+        lines.append(f"{head} {f.bubble_max:>10.2%} {f.bubble_mean:>7.2%}  {a[top] / gib:>10.2f} {f'({top})':<5} "
+                     f"{min(a) / gib:>6.2f}  {max(f.in_flight):>13}")
+    lines.append("  (*: parallel.pp_schedule; deepspeed is DeepSpeed's PipelineEngine, which trains with 1F1B: "
+                 "analysed as 1f1b)")
+    return lines

@@ -39,8 +39,8 @@ def schedule_problem(name: str, pp: int, per_rank: int, micro_batches: int) -> s
 
 
 # ------------------------------------------------------------------------------------ what a schedule costs
-# The zero-bubble paper (Qi et al. 2023, "Zero Bubble Pipeline Parallelism", §2) times a forward (F), the input
-# gradient (I, its "B") and the weight gradient (W) of one stage and micro-batch as equal; a full backward (B) is I + W.
+# The zero-bubble paper (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024) builds its handcrafted schedules
+# on a forward (F), input gradient (I, its "B") and weight gradient (W) of equal time; a full backward (B) is I + W.
 UNIT_COSTS = {"F": 1.0, "I": 1.0, "W": 1.0}
 """Default cost of each compute action; B costs I + W unless given."""
 MAX_SIMULATED_MICRO_BATCHES = 128
@@ -74,23 +74,33 @@ def compute_ops(actions: list[list]) -> list[list[Op]]:
 
 
 def _in_run_order(ops: list[list[Op]], micro_batches: int) -> list[list[Op]]:
-    """The ops, with a stage's passes of one kind numbered 0, 1, ... in the order they run where torch's list does
-    not number them 0..m-1: torch's Schedule1F1B lists the last rank's forwards as micro-batches 1..m (the list is
-    for display; its runtime does not read it and runs them in order)."""
-    seen: dict[tuple[int, str], list[int]] = {}
-    for rank in ops:
-        for s, k, mb in rank:
-            seen.setdefault((s, k), []).append(mb)
-    if all(sorted(v) == list(range(micro_batches)) for v in seen.values()):
+    """The ops with each stage's forwards numbered 0, 1, ... in the order they run, where torch's list does not
+    number them 0..m-1: torch's Schedule1F1B lists the last rank's forwards as micro-batches 1..m (the list is for
+    display; its runtime does not read it and runs them in order). Raises ValueError unless every stage then runs
+    each micro-batch's forward, input gradient (B or I) and weight gradient (B or W) once."""
+    def passes(ops: list[list[Op]]) -> dict[tuple[int, str], list[int]]:
+        seen: dict[tuple[int, str], list[int]] = {}
+        for rank in ops:
+            for s, k, mb in rank:
+                for p in {"F": "F", "B": "IW", "I": "I", "W": "W"}[k]:
+                    seen.setdefault((s, p), []).append(mb)
+        return seen
+
+    def whole(ops: list[list[Op]]) -> bool:
+        return all(sorted(v) == list(range(micro_batches)) for v in passes(ops).values())
+
+    if whole(ops):
         return ops
-    count: dict[tuple[int, str], int] = {}
+    count: dict[int, int] = {}
     out = []
     for rank in ops:
         out.append([])
-        for s, k, _ in rank:
-            mb = count.get((s, k), 0)
-            count[(s, k)] = mb + 1
+        for s, k, mb in rank:
+            if k == "F":
+                mb = count[s] = count.get(s, -1) + 1
             out[-1].append((s, k, mb))
+    if not whole(out):
+        raise ValueError("the schedule's action lists do not run every micro-batch's passes once on every stage")
     return out
 
 
@@ -222,20 +232,55 @@ def schedule_ops(name: str, pp: int, per_rank: int, micro_batches: int) -> list[
     return _in_run_order(compute_ops(schedule_actions(torch_name, pp, per_rank, micro_batches)), micro_batches)
 
 
+ROUNDS = ("interleaved_1f1b", "interleaved_zb")
+"""Schedules that run micro-batches in rounds: m // pp rounds of m / rounds each, m a multiple of the rounds."""
+
+
+def _simulated(name: str, pp: int, per_rank: int, micro_batches: int, cap: int) -> int:
+    """Micro-batches to build and simulate the lists for: all of them up to `cap`; past it as many as `cap` allows
+    but at least two per stage (the steady state starts), in whole rounds of the size the full batch runs in."""
+    if micro_batches <= cap:
+        return micro_batches
+    least = 2 * pp * per_rank
+    if name in ROUNDS:
+        size = micro_batches // max(1, micro_batches // pp)
+        return min(micro_batches, size * max(-(-least // size), cap // size))
+    return min(micro_batches, max(cap, least))
+
+
+def problem(name: str, pp: int, per_rank: int, micro_batches: int, cap: int = MAX_SIMULATED_MICRO_BATCHES
+            ) -> str | None:
+    """`schedule_problem` without building lists longer than `cap` micro-batches: past it, the schedule's own check
+    at the simulated count, and torch's rule for the round-based schedules (a whole number of rounds) at the full
+    one, the only refusal that more micro-batches can bring (tests/trainer/test_schedules.py compares the two)."""
+    torch_name = "1f1b" if name == "deepspeed" else name
+    simulated = _simulated(torch_name, pp, per_rank, micro_batches, cap)
+    why = schedule_problem(torch_name, pp, per_rank, simulated)
+    rounds = max(1, micro_batches // pp)
+    if why is None and name in ROUNDS and micro_batches % rounds:
+        why = (f"{micro_batches} micro-batches do not make whole rounds ({rounds} rounds of {pp} or more); give it "
+               f"a multiple of {pp} micro-batches per step (trainer.global_batch_size), or use "
+               "parallel.pp_schedule=deepspeed")
+    return why
+
+
 def analyse(name: str, pp: int, per_rank: int, micro_batches: int, stage_bytes: list[int] | None = None,
             costs: dict[str, float] | None = None, cap: int = MAX_SIMULATED_MICRO_BATCHES) -> ScheduleFigures:
-    """Bubble fraction and activations in flight of schedule `name` (`deepspeed` analysed as torch's `1f1b`) for
-    `pp` ranks of `per_rank` stages and `micro_batches` per step, from torch's own action lists (`simulate`,
-    `in_flight`). Past `cap` micro-batches the lists are built for `cap`; each rank's idle time, its peak in flight
-    and the order of its steady state do not change with more, so the busy time is scaled to `micro_batches`.
-    Raises ValueError where the schedule refuses the layout (`schedule_problem` says why)."""
-    simulated = min(micro_batches, cap)
+    """Bubble fraction and activations in flight of schedule `name` (`deepspeed` analysed as torch's `1f1b`:
+    DeepSpeed's PipelineEngine trains with 1F1B) for `pp` ranks of `per_rank` stages and `micro_batches` per step,
+    from torch's own action lists (`simulate`, `in_flight`). Past `cap` micro-batches the lists are built for fewer
+    (`_simulated`): each rank's idle time and peak in flight stay as they are there, so only the busy time is scaled
+    to `micro_batches`. Raises ValueError where the schedule refuses the layout (`problem` says why)."""
+    why = problem(name, pp, per_rank, micro_batches, cap)
+    if why:
+        raise ValueError(why)
+    simulated = _simulated("1f1b" if name == "deepspeed" else name, pp, per_rank, micro_batches, cap)
     ops = schedule_ops(name, pp, per_rank, simulated)
     sim = simulate(ops, costs)
     idle = [sim.makespan - b for b in sim.busy]
     busy = [b * micro_batches / simulated for b in sim.busy]
-    bubble = [i / (i + b) for i, b in zip(idle, busy)]
     peaks, peak_bytes = in_flight(ops, stage_bytes)
     return ScheduleFigures(name=name, analysed_as="1f1b" if name == "deepspeed" else name, pp=pp, per_rank=per_rank,
-                           micro_batches=micro_batches, simulated=simulated, bubble=bubble, in_flight=peaks,
+                           micro_batches=micro_batches, simulated=simulated,
+                           bubble=[i / (i + b) for i, b in zip(idle, busy, strict=True)], in_flight=peaks,
                            in_flight_bytes=peak_bytes, actions=[len(r) for r in ops])

@@ -135,6 +135,9 @@ def test_dry_run_prints_the_paper_layout_and_exits(tmp_path):
     assert "expert-parallel      16 x 8     [0-7]; [8-15]; ..." in out
     assert "    1  8-15      L3-6" in out and "   15  120-127   L57-59 + head" in out
     assert "peak: stage 1" in out
+    # every schedule's bubble and activations at this pp and batch (tests/trainer/test_schedules.py checks them)
+    assert "pipeline schedules at pp 16, 1152 micro-batches per step" in out and "\n* deepspeed, 1f1b " in out
+    assert all(f"\n  {name} " in out for name in ("interleaved_1f1b", "zbv", "interleaved_zb", "dualpipev"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
