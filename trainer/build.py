@@ -19,7 +19,7 @@ from .config import TrainConfig
 from .distributed import DistEnv
 from .esft import apply_trainable, esft_selection
 from .expert_parallel import attach_dispatchers
-from .layout import ProcessGrid, rank_stages, stage_boundaries, stage_part
+from .layout import ProcessGrid, stage_part, virtual_stages
 
 
 def build_model(cfg: TrainConfig, grid: ProcessGrid, device: torch.device) -> CausalLM:
@@ -30,7 +30,7 @@ def build_model(cfg: TrainConfig, grid: ProcessGrid, device: torch.device) -> Ca
     ones). The part is built on the meta device and materialised directly on `device`, never whole on the host."""
     part = {}
     if grid.pp > 1:
-        stages = [stage_part(cfg.model, parts, s) for parts, s in virtual_stages(cfg, grid)]
+        stages = [stage_part(cfg.model, parts, s) for parts, s in virtual_stages(cfg, grid.pp, grid.ep, grid.stage)]
         part = {"layers": sorted(i for st in stages for i in st.layers),
                 "embedding": any(st.embedding for st in stages), "head": any(st.head for st in stages)}
     shard = grid.expert_shard(cfg.model.n_routed_experts) if grid.ep > 1 else None
@@ -47,18 +47,6 @@ def build_model(cfg: TrainConfig, grid: ProcessGrid, device: torch.device) -> Ca
     model.activation_checkpointing = cfg.trainer.activation_checkpointing
     model.train()
     return model
-
-
-def virtual_stages(cfg: TrainConfig, grid: ProcessGrid) -> list[tuple[list[int], int]]:
-    """(slot boundaries, stage index) of each pipeline stage this rank holds: its one stage under DeepSpeed's
-    pipeline, its virtual stages (in increasing order) under a torch.distributed.pipelining schedule, the model cut
-    into pp x stages-per-rank pieces by the same planner (docs/parallelism.md, "Pipeline schedules")."""
-    n_stages = cfg.pipeline_stages() if cfg.torch_pipeline else grid.pp
-    parts = stage_boundaries(cfg.model, n_stages, grid.ep, cfg.parallel.pp_partition)
-    if not cfg.torch_pipeline:
-        return [(parts, grid.stage)]
-    per_rank = n_stages // grid.pp
-    return [(parts, s) for s in rank_stages(grid.pp, per_rank, cfg.parallel.pp_schedule, grid.stage)]
 
 
 def load_start_weights(cfg: TrainConfig, model: CausalLM, resume: Resume | None) -> str:

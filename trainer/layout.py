@@ -259,3 +259,14 @@ def stage_ranks(pp: int, per_rank: int, schedule: str) -> list[int]:
 def rank_stages(pp: int, per_rank: int, schedule: str, pipe_rank: int) -> list[int]:
     """The virtual stages pipeline rank `pipe_rank` holds, in increasing order."""
     return [s for s, r in enumerate(stage_ranks(pp, per_rank, schedule)) if r == pipe_rank]
+
+
+def virtual_stages(cfg, pp: int, ep: int, pipe_rank: int) -> list[tuple[list[int], int]]:
+    """(slot boundaries, stage index) of each pipeline stage pipeline rank `pipe_rank` holds for `cfg` (a
+    TrainConfig): its one stage under DeepSpeed's pipeline; under a torch.distributed.pipelining schedule its virtual
+    stages in increasing order, the model cut into pp x stages-per-rank pieces by the same planner."""
+    n_stages = cfg.pipeline_stages() if cfg.torch_pipeline else pp
+    parts = stage_boundaries(cfg.model, n_stages, ep, cfg.parallel.pp_partition)
+    if not cfg.torch_pipeline:
+        return [(parts, pipe_rank)]
+    return [(parts, s) for s in rank_stages(pp, n_stages // pp, cfg.parallel.pp_schedule, pipe_rank)]

@@ -84,8 +84,25 @@ def check(layout: str, env: DistEnv, steps: int) -> dict:
             result[key].append(value)
         ours.compare_params(ref.model, worst)
     result["max_rel_diff"] = worst
+    if cfg.parallel.zero_stage == 1:
+        result["zero1"] = zero1_share(ours, env)
     result.update(balance_gradients(cfg, env, after_first))
     return result
+
+
+def zero1_share(ours: UnderTest, env: DistEnv) -> dict:
+    """ZeRO-1: the AdamW moments this rank holds, against the replicated optimizer's (2 x its parameters): dense
+    ones split over dp, experts over edp, each to within one rounded-up slice."""
+    grid = ours.grid
+    dense = sum(p.numel() for n, p in ours.view.named_parameters() if not (".mlp.experts." in n and grid.ep > 1))
+    experts = sum(p.numel() for n, p in ours.view.named_parameters() if ".mlp.experts." in n and grid.ep > 1)
+    held = ours.engine.optimizer.state_numel()
+    assert held == 2 * (-(-dense // grid.dp) + -(-experts // grid.edp)), (held, dense, experts)
+    figures = {"rank": env.rank, "held": held, "replicated": 2 * (dense + experts),
+               "dense_share": round(1 / grid.dp, 4), "expert_share": round(1 / grid.edp, 4)}
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, figures)
+    return {"per_rank": gathered}
 
 
 def gates(model: torch.nn.Module) -> dict[str, torch.Tensor]:

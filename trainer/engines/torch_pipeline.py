@@ -32,11 +32,10 @@ from model import CausalLM
 from model.loss import IGNORE_INDEX
 from model.moe import exempt_sequences
 
-from ..build import virtual_stages
 from ..config import stop_if_non_finite
 from ..expert_parallel import broadcast_replicas, clip_grad_norm
 from ..grad_sync import GradReducer
-from ..layout import SPLIT_BACKWARD, stage_part, stage_ranks
+from ..layout import stage_part, stage_ranks, virtual_stages
 from ..optim import build_optimizer
 from ..schedules import schedule_class
 from ..step import StepResult, StepStats, fault_scale, supervised_tokens
@@ -99,7 +98,7 @@ class TorchPipelineEngine(Engine):
         self.aux_scale = 1.0
         self.loss = PipelineLoss(self)
         self.modules: dict[int, VirtualStage] = {}
-        for parts, s in virtual_stages(cfg, grid):
+        for parts, s in virtual_stages(cfg, grid.pp, grid.ep, grid.stage):
             piece = stage_part(cfg.model, parts, s)
             first_moe = sum(cfg.model.is_moe_layer(i) for i in range(piece.layers.start))
             self.modules[s] = VirtualStage(model.share_part(piece.layers, piece.embedding, piece.head), first_moe,
