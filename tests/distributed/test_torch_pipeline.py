@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.trainer.test_pretrain_e2e import _ok, metrics, run_pretrain
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -64,7 +66,6 @@ def test_zbv_checkpoint_resumes_bitwise_and_under_deepspeed_and_builtin(tmp_path
     step-2 checkpoint resumed under DeepSpeed's pipeline (2 processes) and by the built-in engine (1 process), with
     the optimizer state from the per-parameter files: the step-4 weights within 1e-5 of the zbv run's (measured 2.5e-6
     under DeepSpeed, whose clipping uses its own norm) and the losses within 1e-6 relative (measured 0)."""
-    from tests.trainer.test_pretrain_e2e import metrics, run_pretrain
     args = ("trainer.max_steps=4", "checkpoint.every=2", "optim.warmup_steps=0", "parallel.pp=2")
     first = tmp_path / "uninterrupted"
     _ok(run_pretrain(first, cache_dir, *args, "parallel.pp_schedule=zbv", nproc=2))
@@ -88,21 +89,20 @@ def test_zbv_checkpoint_resumes_bitwise_and_under_deepspeed_and_builtin(tmp_path
         print(name, "largest weight difference after 2 resumed steps", worst,
               "losses", [got[s]["loss"] for s in (3, 4)], "vs", [want[s]["loss"] for s in (3, 4)])
         if name == "zbv":
+            assert got[4]["val_loss"] == want[4]["val_loss"]
             assert [got[s]["loss"] for s in (3, 4)] == [want[s]["loss"] for s in (3, 4)]
             assert [got[s]["grad_norm"] for s in (3, 4)] == [want[s]["grad_norm"] for s in (3, 4)]
             assert worst == 0.0
-            import json
             digests = [json.loads((r / "checkpoints" / "step_00000004" / "integrity.json").read_text())["files"]
                        for r in (first, run)]
             for file in ("model_rank00000.safetensors", "model_rank00001.safetensors",
                          "optimizer_rank00000.safetensors", "optimizer_rank00001.safetensors"):
                 assert digests[0][file]["sha256"] == digests[1][file]["sha256"], file
-        else:
+        # Validation runs stage after stage on the pipeline (its own forward-only pass): the same held-out loss
+        # after step 3's update as the engine that resumed.
+        assert abs(got[3]["val_loss"] - want[3]["val_loss"]) <= 1e-6 * want[3]["val_loss"], name
+        if name != "zbv":
             assert worst <= 1e-5, (name, worst)  # ds_check's absolute tolerance (DeepSpeed clips by its own norm)
             for s in (3, 4):
                 assert abs(got[s]["loss"] - want[s]["loss"]) <= 1e-6 * want[s]["loss"], (name, s)
 
-
-def _ok(proc):
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return proc

@@ -85,7 +85,6 @@ class VirtualStage(nn.Module):
 class TorchPipelineEngine(Engine):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from torch.distributed.pipelining import PipelineStage
         model, cfg, grid = self.model, self.cfg, self.grid
         self.schedule_name = cfg.parallel.pp_schedule
         zero = cfg.resolved_zero_stage()
@@ -103,7 +102,6 @@ class TorchPipelineEngine(Engine):
             first_moe = sum(cfg.model.is_moe_layer(i) for i in range(piece.layers.start))
             self.modules[s] = VirtualStage(model.share_part(piece.layers, piece.embedding, piece.head), first_moe,
                                            self)
-        self._pipeline_stage = PipelineStage
         self._schedule = None
         self._shape: tuple[int, int] | None = None
         broadcast_replicas(model, grid)  # identical replicas, whatever each rank was given
@@ -123,6 +121,7 @@ class TorchPipelineEngine(Engine):
     def _build_schedule(self, micro: int, seq: int):
         """torch's stages and schedule for micro-batches of `micro` x `seq` tokens. Shapes are given (static
         metadata): inferring them would run the stages on meta tensors, which the all-to-all dispatch cannot."""
+        from torch.distributed.pipelining import PipelineStage
         c = self.cfg.model
         dtype = next(self.model.parameters()).dtype
         logits_dtype = torch.bfloat16 if self.precision == "bf16" else dtype
@@ -134,7 +133,7 @@ class TorchPipelineEngine(Engine):
             inputs = torch.empty(micro, seq, dtype=torch.long, device=meta) if first else hidden
             outputs = (torch.empty(micro, seq, c.vocab_size, dtype=logits_dtype, device=meta, requires_grad=True)
                        if last else hidden)
-            stages.append(self._pipeline_stage(module, s, self.n_stages, self.device, input_args=(inputs,),
+            stages.append(PipelineStage(module, s, self.n_stages, self.device, input_args=(inputs,),
                                                output_args=(outputs,), group=self.grid.pp_group))
         cls = schedule_class(self.schedule_name)
         single = self.schedule_name == "1f1b"
@@ -193,6 +192,13 @@ class TorchPipelineEngine(Engine):
         return stats.result(loss, norm, skipped, batches, grid.dp)
 
     # ---------------------------------------------------------------- evaluation
+    def _train(self, mode: bool) -> None:
+        """Training or evaluation mode for the rank's part and its virtual-stage views (which keep a flag of their
+        own: the balance losses and the check for dropping's exempt flags read it)."""
+        self.model.train(mode)
+        for module in self.modules.values():
+            module.train(mode)
+
     @torch.no_grad()
     def validate(self, batches: list[dict]) -> float:
         """Forward only, stage after stage: each rank runs its virtual stages in order, receiving a stage's input
@@ -200,7 +206,7 @@ class TorchPipelineEngine(Engine):
         grid, me = self.grid, self.grid.stage
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         peer = {q: q * grid.dp + grid.dp_rank for q in range(grid.pp)}  # pipeline rank -> global rank
-        self.model.eval()
+        self._train(False)
         try:
             for batch in batches:
                 input_ids, labels, kwargs = self._inputs([batch], training=False)
@@ -221,7 +227,7 @@ class TorchPipelineEngine(Engine):
                         ce = self.model.loss_fn(x.flatten(0, 1).float(), labels.flatten())
                         total += torch.stack([ce.double() * n, n.double()])
         finally:
-            self.model.train()
+            self._train(True)
         if self.env.distributed:
             dist.all_reduce(total)  # only the ranks holding the last stage have non-zero sums
         return float(total[0] / total[1].clamp(min=1))
