@@ -104,8 +104,22 @@ def _in_run_order(ops: list[list[Op]], micro_batches: int) -> list[list[Op]]:
     return out
 
 
+class _Bubbles:
+    """The largest and the mean of a per-rank `bubble` list."""
+
+    bubble: list[float]
+
+    @property
+    def bubble_max(self) -> float:
+        return max(self.bubble)
+
+    @property
+    def bubble_mean(self) -> float:
+        return sum(self.bubble) / len(self.bubble)
+
+
 @dataclass(frozen=True)
-class Simulation:
+class Simulation(_Bubbles):
     """A step's timeline from list-scheduling every rank's actions in order, each as soon as what it needs is done."""
 
     busy: list[float]
@@ -117,14 +131,6 @@ class Simulation:
     def bubble(self) -> list[float]:
         """Per rank: the fraction of the step it idles."""
         return [1 - b / self.makespan for b in self.busy]
-
-    @property
-    def bubble_max(self) -> float:
-        return max(self.bubble)
-
-    @property
-    def bubble_mean(self) -> float:
-        return sum(self.bubble) / len(self.bubble)
 
 
 def simulate(actions: list[list], costs: dict[str, float] | None = None) -> Simulation:
@@ -197,7 +203,7 @@ def in_flight(actions: list[list], stage_bytes: list[int] | None = None) -> tupl
 
 
 @dataclass(frozen=True)
-class ScheduleFigures:
+class ScheduleFigures(_Bubbles):
     """What one schedule costs a layout and batch (`analyse`)."""
 
     name: str
@@ -216,14 +222,6 @@ class ScheduleFigures:
     in_flight_bytes: list[int] | None
     actions: list[int]
     """Per rank: compute actions in the simulated step (F, B, I, W; an overlapped F + B counts two)."""
-
-    @property
-    def bubble_max(self) -> float:
-        return max(self.bubble)
-
-    @property
-    def bubble_mean(self) -> float:
-        return sum(self.bubble) / len(self.bubble)
 
 
 def schedule_ops(name: str, pp: int, per_rank: int, micro_batches: int) -> list[list[Op]]:

@@ -10,7 +10,6 @@ each rank checks the losses it sees. Any mismatch raises (non-zero exit); rank 0
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model import next_token_labels
 from trainer.build import build_model
 from trainer.config import TrainConfig
-from tests.distributed.torchrun import init_gloo
+from tests.distributed.torchrun import finish, init_gloo
 from trainer.distributed import DistEnv
 from trainer.engines import build_engine
 from trainer.expert_parallel import build_grid
@@ -321,10 +320,7 @@ def main() -> None:
             results[layout] = check_resume(env, args.out.parent / "checkpoints", precision)
         else:
             results[layout] = check(layout, env, args.steps)
-    if env.rank == 0:
-        args.out.write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(env, args.out, results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ balance losses as in one process. Any mismatch raises (non-zero exit); rank 0 wr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from tests.distributed import ds_check
 
 ds_check.plain_global_batch = ds_check.global_batch
 from tests.distributed.ds_check import LOSS_RTOL, PARAM_TOL, Reference, UnderTest, config
-from tests.distributed.torchrun import init_gloo
+from tests.distributed.torchrun import finish, init_gloo
 from trainer.distributed import DistEnv
 
 
@@ -152,11 +151,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     env = init_gloo(60)
-    results = {layout: check(layout, env, args.steps) for layout in args.layouts}
-    if env.rank == 0:
-        args.out.write_text(json.dumps(results, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(env, args.out, {layout: check(layout, env, args.steps) for layout in args.layouts})
 
 
 if __name__ == "__main__":

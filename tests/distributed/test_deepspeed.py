@@ -4,28 +4,19 @@ save / resume / export through the command line."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.distributed.torchrun import run_check
 from tests.trainer.test_pretrain_e2e import _ok, assert_export_matches, metrics, run_pretrain
 
-ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("deepspeed")
 
 
 def ds_check(tmp_path: Path, nproc: int, *layouts: str) -> dict:
-    out = tmp_path / "result.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         str(ROOT / "tests" / "distributed" / "ds_check.py"), *layouts, "--out", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    result = json.loads(out.read_text())
+    result = run_check("ds_check.py", nproc, *layouts, out=tmp_path / "result.json")
     print(json.dumps(result, indent=1))
     return result
 

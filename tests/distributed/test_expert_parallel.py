@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.distributed.torchrun import run_check
 
 
 @pytest.mark.parametrize("nproc,ep", [(2, 2), (4, 4), (4, 2)])
@@ -21,13 +17,7 @@ def test_expert_parallel_matches_one_process(tmp_path, nproc, ep):
     1e-5 relative (measured max 2.2e-8; the dispatcher 0 with one replica, 3e-6 with two), losses within 1e-5
     relative (measured 3.6e-7), gradient norms within 1e-5 relative at step 0 and 1e-4 later, and parameters over
     3 AdamW steps (lr 1e-3, eps 1e-6) within 1e-5 absolute + 1e-4 relative (measured 1.6e-6)."""
-    out = tmp_path / "result.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         str(ROOT / "tests" / "distributed" / "ep_check.py"), "--ep", str(ep), "--out", str(out)],
-        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    result = json.loads(out.read_text())
+    result = run_check("ep_check.py", nproc, "--ep", str(ep), out=tmp_path / "result.json", timeout=240)
     print(json.dumps(result, indent=1))
     assert result["drop"]["dropped_copies"] > 0 and result["no_drop"]["dropped_copies"] == 0
     assert result["drop"]["losses"] != result["no_drop"]["losses"]

@@ -4,28 +4,18 @@ each data-parallel rank holds 1/dp of the optimizer state, in one process and un
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.distributed.torchrun import run_check
 from tests.distributed.zero1_check import LOAD_STEPS, STEPS, TinyModel, ToyModel, check
 from trainer.layout import ProcessGrid
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def zero1_check(tmp_path: Path, nproc: int, ep: int) -> dict:
-    out = tmp_path / "result.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         str(ROOT / "tests" / "distributed" / "zero1_check.py"), "--ep", str(ep), "--out", str(out)],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    result = json.loads(out.read_text())
+    result = run_check("zero1_check.py", nproc, "--ep", str(ep), out=tmp_path / "result.json", timeout=180)
     print(json.dumps(result, indent=1))
     return result
 
