@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.torchrun import run_check
-from tests.trainer.test_pretrain_e2e import _ok, metrics, run_pretrain
+from tests.trainer.test_pretrain_e2e import _ok, assert_export_matches, metrics, run_pretrain
 
 
 def pp_check(tmp_path: Path, nproc: int, *layouts: str) -> dict:
@@ -51,12 +51,13 @@ def _tensors(path: Path) -> dict:
     return out
 
 
-def test_zbv_checkpoint_resumes_bitwise_and_under_deepspeed_and_builtin(tmp_path, cache_dir):
+def test_zbv_checkpoint_resumes_bitwise_and_under_deepspeed_and_builtin(tmp_path, cache_dir, transformers_ds):
     """A zbv run (pp=2, ZeRO-1 by default) through the command line, checkpoints at steps 2 and 4. Resumed from step
     2 under zbv: steps 3-4 and the step-4 weights and optimizer files are bitwise the uninterrupted run's. The same
     step-2 checkpoint resumed under DeepSpeed's pipeline (2 processes) and by the built-in engine (1 process), with
     the optimizer state from the per-parameter files: the step-4 weights within 1e-5 of the zbv run's (measured 2.5e-6
-    under DeepSpeed, whose clipping uses its own norm) and the losses within 1e-6 relative (measured 0)."""
+    under DeepSpeed, whose clipping uses its own norm) and the losses within 1e-6 relative (measured 0). The zbv run's
+    export (each pipeline rank writing its virtual stages' tensors) loads in transformers with our logits."""
     args = ("trainer.max_steps=4", "checkpoint.every=2", "optim.warmup_steps=0", "parallel.pp=2")
     first = tmp_path / "uninterrupted"
     _ok(run_pretrain(first, cache_dir, *args, "parallel.pp_schedule=zbv", nproc=2))
@@ -66,6 +67,7 @@ def test_zbv_checkpoint_resumes_bitwise_and_under_deepspeed_and_builtin(tmp_path
         runs["deepspeed"] = (("parallel.pp_schedule=deepspeed",), 2)
     runs["builtin"] = (("parallel.pp=1",), 1)
     want, want_weights = metrics(first), _tensors(first / "checkpoints" / "step_00000004")
+    assert_export_matches(first / "hf", first / "checkpoints" / "step_00000004", transformers_ds)
     for name, (extra, nproc) in runs.items():
         run = tmp_path / name
         _ok(run_pretrain(run, cache_dir, *args, *extra, f"checkpoint.resume={saved}", nproc=nproc))
