@@ -98,13 +98,18 @@ class BuiltinEngine(DataParallelEngine):
             self.grad_sync.launch_rest()
 
     def update(self, loss: float) -> tuple[float, bool]:
-        """Reduce, clip and apply the update unless the loss or the gradient norm is not finite (the same decision
-        on every rank: both come from reduced values). Returns (norm before clipping, skipped)."""
-        self.grad_sync.finish()
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(self.model, max_norm, self.grid)
-        skipped = not finite(loss, grad_norm)
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, skipped
+        return sum_clip_update(self, self.grad_sync, loss)
+
+
+def sum_clip_update(engine: Engine, grad_sync: GradReducer, loss: float) -> tuple[float, bool]:
+    """The built-in engine's update, shared by the torch pipeline engine: sum the gradients over their replicas,
+    clip by the global norm, and apply the update unless the loss or the gradient norm is not finite (the same
+    decision on every rank: both come from reduced values). Returns (norm before clipping, skipped)."""
+    grad_sync.finish()
+    max_norm = engine.cfg.optim.grad_clip if engine.cfg.optim.grad_clip > 0 else float("inf")
+    grad_norm = clip_grad_norm(engine.model, max_norm, engine.grid)
+    skipped = not finite(loss, grad_norm)
+    if not skipped:
+        engine.optimizer.step()
+    engine.optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped

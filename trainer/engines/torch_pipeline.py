@@ -33,13 +33,14 @@ from model.loss import IGNORE_INDEX
 from model.moe import exempt_sequences
 
 from ..config import stop_if_non_finite
-from ..expert_parallel import broadcast_replicas, clip_grad_norm
+from ..expert_parallel import broadcast_replicas
 from ..grad_sync import GradReducer
 from ..layout import stage_part, stage_ranks, virtual_stages
 from ..optim import build_optimizer
 from ..schedules import schedule_class
 from ..step import StepResult, StepStats, fault_scale, supervised_tokens
-from .base import Engine, finite
+from .base import Engine
+from .builtin import sum_clip_update
 
 
 class _AttachAux(torch.autograd.Function):
@@ -134,7 +135,7 @@ class TorchPipelineEngine(Engine):
             outputs = (torch.empty(micro, seq, c.vocab_size, dtype=logits_dtype, device=meta, requires_grad=True)
                        if last else hidden)
             stages.append(PipelineStage(module, s, self.n_stages, self.device, input_args=(inputs,),
-                                               output_args=(outputs,), group=self.grid.pp_group))
+                                        output_args=(outputs,), group=self.grid.pp_group))
         cls = schedule_class(self.schedule_name)
         single = self.schedule_name == "1f1b"
         return cls(stages[0] if single else stages, n_microbatches=self.micro_batches, loss_fn=self.loss,
@@ -181,13 +182,7 @@ class TorchPipelineEngine(Engine):
             self.stats = None
         stats.reduce(self.env)
         loss = stats.loss(supervised)
-        self.grad_sync.finish()
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = clip_grad_norm(self.model, max_norm, grid)
-        skipped = not finite(loss, norm)
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm, skipped = sum_clip_update(self, self.grad_sync, loss)
         stop_if_non_finite(skipped, step, loss, norm, self.cfg.trainer.non_finite)
         return stats.result(loss, norm, skipped, batches, grid.dp)
 
