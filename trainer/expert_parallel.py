@@ -220,7 +220,8 @@ def _bucketed_all_reduce(grads: list[torch.Tensor], group, bucket_bytes: int) ->
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float, grid: ProcessGrid) -> float:
     """Global gradient norm over every parameter, counting each expert once (its squares summed over the EP
-    group) and every pipeline stage (summed over the pipeline group), then clipping; returns the norm before clipping (the same value on every rank)."""
+    group) and every pipeline stage (summed over the pipeline group), then clipping; returns the norm before
+    clipping (the same value on every rank)."""
     dense, expert = [], []
     for name, p in model.named_parameters():
         if p.grad is not None:

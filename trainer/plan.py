@@ -46,7 +46,7 @@ from .layout import (
     stage_boundaries,
     stages_per_rank,
 )
-from .schedules import ScheduleFigures, analyse, problem
+from .schedules import ScheduleFigures, analyse, problem, torch_schedule
 
 ACTIVATION_BYTES_PER_HIDDEN = 34
 """Bytes of saved 16-bit activations per token, hidden unit and decoder layer (no recomputation)."""
@@ -230,7 +230,8 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
 
 def _rank_slots(cfg: TrainConfig, p: Plan, kinds: list[str], act: _Activations):
     """For each pipeline rank (each stage without a torch schedule): its virtual stages, its slots, what it keeps in
-    flight (micro-batches; (micro-batch, stage) pairs under a torch schedule) and the bytes of that."""
+    flight (micro-batches; (micro-batch, stage) pairs under a torch schedule) and the bytes of that. Under a torch
+    schedule the figures are the schedule table's row for the configured schedule (`1f1b` shares `deepspeed`'s)."""
     c, n = cfg.model, len(kinds)
     if not p.torch_pipeline:
         parts = stage_boundaries(c, p.pp, p.ep, p.partition) if p.pp > 1 else [0, n]
@@ -239,22 +240,33 @@ def _rank_slots(cfg: TrainConfig, p: Plan, kinds: list[str], act: _Activations):
             in_flight = min(p.pp - s, p.micro_batches_per_step) if p.pp > 1 else 1  # DeepSpeed's 1F1B
             yield [], slots, in_flight, in_flight * act.stage_bytes(kinds, slots)
         return
-    n_stages = p.pp * p.stages_per_rank
-    parts = stage_boundaries(c, n_stages, p.ep, p.partition)
-    cut = [range(parts[v], parts[v + 1]) for v in range(n_stages)]
-    figures = analyse(p.schedule, p.pp, p.stages_per_rank, p.micro_batches_per_step,
-                      [act.stage_bytes(kinds, slots) for slots in cut])
-    for r in range(p.pp):
-        stages = rank_stages(p.pp, p.stages_per_rank, p.schedule, r)
-        slots = sorted(i for v in stages for i in cut[v])
-        yield stages, slots, figures.in_flight[r], figures.in_flight_bytes[r]
+    row = next(r for r in p.schedules if r.name == ("deepspeed" if p.schedule == "1f1b" else p.schedule))
+    for r, (stages, slots) in enumerate(_rank_cut(cfg, p.pp, p.ep, p.stages_per_rank, p.schedule)):
+        yield stages, slots, row.figures.in_flight[r], row.figures.in_flight_bytes[r]
+
+
+def _rank_cut(cfg: TrainConfig, pp: int, ep: int, per_rank: int, schedule: str) -> list[tuple[list[int], list[int]]]:
+    """Per pipeline rank: the virtual stages `schedule` places on it and the slots they hold (the cut into
+    pp x per_rank stages of `layout.stage_boundaries`, as the engine builds it)."""
+    parts = stage_boundaries(cfg.model, pp * per_rank, ep, cfg.parallel.pp_partition)
+    out = []
+    for r in range(pp):
+        stages = rank_stages(pp, per_rank, schedule, r)
+        out.append((stages, sorted(i for v in stages for i in range(parts[v], parts[v + 1]))))
+    return out
+
+
+def _stage_bytes(cfg: TrainConfig, n_stages: int, ep: int, kinds: list[str], act: _Activations) -> list[int]:
+    """One micro-batch's activations of each of the n_stages stages."""
+    parts = stage_boundaries(cfg.model, n_stages, ep, cfg.parallel.pp_partition)
+    return [act.stage_bytes(kinds, range(parts[v], parts[v + 1])) for v in range(n_stages)]
 
 
 def _schedule_table(cfg: TrainConfig, pp: int, ep: int, micro_batches: int, kinds: list[str],
                     act: _Activations) -> list[ScheduleRow]:
     """Every schedule at this pp and batch (`deepspeed` and `1f1b` share a row: DeepSpeed's PipelineEngine trains
     with 1F1B, and both cut pp stages): bubble fraction and activations per pipeline rank, or why it cannot run."""
-    rows, cuts = [], {}
+    rows = []
     for name in PP_SCHEDULES:
         if name == "1f1b":
             continue
@@ -273,14 +285,8 @@ def _schedule_table(cfg: TrainConfig, pp: int, ep: int, micro_batches: int, kind
         if why:
             row.problem = row.problem or f"cannot run: {why}"
             continue
-        if n_stages not in cuts:
-            parts = stage_boundaries(cfg.model, n_stages, ep, cfg.parallel.pp_partition)
-            cuts[n_stages] = [range(parts[v], parts[v + 1]) for v in range(n_stages)]
-        cut = cuts[n_stages]
-        row.figures = analyse(name, pp, per_rank, micro_batches, [act.stage_bytes(kinds, slots) for slots in cut])
-        schedule = "1f1b" if name == "deepspeed" else name
-        for r in range(pp):
-            slots = sorted(i for v in rank_stages(pp, per_rank, schedule, r) for i in cut[v])
+        row.figures = analyse(name, pp, per_rank, micro_batches, _stage_bytes(cfg, n_stages, ep, kinds, act))
+        for r, (_, slots) in enumerate(_rank_cut(cfg, pp, ep, per_rank, torch_schedule(name))):
             row.activation_bytes.append(act.rank_bytes(row.figures.in_flight_bytes[r], kinds, slots))
     return rows
 
@@ -410,10 +416,9 @@ def _format_schedules(p: Plan) -> list[str]:
                      f"time is the same with more; the bubble is extended to {p.micro_batches_per_step})")
     lines.append(f"  {'schedule':<17} {'stages/rank':>11} {'bubble max':>10} {'mean':>7}  {'activ max (pipe)':>16} "
                  f"{'min':>6}  {'in flight max':>13}")
-    configured = "1f1b" if p.schedule == "deepspeed" else p.schedule
     for row in p.schedules:
         label = "deepspeed, 1f1b" if row.name == "deepspeed" else row.name
-        mark = "*" if configured == ("1f1b" if row.name == "deepspeed" else row.name) else " "
+        mark = "*" if torch_schedule(p.schedule) == torch_schedule(row.name) else " "
         head = f"{mark} {label:<17} {row.per_rank:>11}"
         if row.figures is None:
             lines.append(f"{head}  {row.problem}")

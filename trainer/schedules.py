@@ -16,6 +16,11 @@ def schedule_class(name: str) -> type:
             "dualpipev": s.ScheduleDualPipeV}[name]
 
 
+def torch_schedule(name: str) -> str:
+    """The torch schedule whose action list stands for `name`: DeepSpeed's PipelineEngine trains with 1F1B."""
+    return "1f1b" if name == "deepspeed" else name
+
+
 @cache
 def schedule_actions(name: str, pp: int, per_rank: int, micro_batches: int) -> list[list]:
     """Each pipeline rank's list of compute actions (torch's `_Action`s; None for an idle slot where the schedule
@@ -226,8 +231,8 @@ class ScheduleFigures(_Bubbles):
 
 def schedule_ops(name: str, pp: int, per_rank: int, micro_batches: int) -> list[list[Op]]:
     """Each rank's compute `Op`s under schedule `name` (`deepspeed` as torch's `1f1b`), in run order."""
-    torch_name = "1f1b" if name == "deepspeed" else name
-    return _in_run_order(compute_ops(schedule_actions(torch_name, pp, per_rank, micro_batches)), micro_batches)
+    actions = schedule_actions(torch_schedule(name), pp, per_rank, micro_batches)
+    return _in_run_order(compute_ops(actions), micro_batches)
 
 
 ROUNDS = ("interleaved_1f1b", "interleaved_zb")
@@ -251,9 +256,8 @@ def problem(name: str, pp: int, per_rank: int, micro_batches: int, cap: int = MA
     """`schedule_problem` without building lists longer than `cap` micro-batches: past it, the schedule's own check
     at the simulated count, and torch's rule for the round-based schedules (a whole number of rounds) at the full
     one, the only refusal that more micro-batches can bring (tests/trainer/test_schedules.py compares the two)."""
-    torch_name = "1f1b" if name == "deepspeed" else name
-    simulated = _simulated(torch_name, pp, per_rank, micro_batches, cap)
-    why = schedule_problem(torch_name, pp, per_rank, simulated)
+    simulated = _simulated(torch_schedule(name), pp, per_rank, micro_batches, cap)
+    why = schedule_problem(torch_schedule(name), pp, per_rank, simulated)
     rounds = max(1, micro_batches // pp)
     if why is None and name in ROUNDS and micro_batches % rounds:
         why = (f"{micro_batches} micro-batches do not make whole rounds ({rounds} rounds of {pp} or more); give it "
@@ -272,13 +276,13 @@ def analyse(name: str, pp: int, per_rank: int, micro_batches: int, stage_bytes: 
     why = problem(name, pp, per_rank, micro_batches, cap)
     if why:
         raise ValueError(why)
-    simulated = _simulated("1f1b" if name == "deepspeed" else name, pp, per_rank, micro_batches, cap)
+    simulated = _simulated(torch_schedule(name), pp, per_rank, micro_batches, cap)
     ops = schedule_ops(name, pp, per_rank, simulated)
     sim = simulate(ops, costs)
     idle = [sim.makespan - b for b in sim.busy]
     busy = [b * micro_batches / simulated for b in sim.busy]
     peaks, peak_bytes = in_flight(ops, stage_bytes)
-    return ScheduleFigures(name=name, analysed_as="1f1b" if name == "deepspeed" else name, pp=pp, per_rank=per_rank,
+    return ScheduleFigures(name=name, analysed_as=torch_schedule(name), pp=pp, per_rank=per_rank,
                            micro_batches=micro_batches, simulated=simulated,
                            bubble=[i / (i + b) for i, b in zip(idle, busy, strict=True)], in_flight=peaks,
                            in_flight_bytes=peak_bytes, actions=[len(r) for r in ops])

@@ -5,8 +5,9 @@ in one process, on the same initial weights and global batches (the harness of d
 
 A layout is `<schedule>[-ep<E>][-zero<Z>][-ac][-drop][-docs]` (pp=2 always; `ac`: activation checkpointing,
 `drop`: token dropping with capacity factor 1, `docs`: packed-SFT rows of two documents). Checked on every rank:
-losses, balance losses and gradient norms within 1e-5 relative, every parameter it holds after every step (ds_check's tolerances), and each router it holds moved by the
-balance losses as in one process. Any mismatch raises (non-zero exit); rank 0 writes the figures to --out.
+losses, balance losses and gradient norms within 1e-5 relative, every parameter it holds after every step
+(ds_check's tolerances), and each router it holds moved by the balance losses as in one process. Any mismatch
+raises (non-zero exit); rank 0 writes the figures to --out.
 """
 
 from __future__ import annotations

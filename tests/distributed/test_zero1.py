@@ -25,10 +25,10 @@ def test_sharded_adamw_steps_like_adamw_with_one_dp_th_of_the_state(tmp_path, np
     """zero1_check asserts on every rank, bitwise: losses and weights over 6 steps, `get` of every parameter against
     torch's AdamW, `load` of all states (and of all but three, which start afresh) continuing, and the checkpoint's
     per-entry tensors equal to the replicated AdamW's. 4 processes: dp=4 with ep=2 x edp=2 (dense state over 4 ranks,
-    experts' over their 2 replicas; dp=2 runs inside the pipeline engine, tests/distributed/test_torch_pipeline.py). Each rank holds its contiguous slice of each kind (ceil(N / size) at
-    most), the slices summing to the whole model's state once: 1/dp of it on every rank (measured: exactly 0.25 on
-    the tiny preset). The toy module's odd sizes leave an uneven last slice and, at dp=4, a rank without
-    dense state."""
+    experts' over their 2 replicas; dp=2 runs inside the pipeline engine, tests/distributed/test_torch_pipeline.py).
+    Each rank holds its contiguous slice of each kind (ceil(N / size) at most), the slices summing to the whole
+    model's state once: 1/dp of it on every rank (measured: exactly 0.25 on the tiny preset). The toy module's odd
+    sizes leave an uneven last slice and, at dp=4, a rank without dense state."""
     result = zero1_check(tmp_path, nproc, ep)
     assert (result["dp"], result["ep"]) == (nproc, ep) and len(result["ranks"]) == nproc
     for rank in result["ranks"]:

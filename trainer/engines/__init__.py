@@ -1,5 +1,6 @@
-"""Training engines behind one interface (`Engine`): the built-in data-parallel engine, DeepSpeed ZeRO, and
-DeepSpeed's pipeline, torch.distributed.pipelining's schedules. `build_engine` is the one place that picks one; nothing else asks which it is."""
+"""Training engines behind one interface (`Engine`): the built-in data-parallel engine, DeepSpeed ZeRO, DeepSpeed's
+pipeline, and torch.distributed.pipelining's schedules. `build_engine` is the one place that picks one; nothing else
+asks which it is."""
 
 from __future__ import annotations
 
