@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
 KINDS = ("pretrain", "sft")
 SOURCES = ("stdlib", "files", "hub")
+
+
+@dataclass
+class MixtureSource:
+    """One source of `data.mixture` (docs/data.md#mixtures)."""
+
+    name: str = ""
+    """Its name in the log, metrics (`tokens_by_source`) and errors; unique within the mixture."""
+    paths: list[str] = field(default_factory=list)
+    """Globs, as `data.paths`: JSON Lines, Parquet, text, or `.bin/.idx` indexed datasets."""
+    weight: float | None = None
+    """Its share of the training sequences (weights are normalised to sum to 1)."""
+    text_field: str | None = None
+    """Field holding the text (default: `data.text_field`)."""
+    messages_field: str | None = None
+    """SFT: field holding the messages (default: `data.messages_field`)."""
+    epochs: int | None = None
+    """Passes over this source at most; the run stops with a message when they are used up (default: no cap, each
+    pass starts the next epoch in its own seeded order)."""
 
 
 @dataclass
@@ -19,7 +39,11 @@ class DataConfig:
     (`paths`: JSON Lines, Parquet or plain-text globs) or `hub` (a Hugging Face dataset, streamed)."""
     paths: list[str] = field(default_factory=list)
     """Globs of local files for `source=files`: *.jsonl / *.json (one JSON object per line), *.parquet, *.txt / *.md
-    (one document per file)."""
+    (one document per file), *.bin with its *.idx (a Megatron indexed dataset of token ids: `launch/tokenize.py`)."""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """`source=files`: a weighted mixture instead of `paths`, each `{name, paths, weight}` plus optional
+    `text_field`, `messages_field`, `epochs` (docs/data.md#mixtures). Each packed sequence comes from one source; at
+    every point each source's count of sequences is within one of its weight x the total."""
     hub_path: str | None = None
     """`source=hub`: the dataset name (or a builder such as `json`), passed to `datasets.load_dataset(streaming=True)`."""
     hub_name: str | None = None
@@ -53,7 +77,9 @@ class DataConfig:
     data-parallel size you will run at: then each rank reads only its own shards' records. Part of the resumable
     state: a checkpoint resumes only with the same value."""
     shuffle_buffer: int = 128
-    """Packed sequences held in the seeded shuffle buffer of each shard (part of the resumable state)."""
+    """Packed sequences held for shuffling, over all shards together: each canonical shard (of each mixture source)
+    holds ceil(shuffle_buffer / shards) in its seeded buffer, so neither the first batch's wait nor the checkpointed
+    state grows with `shards` (part of the resumable state)."""
     prefetch: int = 8
     """Micro-batches prepared ahead by the background worker."""
     docs_per_chunk: int = 128
@@ -71,6 +97,13 @@ class DataConfig:
                           "built-in corpus); how often validation runs is trainer.val_every", stacklevel=2)
             self.holdout_every, self.val_every = self.val_every, None
 
+    def sources(self) -> list[MixtureSource]:
+        """The training sources: `mixture`, or one source named `data` made of `paths` (a one-source mixture reads
+        exactly as `paths`), with the field names filled in."""
+        listed = self.mixture or [MixtureSource("data", list(self.paths), 1.0)]
+        return [MixtureSource(m.name, list(m.paths), m.weight, m.text_field or self.text_field,
+                              m.messages_field or self.messages_field, m.epochs) for m in listed]
+
     def validate(self, require_paths: bool = True) -> None:
         """Raises ValueError naming the key. `require_paths=False` (the dry run): data.paths may be left empty."""
         def bad(key: str, why: str) -> ValueError:
@@ -80,8 +113,10 @@ class DataConfig:
             raise bad("kind", f"allowed: {', '.join(KINDS)}")
         if self.source not in SOURCES:
             raise bad("source", f"allowed: {', '.join(SOURCES)}")
-        if self.source == "files" and not self.paths and require_paths:
-            raise bad("paths", "data.source=files needs data.paths=[<glob>, ...]")
+        if self.mixture:
+            self._validate_mixture()
+        elif self.source == "files" and not self.paths and require_paths:
+            raise bad("paths", "data.source=files needs data.paths=[<glob>, ...] or data.mixture=[...]")
         if self.source == "hub" and not self.hub_path:
             raise bad("hub_path", "data.source=hub needs data.hub_path=<dataset name or builder>")
         if self.source == "stdlib" and self.kind == "sft":
@@ -95,3 +130,33 @@ class DataConfig:
             raise bad("vocab_size", "a byte-level BPE needs at least 256 byte tokens plus merges; use >= 300")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise bad("max_bad_fraction", "must be in [0, 1]")
+
+    def _validate_mixture(self) -> None:
+        if self.source != "files":
+            raise ValueError(f"data.mixture is set but data.source={self.source!r}: a mixture reads local files; add "
+                             "data=files (or data.source=files)")
+        if self.paths:
+            raise ValueError("data.paths and data.mixture are exclusive: put those globs under a mixture source's "
+                             "paths, or drop data.mixture")
+        names = [m.name for m in self.mixture]
+        for i, m in enumerate(self.mixture):
+            label = f"data.mixture[{m.name or i}]"
+            if not m.name:
+                raise ValueError(f"data.mixture[{i}]: every source needs a name (name: web, ...)")
+            if names.count(m.name) > 1:
+                raise ValueError(f"data.mixture: the name {m.name!r} is used by {names.count(m.name)} sources; "
+                                 "names must be unique")
+            if not m.paths:
+                raise ValueError(f"{label}.paths: empty; give the source's globs (paths: [/data/web/*.jsonl])")
+            if m.weight is None:
+                raise ValueError(f"{label}.weight: missing; give each source a weight > 0 (weight: 0.6)")
+            if m.epochs is not None and m.epochs < 1:
+                raise ValueError(f"{label}.epochs={m.epochs}: must be >= 1 (or null for no cap)")
+        weights = [m.weight for m in self.mixture]
+        if not all(math.isfinite(w) for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"data.mixture: the weights {weights} sum to {sum(weights):g}; give each source a "
+                             "weight > 0")
+        for m in self.mixture:
+            if m.weight <= 0:
+                raise ValueError(f"data.mixture[{m.name}].weight={m.weight}: must be > 0 (drop the source to leave "
+                                 "it out)")

@@ -33,10 +33,14 @@ import numpy as np
 import torch
 
 from .chat import encode_conversations, messages_extractor
-from .config import DataConfig
+from .config import DataConfig, MixtureSource
 from .packing import ConcatPacker, ConversationPacker, ShuffleBuffer
-from .sources import (MAX_EXAMPLES, BadRecords, DataError, FileSource, HubSource, Position, StdlibSource,
-                      expand_globs, text_extractor, what_to_fix)
+from .sources import (MAX_EXAMPLES, BadRecords, DataError, FileSource, HubSource, Position, SourceExhausted,
+                      StdlibSource, expand_globs, text_extractor, what_to_fix)
+
+ORDER_VERSION = 2
+"""Version of the data order a checkpoint's data position belongs to. 2: the shuffle buffer split over the shards,
+mixtures, first-pass bad-record counts. A position of another version is refused with what to do."""
 from .tokenizer import TextTokenizer, cached_bpe, load_tokenizer
 
 
@@ -49,23 +53,59 @@ def build_tokenizer(cfg: DataConfig) -> TextTokenizer:
     return cached_bpe(corpus.texts, fingerprint, cfg.vocab_size, cfg.cache_dir)
 
 
-def build_source(cfg: DataConfig, split: str, seed: int, rank: int, world: int):
+def build_source(cfg: DataConfig, split: str, seed: int, rank: int, world: int, stream: int = 0):
     """The record source of a split, or None when there is no validation data. `rank` of `world` picks the records
-    k with k mod world == rank: the loader builds canonical shard c as (rank=c, world=data.shards)."""
+    k with k mod world == rank: the loader builds canonical shard c as (rank=c, world=data.shards). `stream`: which
+    training source of `cfg.sources()` (the mixture's, or the one of `data.paths`)."""
     shuffle = split == "train"
     sft = cfg.kind == "sft"
-    extract = messages_extractor(cfg.messages_field) if sft else text_extractor(cfg.text_field)
-    field_name = cfg.messages_field if sft else cfg.text_field
     if split == "val" and cfg.val_paths:
-        return FileSource(expand_globs(cfg.val_paths, "data.val_paths"), extract, field_name, seed, rank, world,
-                          shuffle_files=False)
+        extract = messages_extractor(cfg.messages_field) if sft else text_extractor(cfg.text_field)
+        return FileSource(expand_globs(cfg.val_paths, "data.val_paths"), extract, cfg.messages_field if sft else
+                          cfg.text_field, seed, rank, world, shuffle_files=False, cache_dir=cfg.cache_dir)
     if cfg.source == "stdlib":
         return StdlibSource(split, cfg.holdout_every, seed, rank, world, shuffle=shuffle)
     if split == "val":
         return None
     if cfg.source == "files":
-        return FileSource(expand_globs(cfg.paths), extract, field_name, seed, rank, world)
+        source = cfg.sources()[stream]
+        field_name = source.messages_field if sft else source.text_field
+        extract = messages_extractor(field_name) if sft else text_extractor(field_name)
+        key = f"data.mixture[{source.name}].paths" if cfg.mixture else "data.paths"
+        return FileSource(expand_globs(source.paths, key), extract, field_name, stream_seed(seed, stream), rank,
+                          world, name=source.name if cfg.mixture else None, epochs=source.epochs,
+                          cache_dir=cfg.cache_dir)
+    extract = messages_extractor(cfg.messages_field) if sft else text_extractor(cfg.text_field)
     return HubSource(cfg.hub_path, cfg.hub_name, cfg.hub_split, list(cfg.hub_data_files), extract, seed, rank, world)
+
+
+def stream_seed(seed: int, stream: int) -> tuple[int, ...]:
+    """The seed of training source `stream`: the run's seed for the first (so a one-source mixture reads exactly as
+    data.paths), its own for each other."""
+    return (seed,) if stream == 0 else (seed, 1_000_003, stream)
+
+
+class Blend:
+    """Which source each global row comes from: row n goes to the source whose count is furthest below its share
+    of n + 1 rows (largest deficit first, lowest index on ties), so after any number of rows every source's count
+    is within one of weight x rows. Deterministic from the weights alone; its state is the counts."""
+
+    def __init__(self, weights: list[float]):
+        total = sum(weights)
+        self.weights = [w / total for w in weights]
+        self.counts = [0] * len(weights)
+        self.rows = 0
+
+    def next(self) -> int:
+        if len(self.weights) == 1:
+            choice = 0
+        else:
+            n = self.rows + 1
+            deficits = [w * n - c for w, c in zip(self.weights, self.counts)]
+            choice = deficits.index(max(deficits))
+        self.counts[choice] += 1
+        self.rows += 1
+        return choice
 
 
 def shard_layout(shards: int, rank: int, world: int) -> tuple[list[int], list[int]]:
@@ -104,6 +144,23 @@ def _shard_epoch_rows(cfg: DataConfig, tokenizer: TextTokenizer, seed: int, shar
     return rows + flush()
 
 
+def check_bad_fraction(cfg: DataConfig, bad: BadRecords, total_bad: int | None = None,
+                       total_good: int | None = None) -> None:
+    """Stop when more than `data.max_bad_fraction` of the records read were unusable, once at least
+    `data.bad_check_after` were read. Records are counted once, in their first pass, so a small file read for many
+    epochs is judged on its records, not on how often it was read. `bad`: the counts by reason and examples to
+    report; `total_bad` / `total_good`: the job's totals when `bad` is one rank's share (default: `bad`'s own)."""
+    total_bad = bad.bad if total_bad is None else total_bad
+    total_good = bad.good if total_good is None else total_good
+    read = total_bad + total_good
+    if read >= cfg.bad_check_after and total_bad > cfg.max_bad_fraction * read:
+        share = "" if (total_bad, total_good) == (bad.bad, bad.good) else " (this rank's share)"
+        raise DataError(
+            f"data: {total_bad} of {read} records read were unusable ({total_bad / read:.1%}, above "
+            f"data.max_bad_fraction={cfg.max_bad_fraction}); by reason{share}: {dict(bad.counts)}; first: "
+            f"{bad.examples[:5]}{what_to_fix(bad.counts)}")
+
+
 def collate(rows: list[dict], sft: bool) -> dict[str, torch.Tensor]:
     if sft:
         return {key: torch.from_numpy(np.stack([r[key] for r in rows]).astype(np.int64)) for key in rows[0]}
@@ -117,11 +174,15 @@ class Pipeline:
     of one loader (default: its own)."""
 
     def __init__(self, cfg: DataConfig, tokenizer: TextTokenizer, source, micro_batch_size: int, seed: int,
-                 rank: int, world: int = 1, shuffle: bool = True, pool: ThreadPoolExecutor | None = None):
+                 rank: int, world: int = 1, shuffle: bool = True, pool: ThreadPoolExecutor | None = None,
+                 stream: int = 0):
         self.cfg, self.tokenizer, self.source, self.batch_size = cfg, tokenizer, source, micro_batch_size
         self.sft = cfg.kind == "sft"
         self.packer = ConversationPacker(cfg.seq_len, tokenizer.pad_id) if self.sft else ConcatPacker(cfg.seq_len)
-        self.buffer = ShuffleBuffer(cfg.shuffle_buffer if shuffle else 1, seed=[seed, rank, 1])
+        # The shards' rows interleave in the global order, so buffers of shuffle_buffer / shards rows each mix the
+        # global order over about shuffle_buffer rows, as one buffer of that size would.
+        size = -(-cfg.shuffle_buffer // world) if shuffle else 1
+        self.buffer = ShuffleBuffer(size, seed=[seed, rank, 1] + ([stream] if stream else []))
         self.position = Position()
         self.bad = BadRecords().state()  # skipped records up to `position`
         self.pool = pool
@@ -148,13 +209,13 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------------- stream
     def _examples(self, payloads: list) -> list:
+        """What the packer gets: conversations rendered for SFT; for pretraining each text's
+        `TextTokenizer.encode_documents` ids, and an indexed dataset's documents as they are stored."""
         if self.sft:
             return encode_conversations(self.tokenizer, payloads)
-        ids = self.tokenizer.encode_batch(payloads)
-        if self.tokenizer.eos_id is not None:
-            eos = np.array([self.tokenizer.eos_id], np.int32)
-            ids = [np.concatenate((x, eos)) for x in ids]
-        return ids
+        texts = [p for p in payloads if isinstance(p, str)]
+        encoded = iter(self.tokenizer.encode_documents(texts) if texts else ())
+        return [next(encoded) if isinstance(p, str) else np.asarray(p, np.int32) for p in payloads]
 
     def rows(self) -> Iterator[dict]:
         """Rows out of the shuffle buffer; while the generator waits at a row, `snapshot()` is the state just after
@@ -167,24 +228,33 @@ class Pipeline:
         in_flight: deque = deque()
 
         def read_ahead() -> None:
-            chunk = list(islice(records, self.docs_per_chunk))
-            in_flight.append((chunk, self.source.bad.state(), pool.submit(self._examples, [r.payload for r in chunk])))
+            chunk, ended = [], None
+            try:
+                chunk.extend(islice(records, self.docs_per_chunk))
+            except SourceExhausted as e:  # raised once the rows of the records before it are used
+                ended = e
+            in_flight.append((chunk, self.source.bad.state(), pool.submit(self._examples, [r.payload for r in chunk]),
+                              ended))
 
         try:
             read_ahead()
+            ended = None
             while True:
                 for row in self.packer.rows():
                     out = self.buffer.push(row)
                     if out is not None:
                         yield out
+                if ended is not None:
+                    raise ended
                 read_ahead()
-                chunk, bad, examples = in_flight.popleft()
+                chunk, bad, examples, ended = in_flight.popleft()
                 for example in examples.result():
                     self.packer.add(example)
-                self.position, self.bad = chunk[-1].position, bad
-                self._check_bad_fraction()
+                if chunk:
+                    self.position = chunk[-1].position
+                self.bad = bad
         finally:
-            for _, _, future in in_flight:
+            for _, _, future, _ in in_flight:
                 future.cancel()
             if pool is not self.pool:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -199,36 +269,37 @@ class Pipeline:
                     yield collate(rows, self.sft), self.snapshot()
                     rows = []
 
-    def _check_bad_fraction(self) -> None:
-        bad = BadRecords.from_state(self.bad)
-        if bad.good + bad.bad >= self.cfg.bad_check_after and bad.fraction() > self.cfg.max_bad_fraction:
-            raise DataError(
-                f"data: {bad.bad} of {bad.good + bad.bad} records read were unusable ({bad.fraction():.1%}, above "
-                f"data.max_bad_fraction={self.cfg.max_bad_fraction}); by reason: {dict(bad.counts)}; first: "
-                f"{bad.examples[:5]}{what_to_fix(bad.counts)}")
-
 
 class RankRows:
     """Data-parallel rank `rank`'s share of the global row order over `shards` canonical shards (see the module
-    docstring), and the position in that order: `global_rows`, the rows all ranks together have consumed."""
+    docstring), and the position in that order: `global_rows`, the rows all ranks together have consumed. With a
+    mixture, every canonical shard has one pipeline per source (`pipelines[(shard, source)]`) and global row n is
+    the next row of shard n mod `shards`'s pipeline of source `blend`(n) (docs/data.md#mixtures)."""
 
-    def __init__(self, pipelines: dict[int, Pipeline], shards: int, rank: int, world: int):
-        self.pipelines, self.shards, self.rank, self.world = pipelines, shards, rank, world
+    def __init__(self, pipelines: dict[tuple[int, int], Pipeline], shards: int, rank: int, world: int,
+                 names: list[str]):
+        self.pipelines, self.shards, self.rank, self.world, self.names = pipelines, shards, rank, world, names
         self.held, self.owned = shard_layout(shards, rank, world)
         self.global_rows = 0
+        self.blend = Blend([1.0] * len(names))  # replaced by the mixture's weights in build_loader
+
+    def key(self, shard: int, stream: int) -> str:
+        """The name of a pipeline's state in a checkpoint: the shard, and with a mixture the source's name."""
+        return str(shard) if len(self.names) == 1 else f"{shard}/{self.names[stream]}"
 
     def rows(self) -> Iterator[dict]:
         """This rank's rows in order. Works a block of `world` consecutive global rows at a time: it pulls the
         block's rows of the shards it holds (only row block + rank is its own; when data.shards is not a multiple of
-        the world size, the others belong to other ranks and are dropped), so between blocks each held shard
-        stands exactly after its rows n < global_rows."""
+        the world size, the others belong to other ranks and are dropped), so between blocks each held pipeline
+        stands exactly after its rows n < global_rows. Every rank follows the blend over all rows."""
         g = math.gcd(self.shards, self.world)
-        streams = {c: self.pipelines[c].rows() for c in self.held}
+        streams = {key: pipeline.rows() for key, pipeline in self.pipelines.items()}
         try:
             while True:
                 start, kept = self.global_rows, None
+                sources = [self.blend.next() for _ in range(self.world)]
                 for n in range(start + self.rank % g, start + self.world, g):
-                    row = self._pull(streams, n % self.shards)
+                    row = self._pull(streams, n % self.shards, sources[n - start])
                     if n == start + self.rank:
                         kept = row
                 self.global_rows = start + self.world
@@ -237,9 +308,11 @@ class RankRows:
             for stream in streams.values():
                 stream.close()
 
-    def _pull(self, streams: dict, shard: int) -> dict:
+    def _pull(self, streams: dict, shard: int, stream: int) -> dict:
         try:
-            return next(streams[shard])
+            return next(streams[(shard, stream)])
+        except SourceExhausted:
+            raise
         except DataError as e:
             if self.shards == 1:
                 raise
@@ -249,8 +322,9 @@ class RankRows:
                         "usable records, lower data.shards")
             raise DataError(f"data shard {shard} of data.shards={self.shards}: {e}{hint}") from None
 
-    def snapshot(self) -> tuple[int, dict[int, tuple]]:
-        return self.global_rows, {c: self.pipelines[c].snapshot() for c in self.held}
+    def snapshot(self) -> tuple[int, dict[tuple[int, int], tuple], tuple[int, ...]]:
+        return (self.global_rows, {key: p.snapshot() for key, p in self.pipelines.items()},
+                tuple(self.blend.counts))
 
 
 def merge_data_states(states: list[dict], names: list[str] | None = None) -> dict:
@@ -280,8 +354,11 @@ def merge_data_states(states: list[dict], names: list[str] | None = None) -> dic
             if shard in merged and not _same(merged[shard][1], shard_state):  # pipeline stages write the same one
                 raise DataError(f"data: shard {shard} differs between {merged[shard][0]} and {name}")
             merged.setdefault(shard, (name, shard_state))
-    return {"global_rows": first["global_rows"], "fingerprint": first["fingerprint"],
-            "shards": {shard: shard_state for shard, (_, shard_state) in merged.items()}}
+    out = {"global_rows": first["global_rows"], "fingerprint": first["fingerprint"],
+           "shards": {shard: shard_state for shard, (_, shard_state) in merged.items()}}
+    if "source_rows" in first:  # the blend's counts: a function of global_rows, the same in every state
+        out["source_rows"] = list(first["source_rows"])
+    return out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -295,12 +372,19 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def fingerprint(cfg: DataConfig, tokenizer: TextTokenizer, source, seed: int) -> dict:
+def fingerprint(cfg: DataConfig, tokenizer: TextTokenizer, sources: list, seed: int,
+                mixture: list[MixtureSource] | None = None) -> dict:
     """What a saved data position means: resuming under other settings would silently read another stream. Neither
-    the world size nor the micro-batch size is here: the global order does not depend on them."""
-    return {"kind": cfg.kind, "input": source.identity(), "seed": seed, "shards": cfg.shards, "seq_len": cfg.seq_len,
-            "shuffle_buffer": cfg.shuffle_buffer, "docs_per_chunk": cfg.docs_per_chunk,
-            "tokenizer_vocab": tokenizer.vocab_size, "eos": tokenizer.eos_id, "bos": tokenizer.bos_id}
+    the world size nor the micro-batch size is here: the global order does not depend on them. `sources`: one
+    record source per training source; `mixture`: the mixture's sources, when there is one."""
+    out = {"order": ORDER_VERSION, "kind": cfg.kind, "input": sources[0].identity(), "seed": seed,
+           "shards": cfg.shards, "seq_len": cfg.seq_len, "shuffle_buffer": cfg.shuffle_buffer,
+           "docs_per_chunk": cfg.docs_per_chunk, "tokenizer_vocab": tokenizer.vocab_size, "eos": tokenizer.eos_id,
+           "bos": tokenizer.bos_id}
+    if mixture:
+        out["input"] = {m.name: source.identity() for m, source in zip(mixture, sources)}
+        out["mixture"] = [[m.name, m.weight, m.epochs] for m in mixture]
+    return out
 
 
 _DONE = object()
@@ -310,13 +394,13 @@ class StatefulLoader:
     """Iterator of this rank's micro-batches of the global row order, produced `prefetch` ahead by a background
     thread that drives every shard the rank holds."""
 
-    def __init__(self, order: RankRows, micro_batch_size: int, prefetch: int, fingerprint: dict, sft: bool,
+    def __init__(self, cfg: DataConfig, order: RankRows, micro_batch_size: int, fingerprint: dict,
                  pool: ThreadPoolExecutor):
-        self.order, self.batch_size, self.prefetch = order, micro_batch_size, prefetch
-        self.fingerprint, self.sft, self._pool = fingerprint, sft, pool
+        self.cfg, self.order, self.batch_size, self.prefetch = cfg, order, micro_batch_size, cfg.prefetch
+        self.fingerprint, self.sft, self._pool = fingerprint, cfg.kind == "sft", pool
         self._snapshot: tuple | None = None
         self._thread: threading.Thread | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, cfg.prefetch))
         self._stop = threading.Event()
 
     def load_state_dict(self, state: dict) -> None:
@@ -326,6 +410,11 @@ class StatefulLoader:
         if "global_rows" not in state:
             merge_data_states([state])  # raises the message for the older per-rank format
         saved = state.get("fingerprint", {})
+        if saved.get("order") != ORDER_VERSION:
+            raise DataError(f"data: the checkpoint's data position belongs to another version of the data order "
+                            f"({saved.get('order', 1)}, this one reads version {ORDER_VERSION}: the shuffle buffer "
+                            "is split over the shards, bad records counted once); resume with "
+                            "checkpoint.data_resume=reset (restarts the data stream, keeps weights and optimizer)")
         changed = sorted(k for k in self.fingerprint if saved.get(k) != self.fingerprint[k])
         if changed:
             raise DataError("data: the checkpoint's data position was saved with other settings; changed: " + "; ".join(
@@ -336,25 +425,29 @@ class StatefulLoader:
             raise DataError(f"data: the checkpoint's data position is after {rows} global rows, which "
                             f"{order.world} data-parallel ranks cannot share out evenly: resume with a process count "
                             f"dividing {rows}")
-        missing = [c for c in order.held if str(c) not in state["shards"]]
+        keys = {order.key(c, i): (c, i) for c, i in order.pipelines}
+        missing = [key for key in keys if key not in state["shards"]]
         if missing:
-            raise DataError(f"data: the checkpoint's data state lacks shard(s) {missing} of data.shards="
+            raise DataError(f"data: the checkpoint's data state lacks shard(s) {', '.join(missing)} of data.shards="
                             f"{order.shards} that data-parallel rank {order.rank} of {order.world} needs (each shard "
                             "is written by one rank: is a data_rank file missing from the checkpoint?)")
-        for c in order.held:
-            order.pipelines[c].load_state(state["shards"][str(c)])
-        order.global_rows = rows
+        for key, pipeline_key in keys.items():
+            order.pipelines[pipeline_key].load_state(state["shards"][key])
+        order.global_rows = order.blend.rows = rows
+        order.blend.counts = [int(c) for c in state.get("source_rows", [rows])]
         self._snapshot = None
 
-    def _current(self) -> tuple[int, dict[int, tuple]]:
+    def _current(self) -> tuple[int, dict[tuple[int, int], tuple], tuple[int, ...]]:
         return self._snapshot or self.order.snapshot()
 
     def state_dict(self) -> dict:
         """The position after the last micro-batch handed out (before the first: the one it starts from), with the
         shards this rank owns."""
-        rows, shards = self._current()
-        return {"global_rows": rows, "fingerprint": dict(self.fingerprint),
-                "shards": {str(c): self.order.pipelines[c].state_from(shards[c]) for c in self.order.owned}}
+        rows, pipelines, counts = self._current()
+        owned = set(self.order.owned)
+        return {"global_rows": rows, "fingerprint": dict(self.fingerprint), "source_rows": list(counts),
+                "shards": {self.order.key(c, i): self.order.pipelines[(c, i)].state_from(snapshot)
+                           for (c, i), snapshot in pipelines.items() if c in owned}}
 
     @property
     def global_rows(self) -> int:
@@ -362,23 +455,44 @@ class StatefulLoader:
         return self._current()[0]
 
     @property
+    def rows_by_source(self) -> dict[str, int]:
+        """Global rows (over all ranks) each training source gave up to the last micro-batch handed out."""
+        return dict(zip(self.order.names, self._current()[2]))
+
+    @property
     def epoch(self) -> int:
         """The smallest epoch the held shards' sources were reading when the last batch handed out was made (0
         before every shard finished its first pass)."""
-        return min(int(snapshot[0]["epoch"]) for snapshot in self._current()[1].values())
+        return min(self.source_epochs.values())
+
+    @property
+    def source_epochs(self) -> dict[str, int]:
+        """For each training source, the smallest epoch its held shards were reading at the last batch handed out."""
+        epochs: dict[str, int] = {}
+        for (_, stream), snapshot in self._current()[1].items():
+            name = self.order.names[stream]
+            epochs[name] = min(epochs.get(name, 1 << 62), int(snapshot[0]["epoch"]))
+        return epochs
 
     @property
     def bad_records(self) -> dict[str, Any]:
-        """Skipped records (by reason) up to the last batch handed out, over the shards this rank owns, so that a
-        sum over ranks counts each record once."""
+        """Skipped records (by reason) and usable ones (`good`) of their first pass, up to the last batch handed
+        out, over the shards this rank owns, so that a sum over ranks counts each record once. With one rank the
+        loader stops on too many bad records itself; with more, the trainer checks the sums over ranks
+        (`check_bad_fraction`)."""
+        return self._bad_records(self._current(), self.order.owned).state()
+
+    @staticmethod
+    def _bad_records(snapshot: tuple, owned: list[int]) -> BadRecords:
         total = BadRecords()
-        shards = self._current()[1]
-        for c in self.order.owned:
-            bad = BadRecords.from_state(shards[c][3])
+        for (c, _), pipeline in snapshot[1].items():
+            if c not in owned:
+                continue
+            bad = BadRecords.from_state(pipeline[3])
             total.counts.update(bad.counts)
             total.examples += bad.examples[:MAX_EXAMPLES - len(total.examples)]
             total.good += bad.good
-        return total.state()
+        return total
 
     def _batches(self) -> Iterator[tuple[dict[str, torch.Tensor], tuple]]:
         rows: list[dict] = []
@@ -386,7 +500,10 @@ class StatefulLoader:
             for row in stream:
                 rows.append(row)
                 if len(rows) == self.batch_size:
-                    yield collate(rows, self.sft), self.order.snapshot()
+                    snapshot = self.order.snapshot()
+                    if self.order.world == 1:  # it reads every record: the whole job's figures
+                        check_bad_fraction(self.cfg, self._bad_records(snapshot, self.order.owned))
+                    yield collate(rows, self.sft), snapshot
                     rows = []
 
     def _produce(self) -> None:
@@ -428,30 +545,42 @@ class StatefulLoader:
 
 
 def build_loader(cfg: DataConfig, tokenizer: TextTokenizer, micro_batch_size: int, seed: int, rank: int = 0,
-                 world: int = 1, split: str = "train") -> StatefulLoader | None:
+                 world: int = 1, split: str = "train", vocab_limit: int | None = None) -> StatefulLoader | None:
     """The loader of data-parallel rank `rank` of `world` for `split` ("train" or "val"); None when there is no val
     data. Validation uses the same order with shuffling off, over one shard (a held-out set is small: every rank
-    reads all of it and keeps its rows, and a held-out file of few records never needs data.shards changed)."""
+    reads all of it and keeps its rows, and a held-out file of few records never needs data.shards changed).
+    `vocab_limit`: the model's vocabulary; a stored token id at or past it stops the run naming the file and
+    document (default: the tokenizer's)."""
     cfg.validate()
+    vocab_limit = vocab_limit or tokenizer.vocab_size
     if not 0 <= rank < world:
         raise ValueError(f"data-parallel rank {rank} is not in [0, {world})")
     shards = cfg.shards if split == "train" else 1
     held, _ = shard_layout(shards, rank, world)
+    mixture = cfg.sources() if split == "train" and cfg.source == "files" else [None]
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
-    pipelines: dict[int, Pipeline] = {}
-    for c in held:
-        source = build_source(cfg, split, seed, c, shards)
-        if source is None:
-            pool.shutdown()
-            return None
-        pipelines[c] = Pipeline(cfg, tokenizer, source, micro_batch_size, seed, c, shards,
-                                shuffle=split == "train", pool=pool)
-        # The held shards advance together, so one round of chunks tokenizes data.docs_per_chunk documents, as one
-        # shard's chunk would: the first batch waits for no more tokenizing than with a single shard.
-        pipelines[c].docs_per_chunk = -(-cfg.docs_per_chunk // len(held))
-    order = RankRows(pipelines, shards, rank, world)
-    return StatefulLoader(order, micro_batch_size, cfg.prefetch, fingerprint(cfg, tokenizer, pipelines[held[0]].source,
-                                                                            seed), cfg.kind == "sft", pool)
+    pipelines: dict[tuple[int, int], Pipeline] = {}
+    for stream in range(len(mixture)):
+        for c in held:
+            source = build_source(cfg, split, seed, c, shards, stream)
+            if source is None:
+                pool.shutdown()
+                return None
+            source.vocab_limit = vocab_limit
+            pipelines[(c, stream)] = Pipeline(cfg, tokenizer, source, micro_batch_size, seed, c, shards,
+                                              shuffle=split == "train", pool=pool, stream=stream)
+    for pipeline in pipelines.values():
+        # The held pipelines advance together, so one round of chunks tokenizes data.docs_per_chunk documents, as
+        # one shard's chunk would: the first batch waits for no more tokenizing than with a single shard.
+        pipeline.docs_per_chunk = -(-cfg.docs_per_chunk // len(pipelines))
+    names = [m.name if m else "data" for m in mixture]
+    order = RankRows(pipelines, shards, rank, world, names)
+    if cfg.mixture and split == "train":
+        order.blend = Blend([m.weight for m in mixture])
+    sources = [pipelines[(held[0], stream)].source for stream in range(len(mixture))]
+    return StatefulLoader(cfg, order, micro_batch_size,
+                          fingerprint(cfg, tokenizer, sources, seed, cfg.mixture if split == "train" else None), pool)
 
 
-__all__ = ["DataError", "StatefulLoader", "build_loader", "build_tokenizer", "epoch_rows", "merge_data_states"]
+__all__ = ["DataError", "StatefulLoader", "build_loader", "build_tokenizer", "check_bad_fraction", "epoch_rows",
+           "merge_data_states"]

@@ -8,7 +8,13 @@ records, so no record is read by two parts. The loader builds canonical shard c 
 where a part stands, so a resumed run continues with the very next record.
 
 Records that cannot be used (malformed JSON, a missing or non-string field, an empty document, invalid UTF-8) are
-skipped and counted by reason, with the file and line of the first few, in `BadRecords`.
+skipped and counted by reason, with the file and line of the first few, in `BadRecords`: in the first pass only, so
+a record is counted once however many epochs the run makes (later passes skip it silently).
+
+A part reads only its own records (docs/data.md#who-reads-what): JSON Lines through a one-time index of line
+offsets (`line_index`, cached in `data.cache_dir`), Megatron `.bin/.idx` indexed datasets (`data/indexed.py`) by
+document through their own index, whole text files by name. Parquet files are the exception: a part decodes the text
+column of every row group and keeps its own rows.
 """
 
 from __future__ import annotations
@@ -31,10 +37,15 @@ MAX_EXAMPLES = 20
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".py", ".rst")
+INDEXED_SUFFIXES = (".bin",)  # with its .idx beside it: a Megatron indexed dataset (data/indexed.py)
 
 
 class DataError(ValueError):
     """A data problem that stops the run: a glob that matches nothing, too many bad records, an unknown format."""
+
+
+class SourceExhausted(DataError):
+    """A mixture source capped by `epochs` has no record left (docs/data.md#mixtures)."""
 
 
 @dataclass
@@ -44,6 +55,7 @@ class BadRecords:
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     good: int = 0
+    """Usable records of the first pass (the denominator of the bad fraction, counted as the bad ones are)."""
 
     def add(self, reason: str, where: str) -> None:
         self.counts[reason] += 1
@@ -123,24 +135,63 @@ def check_text(value: Any, field_name: str) -> str | None:
 def expand_globs(patterns: list[str], key: str = "data.paths") -> list[Path]:
     """Sorted files matching the globs; a directory stands for the supported files under it (recursively). A
     pattern that matches no file is an error naming it."""
-    supported = JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES
+    supported = JSON_SUFFIXES + PARQUET_SUFFIXES + TEXT_SUFFIXES + INDEXED_SUFFIXES
     files: list[Path] = []
     for pattern in patterns:
         path = Path(os.path.expanduser(pattern))
         if path.is_dir():
             matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in supported)
             if not matches:
-                raise DataError(f"{key}: {pattern!r} is a directory without .jsonl/.json, .parquet or .txt/.md "
-                                f"files; give the files or a glob (e.g. {str(path / '*.jsonl')!r})")
+                raise DataError(f"{key}: {pattern!r} is a directory without .jsonl/.json, .parquet, .txt/.md or "
+                                f".bin/.idx files; give the files or a glob (e.g. {str(path / '*.jsonl')!r})")
         else:
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not matches:
             raise DataError(f"{key}: {pattern!r} matches no file")
         for match in matches:
+            if match.suffix.lower() == ".idx":  # an indexed dataset named by its index: read as its .bin
+                match = match.with_suffix(".bin")
+                if not match.is_file():
+                    raise DataError(f"{key}: {match.with_suffix('.idx')} has no {match.name} beside it (an indexed "
+                                    "dataset is a .bin/.idx pair)")
             if match.suffix.lower() not in supported:
-                raise DataError(f"{key}: {match} has an unsupported format (use .jsonl/.json, .parquet or .txt/.md)")
-        files += matches
+                raise DataError(f"{key}: {match} has an unsupported format (use .jsonl/.json, .parquet, .txt/.md or "
+                                "a .bin/.idx indexed dataset)")
+            files.append(match)
     return list(dict.fromkeys(files))  # a file named by two globs is read once
+
+
+def line_index(path: Path, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """Byte offsets of the lines of a JSON Lines file: line i is bytes [index[i], index[i + 1]) (its newline
+    included), as `readline` cuts them. Built by one read of the file and, with `cache_dir`, kept there (keyed by
+    the file's path, size and modification time, written atomically), so every later launch and every rank of a
+    machine memory-maps it instead of reading the file."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|v1".encode()).hexdigest()[:24]
+    cached = Path(cache_dir).expanduser() / "line_index" / f"{key}.npy" if cache_dir else None
+    if cached is not None and cached.is_file():
+        try:
+            return np.load(cached, mmap_mode="r")
+        except (OSError, ValueError):  # a damaged cache entry is rebuilt
+            pass
+    starts = [np.zeros(1, np.int64)]
+    with open(path, "rb") as f:
+        done = 0
+        while block := f.read(1 << 24):
+            starts.append(np.flatnonzero(np.frombuffer(block, np.uint8) == 10).astype(np.int64) + done + 1)
+            done += len(block)
+    index = np.concatenate(starts)
+    if index[-1] != stat.st_size:  # a last line without a newline
+        index = np.append(index, stat.st_size)
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, index)
+            os.replace(tmp, cached)
+        except OSError:  # a read-only cache only costs the rebuild
+            pass
+    return index
 
 
 Extract = Callable[[dict], tuple[Any, str | None]]  # a parsed JSON object -> (payload, reason it is bad or None)
@@ -154,16 +205,27 @@ def text_extractor(field_name: str) -> Extract:
 
 
 class FileSource:
-    """Local JSON Lines / Parquet / text files, as records in file order, shuffled file order per epoch."""
+    """Local JSON Lines / Parquet / text files and `.bin/.idx` indexed datasets, as records in file order, shuffled
+    file order per epoch. A `.bin` file's records are its documents, already token ids (numpy arrays); the others'
+    records are texts (or message lists for SFT).
 
-    def __init__(self, files: list[Path], extract: Extract, field_name: str, seed: int, rank: int, world: int,
-                 shuffle_files: bool = True):
+    `seed`: an int, or a sequence of ints (a mixture's sources each have their own). `epochs`: stop after that many
+    passes, raising `SourceExhausted` (mixture sources, docs/data.md#mixtures); `name` labels its messages.
+    `cache_dir`: where JSON Lines line indexes are kept (`line_index`)."""
+
+    def __init__(self, files: list[Path], extract: Extract, field_name: str, seed: int | tuple[int, ...], rank: int,
+                 world: int, shuffle_files: bool = True, *, name: str | None = None, epochs: int | None = None,
+                 cache_dir: str | os.PathLike | None = None):
         """`field_name` is the column Parquet files must have (`data.text_field`, or `data.messages_field` for SFT)."""
         if not files:
             raise DataError("data: no input files")
         self.files, self.extract, self.field_name = files, extract, field_name
-        self.seed, self.rank, self.world, self.shuffle_files = seed, rank, world, shuffle_files
+        self.seed = tuple(seed) if isinstance(seed, (tuple, list)) else (seed,)
+        self.rank, self.world, self.shuffle_files = rank, world, shuffle_files
+        self.name, self.epochs, self.cache_dir = name, epochs, cache_dir
+        self.vocab_limit: int | None = None  # token ids of indexed datasets must be below it (set by the loader)
         self.bad = BadRecords()
+        self._indexes: dict[Path, Any] = {}  # line indexes and indexed datasets of the files being read
 
     def identity(self) -> list[str]:
         return [str(f) for f in self.files]
@@ -171,72 +233,117 @@ class FileSource:
     def file_order(self, epoch: int) -> list[Path]:
         if not self.shuffle_files:
             return self.files
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+        order = np.random.default_rng([*self.seed, epoch]).permutation(len(self.files))
         return [self.files[i] for i in order]
 
     def records(self, start: Position) -> Iterator[Record]:
         pos = Position(**start.state())
+        label = f"data.mixture[{self.name}]" if self.name else "data"
         while True:
-            full_pass, good_before = pos.file == 0 and pos.offset == 0, self.bad.good
+            if self.epochs is not None and pos.epoch >= self.epochs:
+                raise SourceExhausted(f"{label}: all {self.epochs} epoch(s) of this source are used up (its "
+                                      "`epochs` cap); raise its epochs, drop the cap, or train fewer steps")
+            full_pass, good = pos.file == 0 and pos.offset == 0, 0
             files = self.file_order(pos.epoch)
             while pos.file < len(files):
                 path = files[pos.file]
                 suffix = path.suffix.lower()
                 if suffix in JSON_SUFFIXES:
-                    yield from self._json_lines(path, pos)
+                    reader = self._json_lines(path, pos)
                 elif suffix in PARQUET_SUFFIXES:
-                    yield from self._parquet(path, pos)
+                    reader = self._parquet(path, pos)
+                elif suffix in INDEXED_SUFFIXES:
+                    reader = self._indexed(path, pos)
                 else:
-                    yield from self._text_file(path, pos)
+                    reader = self._text_file(path, pos)
+                for record in reader:
+                    good += 1
+                    yield record
                 pos.file, pos.offset, pos.line = pos.file + 1, 0, 0
-            if full_pass and self.bad.good == good_before:
-                raise DataError(f"data: a whole pass over {len(self.files)} files gave rank {self.rank} no usable "
+                self._indexes.pop(path, None)
+            if full_pass and not good:
+                raise DataError(f"{label}: a whole pass over {len(self.files)} files gave rank {self.rank} no usable "
                                 f"record; skipped: {dict(self.bad.counts)}; first: {self.bad.examples[:3]}"
                                 f"{what_to_fix(self.bad.counts)}")
             pos.epoch, pos.file, pos.offset, pos.line = pos.epoch + 1, 0, 0, 0
 
-    def _mine(self, pos: Position) -> bool:
-        mine = pos.record % self.world == self.rank
-        pos.record += 1
-        return mine
+    def _skip(self, reason: str, where: str, pos: Position) -> None:
+        if pos.epoch == 0:  # counted in the first pass only: once per record however many epochs run
+            self.bad.add(reason, where)
+
+    def _good(self, payload: Any, where: str, pos: Position) -> Record:
+        if pos.epoch == 0:
+            self.bad.good += 1
+        return Record(payload, where, Position(**pos.state()))
+
+    def _next_own(self, pos: Position, count: int) -> int | None:
+        """The index (in this file) of this part's next record after `pos.line` records of a file of `count`, with
+        `pos.record` and `pos.line` moved past the others' records up to it; None (and `pos` at the file's end)
+        when the file has no more of them."""
+        skip = (self.rank - pos.record) % self.world
+        local = pos.line + skip
+        if local >= count:
+            pos.record += count - pos.line
+            pos.line = count
+            return None
+        pos.record += skip + 1
+        pos.line = local + 1
+        return local
 
     def _json_lines(self, path: Path, pos: Position) -> Iterator[Record]:
+        index = self._indexes.get(path)
+        if index is None:
+            index = self._indexes[path] = line_index(path, self.cache_dir)
+        count = len(index) - 1
         with open(path, "rb") as f:
-            f.seek(pos.offset)
-            while True:
-                raw = f.readline()
-                if not raw:
-                    return
-                start = pos.offset
-                pos.offset += len(raw)
-                pos.line += 1
-                if not self._mine(pos):
-                    continue
-                where = f"{path}:{pos.line}"
+            while (local := self._next_own(pos, count)) is not None:
+                begin, end = int(index[local]), int(index[local + 1])
+                pos.offset = end
+                f.seek(begin)
+                raw = f.read(end - begin)
+                where = f"{path}:{local + 1}"
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError:
-                    self.bad.add("invalid UTF-8", where)
+                    self._skip("invalid UTF-8", where, pos)
                     continue
-                if start == 0:
+                if begin == 0:
                     text = text.removeprefix("\ufeff")
                 if not text.strip():
-                    self.bad.add("empty line", where)
+                    self._skip("empty line", where, pos)
                     continue
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as e:
-                    self.bad.add(f"malformed JSON ({e.msg})", where)
+                    self._skip(f"malformed JSON ({e.msg})", where, pos)
                     continue
                 if not isinstance(obj, dict):
-                    self.bad.add(f"JSON {type(obj).__name__}, not an object", where)
+                    self._skip(f"JSON {type(obj).__name__}, not an object", where, pos)
                     continue
                 payload, reason = self.extract(obj)
                 if reason:
-                    self.bad.add(reason, where)
+                    self._skip(reason, where, pos)
                     continue
-                self.bad.good += 1
-                yield Record(payload, where, Position(**pos.state()))
+                yield self._good(payload, where, pos)
+        pos.offset = int(index[-1])
+
+    def _indexed(self, path: Path, pos: Position) -> Iterator[Record]:
+        from .indexed import IndexedDataset
+
+        dataset = self._indexes.get(path)
+        if dataset is None:
+            dataset = self._indexes[path] = IndexedDataset(path)
+        pos.line = pos.offset  # documents already passed: for .bin files both count documents
+        while (local := self._next_own(pos, len(dataset))) is not None:
+            pos.offset = pos.line
+            tokens = dataset.document(local)
+            if len(tokens) and self.vocab_limit is not None and not 0 <= tokens.min() <= tokens.max() < self.vocab_limit:
+                bad = int(tokens.max()) if tokens.max() >= self.vocab_limit else int(tokens.min())
+                raise DataError(f"{path}: document {local} holds token id {bad}, outside the model's vocabulary of "
+                                f"{self.vocab_limit} ids: were these shards made with another tokenizer? (set "
+                                "data.tokenizer to theirs, or re-tokenize with launch/tokenize.py)")
+            yield self._good(tokens, f"{path}:document {local}", pos)
+        pos.offset = pos.line
 
     def _parquet(self, path: Path, pos: Position) -> Iterator[Record]:
         import pyarrow.parquet as pq
@@ -261,11 +368,15 @@ class FileSource:
                     continue
                 payload, reason = self.extract({self.field_name: column[i]})
                 if reason:
-                    self.bad.add(reason, f"{path}:row {row0 + i}")
+                    self._skip(reason, f"{path}:row {row0 + i}", pos)
                     continue
-                self.bad.good += 1
-                yield Record(payload, f"{path}:row {row0 + i}", Position(**pos.state()))
+                yield self._good(payload, f"{path}:row {row0 + i}", pos)
             row0 += rows
+
+    def _mine(self, pos: Position) -> bool:
+        mine = pos.record % self.world == self.rank
+        pos.record += 1
+        return mine
 
     def _text_file(self, path: Path, pos: Position) -> Iterator[Record]:
         if not self._mine(pos):
@@ -273,16 +384,17 @@ class FileSource:
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError as e:
-            self.bad.add(f"invalid UTF-8 at byte {e.start}", str(path))
+            self._skip(f"invalid UTF-8 at byte {e.start}", str(path), pos)
             return
         reason = check_text(text, "text")
         if reason:
-            self.bad.add(reason, str(path))
+            self._skip(reason, str(path), pos)
             return
-        self.bad.good += 1
         after = Position(**pos.state())
         after.file += 1  # a whole-file record: the next record starts the next file
-        yield Record(text, str(path), after)
+        record = self._good(text, str(path), pos)
+        record.position = after
+        yield record
 
 
 # ---------------------------------------------------------------------------------------------- built-in corpus
@@ -347,16 +459,19 @@ class StdlibSource:
                 pos.file += 1
                 if not mine:
                     continue
+                first_pass = pos.epoch == 0  # bad records are counted once, in the first pass
                 try:
                     text = read().decode("utf-8")
                 except UnicodeDecodeError as e:
-                    self.bad.add(f"invalid UTF-8 at byte {e.start}", name)
+                    if first_pass:
+                        self.bad.add(f"invalid UTF-8 at byte {e.start}", name)
                     continue
                 reason = check_text(text, "text")
                 if reason:
-                    self.bad.add(reason, name)
+                    if first_pass:
+                        self.bad.add(reason, name)
                     continue
-                self.bad.good += 1
+                self.bad.good += first_pass
                 yield Record(text, name, Position(**pos.state()))
             pos.epoch, pos.file = pos.epoch + 1, 0
 
@@ -390,17 +505,19 @@ class HubSource:
             self.dataset.set_epoch(pos.epoch)
             if pos.extra.get("datasets_state"):
                 self.dataset.load_state_dict(pos.extra["datasets_state"])
-            good_before = self.bad.good
+            good, first_pass = 0, pos.epoch == 0  # bad records are counted once, in the first pass
             for example in self.dataset:
                 pos.record += 1
                 payload, reason = self.extract(example)
                 if reason:
-                    self.bad.add(reason, f"{self.dataset.info.dataset_name or 'hub'}:example {pos.record}")
+                    if first_pass:
+                        self.bad.add(reason, f"{self.dataset.info.dataset_name or 'hub'}:example {pos.record}")
                     continue
-                self.bad.good += 1
+                good += 1
+                self.bad.good += first_pass
                 pos.extra = {"datasets_state": self.dataset.state_dict()}
                 yield Record(payload, f"hub:{pos.record}", Position(**pos.state()))
-            if self.bad.good == good_before and not pos.extra.get("datasets_state"):
+            if not good and not pos.extra.get("datasets_state"):
                 raise DataError(f"data: a whole pass over the hub dataset gave rank {self.rank} no usable record; "
                                 f"skipped: {dict(self.bad.counts)}; first: {self.bad.examples[:3]}"
                                 f"{what_to_fix(self.bad.counts)}")

@@ -25,6 +25,27 @@ EOS_NAMES = ("<｜end▁of▁sentence｜>", "</s>", "<|end_of_text|>", "<|endoft
 BUILTIN_SPECIALS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜pad｜>")
 
 
+PIECE_CHARS = 1 << 18
+"""Documents longer than this (in characters) are tokenized in pieces (`document_pieces`)."""
+BATCH_CHARS = 1 << 21
+"""At most this many characters go to one `encode_batch` call of `TextTokenizer.encode_documents`."""
+
+
+def document_pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of at most `limit` characters, each ending at the last line break (else the last
+    space) inside the limit, or at the limit when there is neither. Short texts are one piece."""
+    if len(text) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > limit:
+        window = text[start:start + limit]
+        cut = window.rfind("\n") + 1 or window.rfind(" ") + 1 or limit
+        pieces.append(text[start:start + cut])
+        start += cut
+    pieces.append(text[start:])
+    return pieces
+
+
 @dataclass
 class TextTokenizer:
     """A `tokenizers.Tokenizer` plus the ids the data pipeline needs."""
@@ -45,6 +66,38 @@ class TextTokenizer:
             if hasattr(self.tokenizer, "encode_batch_fast") else \
             self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
+        """What the pretraining pipeline hands the packer for each document, and what `launch/tokenize.py` stores:
+        the tokenizer's ids with its own special tokens, then EOS (int32). A document longer than `PIECE_CHARS`
+        characters is tokenized in pieces cut at line breaks (`document_pieces`; special tokens on the first piece
+        only), and `encode_batch` is called on at most `BATCH_CHARS` characters at a time, so one huge document
+        costs memory in proportion to its tokens, not to the tokenizer's per-token bookkeeping of all of them."""
+        pieces, owner = [], []
+        for i, text in enumerate(texts):
+            for j, piece in enumerate(document_pieces(text)):
+                pieces.append((piece, j == 0))
+                owner.append(i)
+        ids: list[list[np.ndarray]] = [[] for _ in texts]
+        start = 0
+        while start < len(pieces):
+            end, chars = start, 0
+            while end < len(pieces) and (end == start or chars + len(pieces[end][0]) <= BATCH_CHARS) \
+                    and pieces[end][1] == pieces[start][1]:
+                chars += len(pieces[end][0])
+                end += 1
+            encoded = self.encode_batch([p for p, _ in pieces[start:end]], add_special_tokens=pieces[start][1])
+            for k, array in zip(range(start, end), encoded):
+                ids[owner[k]].append(array)
+            start = end
+        eos = [np.array([self.eos_id], np.int32)] if self.eos_id is not None else []
+        return [parts[0] if len(parts) == 1 and not eos else np.concatenate(parts + eos) for parts in ids]
+
+    def identity(self) -> dict:
+        """What names this tokenizer in a manifest or an error: where it came from, a SHA-256 of its serialised
+        form (the same file gives the same hash wherever it lives), its vocabulary and BOS/EOS ids."""
+        return {"source": self.source, "sha256": hashlib.sha256(self.tokenizer.to_str().encode("utf-8")).hexdigest(),
+                "vocab_size": self.vocab_size, "bos": self.bos_id, "eos": self.eos_id}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids

@@ -123,7 +123,7 @@ def test_batches_are_next_token_windows_with_bos_and_eos(tmp_path, bpe):
 
 
 def test_seed_decides_the_order(tmp_path, bpe):
-    cfg = _cfg(tmp_path, paths=[str(_corpus(tmp_path))])
+    cfg = _cfg(tmp_path, paths=[str(_corpus(tmp_path))], shuffle_buffer=32)  # 4 rows in each shard's buffer
     a, b = (_take(build_loader(cfg, bpe, 2, seed=s), 6) for s in (1, 2))
     assert _same(a, _take(build_loader(cfg, bpe, 2, seed=1), 6)) and not _same(a, b)
 
@@ -178,7 +178,8 @@ def test_sft_loader_batches_have_masks_and_document_ids(tmp_path, bpe):
             for i in range(20)]
     rows.insert(3, {"messages": [{"role": "user", "content": "no answer"}]})
     rows.insert(5, {"messages": [{"role": "robot", "content": "x"}]})
-    cfg = _cfg(tmp_path, kind="sft", paths=[str(write_jsonl(tmp_path / "sft.jsonl", rows))], seq_len=32)
+    cfg = _cfg(tmp_path, kind="sft", paths=[str(write_jsonl(tmp_path / "sft.jsonl", rows))], seq_len=32,
+               shards=1)  # one shard reads records 3 and 5 before its first batch
     loader = build_loader(cfg, bpe, 2, seed=0)
     batch = next(loader)
     assert set(batch) == {"input_ids", "labels", "position_ids", "document_ids"}
