@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.sources import DataError
+from .errors import DataError
 
 BIN_SUFFIX, IDX_SUFFIX = ".bin", ".idx"
 MAGIC = b"MMIDIDX\x00\x00"

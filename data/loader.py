@@ -79,6 +79,57 @@ def build_source(cfg: DataConfig, split: str, seed: int, rank: int, world: int, 
     return HubSource(cfg.hub_path, cfg.hub_name, cfg.hub_split, list(cfg.hub_data_files), extract, seed, rank, world)
 
 
+def check_inputs(cfg: DataConfig, tokenizer: TextTokenizer, vocab_limit: int) -> dict[str, list]:
+    """Every training and validation glob matches files of a supported format, and every indexed dataset among
+    them is sound (`data/indexed.py` checks), made with this tokenizer (its manifest, `data/manifest.py`) and within
+    the model's vocabulary (the manifest's largest id). Called before any process group starts, so that bad input
+    is one `data error:` line. Returns the files of each training source (by name) for the start banner."""
+    from .indexed import IndexedDataset
+    from .manifest import check_shard_tokenizer, shard_max_id
+
+    listed: dict[str, list] = {}
+    sources = cfg.sources() if cfg.source == "files" else []
+    checks = [(f"data.mixture[{m.name}].paths" if cfg.mixture else "data.paths", m.name, m.paths) for m in sources]
+    checks += [("data.val_paths", None, cfg.val_paths)] if cfg.val_paths else []
+    for key, name, patterns in checks:
+        files = expand_globs(patterns, key)
+        for path in files:
+            if path.suffix.lower() != ".bin":
+                continue
+            if cfg.kind == "sft":
+                raise DataError(f"{key}: {path} is a pre-tokenized indexed dataset; SFT reads conversations (JSON "
+                                "Lines or Parquet with data.messages_field), not token ids")
+            IndexedDataset(path)
+            check_shard_tokenizer(path, tokenizer)
+            top = shard_max_id(path)
+            if top is not None and top >= vocab_limit:
+                raise DataError(f"{key}: {path} holds token ids up to {top} (its manifest), at or past the model's "
+                                f"vocabulary of {vocab_limit} ids: were these shards made with another tokenizer?")
+        if name is not None:
+            listed[name] = files
+    return listed
+
+
+def describe_sources(cfg: DataConfig, files: dict[str, list], rows: int) -> list[str]:
+    """Start-banner lines of a mixture: each source's name, weight, number of files, and for pre-tokenized sources
+    their tokens and the passes over them that `rows` training sequences take at the weights."""
+    from .indexed import IndexedDataset
+
+    total = sum(m.weight for m in cfg.mixture)
+    lines = []
+    for m in cfg.mixture:
+        paths = files.get(m.name, [])
+        line = f"  {m.name:<12} weight {m.weight / total:6.1%}  {len(paths)} file(s)"
+        if paths and all(p.suffix.lower() == ".bin" for p in paths):
+            tokens = sum(IndexedDataset(p).num_tokens for p in paths)
+            wanted = rows * m.weight / total * (cfg.seq_len + 1)
+            line += f", {tokens:,} tokens pre-tokenized: this run reads {wanted / max(tokens, 1):.2f} epoch(s)"
+        if m.epochs is not None:
+            line += f" (at most {m.epochs})"
+        lines.append(line)
+    return lines
+
+
 def stream_seed(seed: int, stream: int) -> tuple[int, ...]:
     """The seed of training source `stream`: the run's seed for the first (so a one-source mixture reads exactly as
     data.paths), its own for each other."""
@@ -463,15 +514,16 @@ class StatefulLoader:
     def epoch(self) -> int:
         """The smallest epoch the held shards' sources were reading when the last batch handed out was made (0
         before every shard finished its first pass)."""
-        return min(self.source_epochs.values())
+        return min(int(snapshot[0]["epoch"]) for snapshot in self._current()[1].values())
 
     @property
     def source_epochs(self) -> dict[str, int]:
-        """For each training source, the smallest epoch its held shards were reading at the last batch handed out."""
+        """For each training source, the furthest epoch any of its held shards had reached at the last batch handed
+        out (shards finish their passes at slightly different rows: this is when the source starts wrapping)."""
         epochs: dict[str, int] = {}
         for (_, stream), snapshot in self._current()[1].items():
             name = self.order.names[stream]
-            epochs[name] = min(epochs.get(name, 1 << 62), int(snapshot[0]["epoch"]))
+            epochs[name] = max(epochs.get(name, 0), int(snapshot[0]["epoch"]))
         return epochs
 
     @property
@@ -582,5 +634,5 @@ def build_loader(cfg: DataConfig, tokenizer: TextTokenizer, micro_batch_size: in
                           fingerprint(cfg, tokenizer, sources, seed, cfg.mixture if split == "train" else None), pool)
 
 
-__all__ = ["DataError", "StatefulLoader", "build_loader", "build_tokenizer", "check_bad_fraction", "epoch_rows",
-           "merge_data_states"]
+__all__ = ["DataError", "StatefulLoader", "build_loader", "build_tokenizer", "check_bad_fraction", "check_inputs",
+           "describe_sources", "epoch_rows", "merge_data_states"]

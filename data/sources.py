@@ -33,6 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from .errors import DataError, SourceExhausted
+from .indexed import IndexedDataset
+
 MAX_EXAMPLES = 20
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
@@ -40,12 +43,6 @@ TEXT_SUFFIXES = (".txt", ".md", ".text", ".py", ".rst")
 INDEXED_SUFFIXES = (".bin",)  # with its .idx beside it: a Megatron indexed dataset (data/indexed.py)
 
 
-class DataError(ValueError):
-    """A data problem that stops the run: a glob that matches nothing, too many bad records, an unknown format."""
-
-
-class SourceExhausted(DataError):
-    """A mixture source capped by `epochs` has no record left (docs/data.md#mixtures)."""
 
 
 @dataclass
@@ -146,6 +143,7 @@ def expand_globs(patterns: list[str], key: str = "data.paths") -> list[Path]:
                                 f".bin/.idx files; give the files or a glob (e.g. {str(path / '*.jsonl')!r})")
         else:
             matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        matches = [m for m in matches if not is_shard_manifest(m)]
         if not matches:
             raise DataError(f"{key}: {pattern!r} matches no file")
         for match in matches:
@@ -159,6 +157,12 @@ def expand_globs(patterns: list[str], key: str = "data.paths") -> list[Path]:
                                 "a .bin/.idx indexed dataset)")
             files.append(match)
     return list(dict.fromkeys(files))  # a file named by two globs is read once
+
+
+def is_shard_manifest(path: Path) -> bool:
+    """The tokenize job's manifest.json (data/manifest.py), which a directory or `DIR/*` glob of shards also
+    names: not an input."""
+    return path.name == "manifest.json" and any(path.parent.glob("*.idx"))
 
 
 def line_index(path: Path, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
@@ -328,8 +332,6 @@ class FileSource:
         pos.offset = int(index[-1])
 
     def _indexed(self, path: Path, pos: Position) -> Iterator[Record]:
-        from .indexed import IndexedDataset
-
         dataset = self._indexes.get(path)
         if dataset is None:
             dataset = self._indexes[path] = IndexedDataset(path)

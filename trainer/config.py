@@ -401,6 +401,9 @@ class TrainConfig:
         self._validate_esft()
         if self.trainer.epochs is not None and self.trainer.epochs <= 0:
             raise ValueError(f"trainer.epochs={self.trainer.epochs}: must be > 0 (or null to use max_steps)")
+        if self.trainer.epochs is not None and self.data.mixture:
+            raise ValueError("trainer.epochs counts passes over one corpus, which a mixture does not have: set "
+                             "trainer.max_steps (a source's own `epochs` caps its passes)")
         if self.checkpoint.optimizer_resume not in ("strict", "reset"):
             raise ValueError(f"checkpoint.optimizer_resume={self.checkpoint.optimizer_resume!r}: allowed: strict, "
                              "reset")

@@ -102,6 +102,10 @@ class MetricsLogger:
         self.jsonl.flush()
         if self.wandb is not None:
             flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+            by_source = metrics.get("tokens_by_source") or {}
+            for name, tokens in by_source.items():  # tokens seen, and their share, per mixture source
+                flat[f"tokens_by_source/{name}"] = tokens
+                flat[f"share_by_source/{name}"] = tokens / max(1, sum(by_source.values()))
             if layer_load is not None:
                 for layer, row in zip(layer_ids or range(len(layer_load)), layer_load):
                     total = float(row.sum())
@@ -152,6 +156,9 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
     if m.get("dropped_copies"):
         parts.append(f"dropped {m['dropped_copies']}")
     parts.append(f"skipped {m.get('skipped_steps', 0)} bad {m.get('bad_records', 0)}")
+    if m.get("tokens_by_source"):
+        total = max(1, sum(m["tokens_by_source"].values()))
+        parts.append("mix " + " ".join(f"{name} {tokens / total:.0%}" for name, tokens in m["tokens_by_source"].items()))
     if "val_loss" in m:
         parts.append(f"val {num('val_loss', '.4f')} ppl {num('val_ppl', '.1f')}")
     if m.get("loss_spike"):

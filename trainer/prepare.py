@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.loader import build_tokenizer
+from data.loader import build_tokenizer, check_inputs
 from data.sources import expand_globs
 from data.tokenizer import TextTokenizer
 from model import ModelConfig
@@ -71,15 +71,14 @@ def prepare(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
                          "launched; check the launcher's node and process counts (or drop the key)")
     cfg.model = resolve_pretrained(cfg, choices)
     cfg.validate(env.world_size)
-    if cfg.data.source == "files":
-        expand_globs(cfg.data.paths)
-    if cfg.data.val_paths:
-        expand_globs(cfg.data.val_paths, "data.val_paths")
+    for key, patterns in input_globs(cfg):  # a wrong glob fails before the built-in BPE is trained
+        expand_globs(patterns, key)
     if env.is_main and cfg.data.source != "stdlib" and not cfg.data.tokenizer:
         print("note: data.tokenizer is not set: using the built-in BPE trained on this Python's standard library, "
               "not on your data; set data.tokenizer=<tokenizer.json or model directory> to use your own", flush=True)
     tokenizer = build_tokenizer(cfg.data)
     cfg.model = fit_model_to_tokenizer(cfg.model, tokenizer, f"data.tokenizer={cfg.data.tokenizer}")
+    check_inputs(cfg.data, tokenizer, cfg.model.vocab_size)
     path, set_aside = choose_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
     try:
         resume = plan(cfg, path, env)
@@ -91,6 +90,13 @@ def prepare(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
         print("warning: esft.enabled on randomly initialised weights: the experts' scores say nothing about your "
               "data; set model.pretrained=<released model directory>", flush=True)
     return Prepared(cfg, tokenizer, resume, set_aside, path)
+
+
+def input_globs(cfg: TrainConfig) -> list[tuple[str, list[str]]]:
+    """(key, globs) of every input the run reads: the training sources' and the validation files'."""
+    globs = [(f"data.mixture[{m.name}].paths" if cfg.data.mixture else "data.paths", m.paths)
+             for m in (cfg.data.sources() if cfg.data.source == "files" else [])]
+    return globs + ([("data.val_paths", cfg.data.val_paths)] if cfg.data.val_paths else [])
 
 
 def plan(cfg: TrainConfig, path: Path | None, env: DistEnv) -> Resume | None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from data.loader import build_loader, epoch_rows
+from data.loader import build_loader, check_bad_fraction, check_inputs, describe_sources, epoch_rows
+from data.sources import BadRecords
 from data.tokenizer import TextTokenizer
 from model.flops import training_flops_per_token
 
@@ -66,13 +67,14 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     weights = load_start_weights(cfg, model, prepared.resume)  # before DeepSpeed copies or partitions them
     trainable, selection = setup_trainable(cfg, model, tokenizer, grid, device, run_dir, env, prepared.resume)
     engine = build_engine(model, cfg, grid, env, device, precision)
-    loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank, grid.dp)
+    loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank, grid.dp,
+                          vocab_limit=cfg.model.vocab_size)
     val_batches = held_out_batches(cfg, tokenizer, grid)
     progress = resume(prepared, engine, loader, env)
     logger = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, progress.step, env.is_main,
                            config_dict(cfg), cfg.trainer.progress)
     announce(logger, run_dir, engine, weights, tokenizer, trainable, selection)
-    reporter = Reporter(cfg, engine, env, device, progress.step)
+    reporter = Reporter(cfg, engine, env, device, progress.step, loader)
     try:
         stopped_by, checkpoint = loop(progress, engine, loader, logger, reporter, prepared, env, selection,
                                       val_batches)
@@ -127,8 +129,16 @@ def step(progress: Progress, engine: Engine, loader, logger: MetricsLogger, repo
     step_start = time.perf_counter()
     faults.current_step = progress.step + 1
     faults.fault("step")
+    epochs = loader.source_epochs
     batches = draw_batches(progress.step, loader, cfg, grid)
-    result = engine.step(progress.step, batches, sum(loader.bad_records["counts"].values()))
+    bad = loader.bad_records
+    check_bad_records(cfg, grid, engine.device, bad)
+    for name, epoch in loader.source_epochs.items():
+        if epoch > epochs[name]:
+            logger.print(f"data: {'source ' + name if cfg.data.mixture else 'the training data'} starts its epoch "
+                         f"{epoch + 1} at step {progress.step + 1} (its shards wrap around one by one, each in a new "
+                         "seeded order)")
+    result = engine.step(progress.step, batches, sum(bad["counts"].values()))
     if faults.armed("weights") and faults.fault("weights"):  # test-only: a weight turned NaN
         with torch.no_grad(), engine.full_weights(modifier_rank=0):
             next(engine.model.parameters()).view(-1)[0] = float("nan")
@@ -142,6 +152,17 @@ def step(progress: Progress, engine: Engine, loader, logger: MetricsLogger, repo
     metrics = reporter.metrics(progress, result, time.perf_counter() - step_start, val_batches)
     if metrics is not None:
         logger.log(progress.step, metrics, result.tokens_per_expert, reporter.moe_layer_ids)
+
+
+def check_bad_records(cfg: TrainConfig, grid: ProcessGrid, device: torch.device, bad: dict) -> None:
+    """Stop on too many unusable records, judged on the whole job's counts (every rank alike: the counts are summed
+    over the data-parallel ranks, each counting the shards it owns). One rank checks in its loader."""
+    if grid.dp == 1:
+        return
+    totals = torch.tensor([float(sum(bad["counts"].values())), float(bad["good"])], dtype=torch.float64,
+                          device=device)
+    torch.distributed.all_reduce(totals, group=grid.dp_group)
+    check_bad_fraction(cfg.data, BadRecords.from_state(bad), int(totals[0]), int(totals[1]))
 
 
 def steps_from_epochs(cfg: TrainConfig, tokenizer: TextTokenizer, grid: ProcessGrid, device: torch.device,
@@ -163,7 +184,7 @@ def held_out_batches(cfg: TrainConfig, tokenizer: TextTokenizer, grid: ProcessGr
     if not cfg.trainer.val_every:
         return []
     loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank, grid.dp,
-                          split="val")
+                          split="val", vocab_limit=cfg.model.vocab_size)
     if loader is None:
         return []
     try:
@@ -215,8 +236,9 @@ class Reporter:
     """What a log step reports: the step's figures, throughput of the training steps alone, MFU on GPUs, dropped
     copies since the last log line, expert-parallel dispatch figures, and the validation loss when it is due."""
 
-    def __init__(self, cfg: TrainConfig, engine: Engine, env: DistEnv, device: torch.device, start_step: int):
-        self.cfg, self.engine, self.env, self.device = cfg, engine, env, device
+    def __init__(self, cfg: TrainConfig, engine: Engine, env: DistEnv, device: torch.device, start_step: int,
+                 loader=None):
+        self.cfg, self.engine, self.env, self.device, self.loader = cfg, engine, env, device, loader
         self.throughput, self.dropped = Throughput(), 0
         self.spikes = LossSpikes(cfg.trainer.loss_spike_ratio, cfg.trainer.loss_spike_window)
         self.flops_per_token = training_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -261,6 +283,9 @@ class Reporter:
                    "dropped_copies": self.dropped,
                    "eta_s": (time.time() - self.loop_start) / (step - self.first_step) * (t.max_steps - step)}
         self.dropped = 0
+        if self.cfg.data.mixture and self.loader is not None:  # global rows of each source x positions per row
+            metrics["tokens_by_source"] = {name: rows * self.cfg.data.seq_len
+                                           for name, rows in self.loader.rows_by_source.items()}
         if result.tokens_per_expert is not None:
             metrics["load_imbalance"], metrics["load_imbalance_per_layer"] = load_imbalance(result.tokens_per_expert)
         if self.engine.grid.ep > 1:
@@ -275,12 +300,19 @@ def announce(logger: MetricsLogger, run_dir: Path, engine: Engine, weights: str,
     grid, d = engine.grid, engine.cfg.data
     data = {"stdlib": "the built-in corpus (this Python's standard library)",
             "files": f"data.paths={list(d.paths)}", "hub": f"the hub dataset {d.hub_path}"}[d.source]
+    if d.mixture:
+        data = f"a mixture of {len(d.mixture)} sources"
     logger.print(f"run dir   {run_dir}\n"
                  f"layout    {grid.world} process(es) on {engine.device} ({engine.precision}, {engine.name}), pipeline "
                  f"{grid.pp} x data-parallel {grid.dp} x expert-parallel {grid.ep}\n"
                  f"weights   {weights}\n"
                  f"tokenizer {tokenizer.source} ({tokenizer.vocab_size} ids)\n"
                  f"data      {'chat SFT from ' if d.kind == 'sft' else ''}{data}, {d.seq_len}-token sequences")
+    if d.mixture:
+        t = engine.cfg.trainer
+        rows = sum(global_batch_at(s, t, grid.dp) for s in range(t.max_steps))
+        for line in describe_sources(d, check_inputs(d, tokenizer, engine.cfg.model.vocab_size), rows):
+            logger.print(line)
     if trainable["trainable"] != trainable["total"]:
         logger.print(f"training {trainable['trainable']:,} of {trainable['total']:,} parameters on this rank"
                      + (f" (ESFT: {sum(map(len, selection.values()))} experts over {len(selection)} MoE layers)"
