@@ -236,6 +236,9 @@ class Pipeline:
         self.buffer = ShuffleBuffer(size, seed=[seed, rank, 1] + ([stream] if stream else []))
         self.position = Position()
         self.bad = BadRecords().state()  # skipped records up to `position`
+        # Where the chunk the packer is cutting began (position, bad records): a pretraining state is that and the
+        # packer's few held tokens, not the chunk's tokens (ConcatPacker), so it stays small whatever the documents.
+        self.chunk_start = (self.position.state(), self.bad)
         self.pool = pool
         # Records per encode_batch call. The rows do not depend on it (the packer concatenates documents whatever
         # their chunk), so the loader may split data.docs_per_chunk between the shards it drives.
@@ -248,13 +251,16 @@ class Pipeline:
         self.buffer.load_state(state["buffer"])
         self.bad = state["bad"]
         self.source.bad = BadRecords.from_state(state["bad"])
+        self.chunk_start = (self.position.state(), self.bad)
 
     def snapshot(self) -> tuple:
-        """Cheap to take per batch: rows and token arrays are immutable, so references suffice."""
-        return self.position.state(), self.packer.snapshot(), self.buffer.snapshot(), self.bad
+        """Cheap to take per batch: rows and token arrays are immutable, so references suffice. (The position and
+        bad records after the last chunk read, for the figures; the packer, the buffer; where the state resumes.)"""
+        start = self.chunk_start if not self.sft else (self.position.state(), self.bad)
+        return self.position.state(), self.packer.snapshot(), self.buffer.snapshot(), self.bad, start
 
     def state_from(self, snapshot: tuple) -> dict:
-        position, packer, buffer, bad = snapshot
+        _, packer, buffer, _, (position, bad) = snapshot
         return {"position": position, "packer": self.packer.state_from(packer), "buffer": self.buffer.state_from(buffer),
                 "bad": bad}
 
@@ -299,6 +305,9 @@ class Pipeline:
                     raise ended
                 read_ahead()
                 chunk, bad, examples, ended = in_flight.popleft()
+                if not self.sft:
+                    self.chunk_start = (self.position.state(), self.bad)
+                    self.packer.mark()
                 for example in examples.result():
                     self.packer.add(example)
                 if chunk:

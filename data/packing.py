@@ -19,15 +19,33 @@ PAD_DOCUMENT = np.iinfo(np.int32).max
 
 
 class ConcatPacker:
-    """Concatenate documents and cut rows of `seq_len + 1` tokens (no token is used twice, none is dropped)."""
+    """Concatenate documents and cut rows of `seq_len + 1` tokens (no token is used twice, none is dropped).
+
+    Its state does not hold the tokens of the documents it is cutting, which may be many (one huge document, or a
+    chunk of long ones): the pipeline calls `mark()` before adding each chunk of documents, and the state is what
+    the packer held then (less than one row) and how many tokens it has cut since. Resuming re-reads the chunk from
+    the position before it (the pipeline's state) and `load_state` drops the tokens already cut."""
 
     def __init__(self, seq_len: int):
         self.width = seq_len + 1
         self.pending: deque[np.ndarray] = deque()
         self.head = 0  # tokens of pending[0] already emitted
         self.available = 0
+        self.carry = np.zeros(0, np.int32)  # what was held at the last mark()
+        self.consumed = 0  # tokens cut (or skipped on resume) since the last mark()
+        self.skip = 0  # tokens still to drop after load_state
+
+    def mark(self) -> None:
+        """The next documents start a new chunk: remember what is held (less than a row once `rows()` is drained)
+        and count the tokens cut from here."""
+        self.carry = self._rest()
+        self.consumed = 0
 
     def add(self, example: np.ndarray) -> None:
+        if self.skip:
+            dropped = min(self.skip, len(example))
+            example, self.skip = example[dropped:], self.skip - dropped
+            self.consumed += dropped
         if len(example):
             self.pending.append(example)
             self.available += len(example)
@@ -45,20 +63,32 @@ class ConcatPacker:
                     self.pending.popleft()
                     self.head = 0
             self.available -= self.width
+            self.consumed += self.width
             yield {"tokens": np.concatenate(parts)}
 
+    def _rest(self) -> np.ndarray:
+        if not self.pending:
+            return np.zeros(0, np.int32)
+        return np.concatenate([self.pending[0][self.head:], *list(self.pending)[1:]]).astype(np.int32)
+
     def snapshot(self) -> tuple:
-        return tuple(self.pending), self.head
+        return self.carry, self.consumed
 
     @staticmethod
     def state_from(snapshot: tuple) -> dict:
-        pending, head = snapshot
-        rest = np.concatenate([pending[0][head:], *pending[1:]]) if pending else np.zeros(0, np.int32)
-        return {"tokens": rest.astype(np.int32)}
+        carry, consumed = snapshot
+        return {"carry": np.asarray(carry, np.int32), "consumed": int(consumed)}
 
     def load_state(self, state: dict) -> None:
+        """Hold the state's carry and drop its `consumed` tokens: first of the carry, then of the documents added
+        next (the re-read chunk)."""
         self.pending, self.head, self.available = deque(), 0, 0
-        self.add(np.asarray(state["tokens"], dtype=np.int32))
+        carry = np.asarray(state["carry"], np.int32)
+        dropped = min(len(carry), int(state["consumed"]))
+        self.carry, self.consumed, self.skip = carry, dropped, int(state["consumed"]) - dropped
+        if len(carry) > dropped:
+            self.pending.append(carry[dropped:])
+            self.available = len(carry) - dropped
 
 
 class ConversationPacker:

@@ -31,9 +31,10 @@ BATCH_CHARS = 1 << 21
 """At most this many characters go to one `encode_batch` call of `TextTokenizer.encode_documents`."""
 
 
-def document_pieces(text: str, limit: int = PIECE_CHARS) -> list[str]:
-    """`text` cut into pieces of at most `limit` characters, each ending at the last line break (else the last
-    space) inside the limit, or at the limit when there is neither. Short texts are one piece."""
+def document_pieces(text: str, limit: int | None = None) -> list[str]:
+    """`text` cut into pieces of at most `limit` characters (default `PIECE_CHARS`), each ending at the last line
+    break (else the last space) inside the limit, or at the limit when there is neither. Short texts are one piece."""
+    limit = limit or PIECE_CHARS
     if len(text) <= limit:
         return [text]
     pieces, start = [], 0

@@ -19,18 +19,29 @@ from tests.data.conftest import write_jsonl
 from trainer.checkpoint import load_state, save_state
 
 
-def test_concat_packer_cuts_rows_without_losing_or_repeating_tokens():
-    packer = ConcatPacker(seq_len=7)  # rows of 8
-    docs = [np.arange(n, dtype=np.int32) + 100 * i for i, n in enumerate([3, 11, 1, 6, 9])]
-    rows = []
-    for d in docs:
-        packer.add(d)
-        rows += [r["tokens"] for r in packer.rows()]
+def test_concat_packer_cuts_rows_without_losing_or_repeating_tokens_and_resumes_from_a_small_state():
+    docs = [np.arange(n, dtype=np.int32) + 100 * i for i, n in enumerate([3, 11, 1, 6, 9, 40, 2])]
+    packer, rows, states = ConcatPacker(seq_len=7), [], []  # rows of 8; each document its own chunk
+    for i, doc in enumerate(docs):
+        packer.mark()
+        packer.add(doc)
+        for row in packer.rows():
+            rows.append(row["tokens"])
+            states.append((i, ConcatPacker.state_from(packer.snapshot())))
     stream = np.concatenate(docs)
-    assert all(len(r) == 8 for r in rows)
-    pending = ConcatPacker.state_from(packer.snapshot())["tokens"]
-    np.testing.assert_array_equal(np.concatenate(rows + [pending]), stream)
-    assert len(pending) == len(stream) % 8
+    assert all(len(r) == 8 for r in rows) and len(rows) == len(stream) // 8
+    np.testing.assert_array_equal(np.concatenate(rows), stream[:len(rows) * 8])
+    for k, (chunk, state) in enumerate(states):  # resumed after row k, re-reading from the chunk it was cut from
+        assert len(state["carry"]) < 8  # never the chunk's tokens: less than a row
+        again, more = ConcatPacker(seq_len=7), []
+        again.load_state(state)
+        for doc in docs[chunk:]:
+            again.mark()
+            again.add(doc)
+            more += [r["tokens"] for r in again.rows()]
+        assert len(more) == len(rows) - k - 1
+        for a, b in zip(more, rows[k + 1:]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_conversation_packer_keeps_conversations_whole_and_labels_only_trained_tokens():

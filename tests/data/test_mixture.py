@@ -174,3 +174,34 @@ def test_paths_and_mixture_are_exclusive(mixture_cfg):
     mixture_cfg.paths = ["a.jsonl"]
     with pytest.raises(ValueError, match="data.paths and data.mixture are exclusive"):
         mixture_cfg.validate()
+
+
+def test_a_huge_document_is_tokenized_in_pieces_and_never_held_in_the_state(tmp_path, bpe, monkeypatch):
+    """A document far longer than a piece (here 60,000 characters against pieces of 2,000, as a 50 MB line against
+    the default 256 Ki): its tokens decode back to the text, every checkpointed state holds less than a row of them,
+    and a resume from any of those states continues row for row."""
+    import data.tokenizer
+
+    monkeypatch.setattr(data.tokenizer, "PIECE_CHARS", 2000)
+    monkeypatch.setattr(data.tokenizer, "BATCH_CHARS", 8000)
+    huge = "".join(f"line {i} of the huge document, with words\n" for i in range(1500))
+    assert len(huge) > 60_000 and len(data.tokenizer.document_pieces(huge)) > 30
+    tokens = bpe.encode_documents([huge])[0]
+    assert bpe.decode(tokens[1:-1]) == huge  # BOS ... EOS around every piece's ids: nothing lost at the cuts
+    rows = [{"text": "small one"}, {"text": huge}, {"text": "small two"}]
+    cfg = DataConfig(source="files", paths=[str(write_jsonl(tmp_path / "huge.jsonl", rows))], seq_len=16,
+                     shuffle_buffer=1, shards=1, docs_per_chunk=2, cache_dir=str(tmp_path / "c"))
+    loader = build_loader(cfg, bpe, 4, 0)
+    states, batches = [], []
+    for _ in range(40):
+        batches.append(_rows(next(loader)))
+        states.append(loader.state_dict())
+    loader.close()
+    for k in (0, 17, 39):
+        packer = states[k]["shards"]["0"]["packer"]
+        assert len(packer["carry"]) <= 16 and packer["consumed"] >= 16 * (k + 1)  # cutting the huge document
+        resumed = build_loader(cfg, bpe, 4, 0)
+        resumed.load_state_dict(states[k])
+        for expected in batches[k + 1:k + 4]:
+            np.testing.assert_array_equal(_rows(next(resumed)), expected)
+        resumed.close()
