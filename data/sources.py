@@ -11,7 +11,7 @@ Records that cannot be used (malformed JSON, a missing or non-string field, an e
 skipped and counted by reason, with the file and line of the first few, in `BadRecords`: in the first pass only, so
 a record is counted once however many epochs the run makes (later passes skip it silently).
 
-A part reads only its own records (docs/data.md#who-reads-what): JSON Lines through a one-time index of line
+A part reads only its own records (docs/data.md#data-order): JSON Lines through a one-time index of line
 offsets (`line_index`, cached in `data.cache_dir`), Megatron `.bin/.idx` indexed datasets (`data/indexed.py`) by
 document through their own index, whole text files by name. Parquet files are the exception: a part decodes the text
 column of every row group and keeps its own rows.
