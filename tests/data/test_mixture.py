@@ -37,7 +37,7 @@ def _bin(path, low: int, high: int, docs: int, seed: int):
     with IndexedWriter(path, np.uint16) as writer:
         for _ in range(docs):
             writer.add_document(rng.integers(low, high, rng.integers(3, 30)).astype(np.int32))
-    return path.with_suffix(".bin")
+    return path.parent / (path.name + ".bin")
 
 
 @pytest.fixture
@@ -205,3 +205,24 @@ def test_a_huge_document_is_tokenized_in_pieces_and_never_held_in_the_state(tmp_
         for expected in batches[k + 1:k + 4]:
             np.testing.assert_array_equal(_rows(next(resumed)), expected)
         resumed.close()
+
+
+def test_shards_made_with_another_tokenizer_or_past_the_vocabulary_are_refused_before_training(tmp_path, bpe):
+    from data.loader import check_inputs
+    from data.manifest import write_manifest
+
+    (tmp_path / "tok").mkdir()
+    shard = _bin(tmp_path / "tok" / "00000-a.jsonl", 3, 390, 10, 0)
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "tok" / "*")], cache_dir=str(tmp_path / "c"))
+
+    def manifest(identity, max_id):
+        write_manifest(shard.parent, identity, {shard.name: {"documents": 10, "max_token_id": max_id}}, {})
+
+    manifest(bpe.identity(), 389)
+    assert check_inputs(cfg, bpe, 400) == {"data": [shard]}  # manifest.json is no input; all is well
+    with pytest.raises(DataError, match=r"holds token ids up to 389 \(its manifest\), at or past the model's "
+                                        r"vocabulary of 300 ids"):
+        check_inputs(cfg, bpe, 300)
+    manifest({**bpe.identity(), "sha256": "0" * 64, "source": "/elsewhere/tokenizer.json"}, 389)
+    with pytest.raises(DataError, match=r"/elsewhere/tokenizer.json.*" + bpe.source.replace("/", ".")):
+        check_inputs(cfg, bpe, 400)
