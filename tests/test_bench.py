@@ -122,20 +122,58 @@ def test_default_depth_puts_the_head_under_its_share_or_keeps_the_preset():
     assert bench.default_depth("tiny", 256, cpu)[0] == 4
 
 
-def test_data_bench_pipeline_tokens_equal_the_raw_tokenizers(tmp_path):
+def test_data_bench_pipeline_tokens_equal_the_raw_tokenizers(tmp_path, cache_dir):
     """Exact: the unshuffled pipeline's rows (inputs and targets) equal the raw tokenizer's encodings of the same
     documents, each followed by EOS, cut into rows (0 tokens differ, over all but the last partial row), and none
-    of the shuffled loader's first rows is outside that multiset."""
-    seq = 128
-    results = _bench(tmp_path, "data", "--cache-dir", str(tmp_path / "cache"), "--rounds", "1", "--max-mb", "1",
-                     "--seq", str(seq))
+    of the shuffled loader's first rows is outside that multiset. The same documents pre-tokenized (.bin/.idx)
+    give the same rows, unshuffled and shuffled; the ratio line is printed; the 3-source mixture's rows per source
+    are the largest-deficit-first counts; data.shards 1, 8 and 32 each have a row, on-the-fly and pre-tokenized,
+    whose first rows agree. Timings are reported, not tested."""
+    seq = 64
+    results, stdout = _bench_out(tmp_path, "data", "--cache-dir", str(cache_dir), "--rounds", "1", "--max-mb", "1",
+                                 "--shard-mb", "0.5", "--seq", str(seq), "--min-seconds", "0",
+                                 "--docs-per-chunk", "16")
     parity = results["parity"]
     assert parity["mismatched_tokens"] == 0 and parity["shuffled_rows_unmatched"] == 0
     # every row of the epoch is compared: all tokens (plus one EOS per document) but the last partial row's
     assert 0 <= results["tokens"] + results["documents"] - parity["tokens_compared"] < seq + 1
     assert parity["shuffled_rows_checked"] > parity["rows_compared"] // 2
     assert results["ratio"] == pytest.approx(results["pipeline_tokens_per_s"] / max(
-        v for k, v in results.items() if k.startswith("raw_")))
+        v for k, v in results.items() if k.startswith("raw_") and k.endswith("_tokens_per_s")))
+
+    pretokenized = results["pretokenized"]
+    assert pretokenized["files"] == 4 and pretokenized["tokens_per_s"] > 0
+    assert pretokenized["parity"]["rows_compared"] == parity["rows_compared"]
+    assert pretokenized["parity"]["mismatched_tokens"] == 0
+    assert pretokenized["parity"]["shuffled_rows_compared"] == parity["shuffled_rows_checked"]
+    assert pretokenized["parity"]["shuffled_mismatched_tokens"] == 0
+    ratio_lines = [line for line in stdout.splitlines() if "ratio pretokenized / on-the-fly" in line]
+    assert len(ratio_lines) == 1
+    assert re.fullmatch(r"  ratio pretokenized / on-the-fly tokens/s: \d+\.\d\dx", ratio_lines[0])
+    assert f"{results['ratio_pretokenized']:.2f}x" in ratio_lines[0]
+    assert results["ratio_pretokenized"] == pytest.approx(pretokenized["tokens_per_s"] /
+                                                          results["pipeline_tokens_per_s"])
+
+    mixture = results["mixture"]
+    assert [(m["name"], m["weight"], m["format"]) for m in mixture["sources"]] == [
+        ("text", 0.5, "jsonl"), ("tokens-a", 0.3, "bin"), ("tokens-b", 0.2, "bin")]
+    assert mixture["mismatched_rows"] == 0 and mixture["tokens_per_s"] > 0
+    assert mixture["rows_by_source"] == mixture["expected_rows_by_source"]
+    assert sum(mixture["rows_by_source"].values()) == mixture["global_rows"] > 0
+    for name, weight in (("text", 0.5), ("tokens-a", 0.3), ("tokens-b", 0.2)):
+        assert abs(mixture["rows_by_source"][name] - weight * mixture["global_rows"]) <= 1
+
+    shard_rows = results["shard_rows"]
+    rows = {(r["kind"], r["shards"]): r for r in shard_rows["rows"]}
+    assert set(rows) == {(kind, shards) for kind in ("on-the-fly", "pretokenized") for shards in (1, 8, 32)}
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and row["first_batch_s"] > 0
+    for shards in ("1", "8", "32"):
+        assert shard_rows["parity"][shards]["rows_compared"] >= 128
+        assert shard_rows["parity"][shards]["mismatched_tokens"] == 0
+    sustained = results["sustained"]
+    assert sustained["seq"] == 4096
+    assert sustained["rows_per_s"] == pytest.approx(pretokenized["tokens_per_s"] / 4096)
 
 
 def test_ep_bench_expert_parallel_output_equals_local(tmp_path):
