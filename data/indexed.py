@@ -89,7 +89,8 @@ class IndexedDataset:
         self.num_tokens = self._check_index()
         self._check_bin_size()
         if self.num_tokens:
-            self._tokens = np.memmap(self.bin_path, dtype=self.dtype.newbyteorder("<"), mode="r")
+            # a plain array over the mapping: slices of a memmap subclass cost more than reading a short document
+            self._tokens = np.asarray(np.memmap(self.bin_path, dtype=self.dtype.newbyteorder("<"), mode="r"))
         else:  # an empty file cannot be memory-mapped
             self._tokens = np.empty(0, dtype=self.dtype)
             self._tokens.flags.writeable = False
@@ -100,15 +101,17 @@ class IndexedDataset:
 
     def document(self, k: int) -> np.ndarray:
         """Document k's tokens (its sequences concatenated), a read-only view of the `.bin`."""
-        if not -len(self) <= k < len(self):
-            raise IndexError(f"{self.idx_path}: document {k} out of range ({len(self)} documents)")
-        k %= len(self)
+        count = len(self._docs) - 1
+        if not -count <= k < count:
+            raise IndexError(f"{self.idx_path}: document {k} out of range ({count} documents)")
+        k %= count
         first, end = int(self._docs[k]), int(self._docs[k + 1])
         if first == end:
             return self._tokens[:0]
         # the sequences of a document are adjacent in the .bin: the index check proved the pointers contiguous
         start = int(self._pointers[first]) // self.dtype.itemsize
-        return self._tokens[start: start + int(self._lengths[first:end].sum(dtype=np.int64))]
+        length = int(self._lengths[first]) if end == first + 1 else int(self._lengths[first:end].sum(dtype=np.int64))
+        return self._tokens[start: start + length]
 
     def document_lengths(self) -> np.ndarray:
         """Tokens per document, int64."""

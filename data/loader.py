@@ -24,7 +24,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
 from itertools import islice
 from typing import Any
@@ -134,6 +134,12 @@ def stream_seed(seed: int, stream: int) -> tuple[int, ...]:
     """The seed of training source `stream`: the run's seed for the first (so a one-source mixture reads exactly as
     data.paths), its own for each other."""
     return (seed,) if stream == 0 else (seed, 1_000_003, stream)
+
+
+MIN_CHUNK = 16
+"""Documents per chunk, at least, of a shard's pipeline (at most data.docs_per_chunk)."""
+PRETOKENIZED_CHUNK = 64
+"""Documents per chunk, at least, of a source made only of indexed datasets (at most data.docs_per_chunk)."""
 
 
 class Blend:
@@ -254,10 +260,11 @@ class Pipeline:
         self.chunk_start = (self.position.state(), self.bad)
 
     def snapshot(self) -> tuple:
-        """Cheap to take per batch: rows and token arrays are immutable, so references suffice. (The position and
-        bad records after the last chunk read, for the figures; the packer, the buffer; where the state resumes.)"""
+        """Cheap to take per batch: rows, token arrays and positions are never changed once made, so references
+        suffice. (The position and bad records after the last chunk read, for the figures; the packer, the buffer;
+        where the state resumes.)"""
         start = self.chunk_start if not self.sft else (self.position.state(), self.bad)
-        return self.position.state(), self.packer.snapshot(), self.buffer.snapshot(), self.bad, start
+        return self.position, self.packer.snapshot(), self.buffer.snapshot(), self.bad, start
 
     def state_from(self, snapshot: tuple) -> dict:
         _, packer, buffer, _, (position, bad) = snapshot
@@ -272,7 +279,8 @@ class Pipeline:
             return encode_conversations(self.tokenizer, payloads)
         texts = [p for p in payloads if isinstance(p, str)]
         encoded = iter(self.tokenizer.encode_documents(texts) if texts else ())
-        return [next(encoded) if isinstance(p, str) else np.asarray(p, np.int32) for p in payloads]
+        # Stored documents stay views of the memory-mapped file, in its dtype, until a row copies them out.
+        return [next(encoded) if isinstance(p, str) else p for p in payloads]
 
     def rows(self) -> Iterator[dict]:
         """Rows out of the shuffle buffer; while the generator waits at a row, `snapshot()` is the state just after
@@ -290,8 +298,13 @@ class Pipeline:
                 chunk.extend(islice(records, self.docs_per_chunk))
             except SourceExhausted as e:  # raised once the rows of the records before it are used
                 ended = e
-            in_flight.append((chunk, self.source.bad.state(), pool.submit(self._examples, [r.payload for r in chunk]),
-                              ended))
+            payloads = [r.payload for r in chunk]
+            if self.sft or any(isinstance(p, str) for p in payloads):
+                examples = pool.submit(self._examples, payloads)
+            else:  # token ids already: nothing to hand the tokenizing threads
+                examples = Future()
+                examples.set_result(self._examples(payloads))
+            in_flight.append((chunk, self.source.bad.state(), examples, ended))
 
         try:
             read_ahead()
@@ -342,6 +355,10 @@ class RankRows:
         self.held, self.owned = shard_layout(shards, rank, world)
         self.global_rows = 0
         self.blend = Blend([1.0] * len(names))  # replaced by the mixture's weights in build_loader
+        # A pipeline's state changes only inside its own next(): snapshots are retaken for those pulled since.
+        self._snapshots: dict[tuple[int, int], tuple] = {}
+        self.stale = set(pipelines)
+        self.counted = False
 
     def key(self, shard: int, stream: int) -> str:
         """The name of a pipeline's state in a checkpoint: the shard, and with a mixture the source's name."""
@@ -369,6 +386,7 @@ class RankRows:
                 stream.close()
 
     def _pull(self, streams: dict, shard: int, stream: int) -> dict:
+        self.stale.add((shard, stream))
         try:
             return next(streams[(shard, stream)])
         except SourceExhausted:
@@ -383,8 +401,15 @@ class RankRows:
             raise DataError(f"data shard {shard} of data.shards={self.shards}: {e}{hint}") from None
 
     def snapshot(self) -> tuple[int, dict[tuple[int, int], tuple], tuple[int, ...]]:
-        return (self.global_rows, {key: p.snapshot() for key, p in self.pipelines.items()},
-                tuple(self.blend.counts))
+        """(global rows, each pipeline's snapshot, rows per source); `counted` says whether a pipeline has read
+        records (and so counted bad ones) since the previous snapshot."""
+        self.counted = False
+        for key in self.stale:
+            old, new = self._snapshots.get(key), self.pipelines[key].snapshot()
+            self.counted = self.counted or old is None or old[3] is not new[3]
+            self._snapshots[key] = new
+        self.stale.clear()
+        return self.global_rows, {key: self._snapshots[key] for key in self.pipelines}, tuple(self.blend.counts)
 
 
 def merge_data_states(states: list[dict], names: list[str] | None = None) -> dict:
@@ -493,6 +518,7 @@ class StatefulLoader:
                             "is written by one rank: is a data_rank file missing from the checkpoint?)")
         for key, pipeline_key in keys.items():
             order.pipelines[pipeline_key].load_state(state["shards"][key])
+        order.stale = set(order.pipelines)
         order.global_rows = order.blend.rows = rows
         order.blend.counts = [int(c) for c in state.get("source_rows", [rows])]
         self._snapshot = None
@@ -523,7 +549,7 @@ class StatefulLoader:
     def epoch(self) -> int:
         """The smallest epoch the held shards' sources were reading when the last batch handed out was made (0
         before every shard finished its first pass)."""
-        return min(int(snapshot[0]["epoch"]) for snapshot in self._current()[1].values())
+        return min(snapshot[0].epoch for snapshot in self._current()[1].values())
 
     @property
     def source_epochs(self) -> dict[str, int]:
@@ -532,7 +558,7 @@ class StatefulLoader:
         epochs: dict[str, int] = {}
         for (_, stream), snapshot in self._current()[1].items():
             name = self.order.names[stream]
-            epochs[name] = max(epochs.get(name, 0), int(snapshot[0]["epoch"]))
+            epochs[name] = max(epochs.get(name, 0), snapshot[0].epoch)
         return epochs
 
     @property
@@ -562,7 +588,7 @@ class StatefulLoader:
                 rows.append(row)
                 if len(rows) == self.batch_size:
                     snapshot = self.order.snapshot()
-                    if self.order.world == 1:  # it reads every record: the whole job's figures
+                    if self.order.world == 1 and self.order.counted:  # it reads every record: the job's figures
                         check_bad_fraction(self.cfg, self._bad_records(snapshot, self.order.owned))
                     yield collate(rows, self.sft), snapshot
                     rows = []
@@ -632,8 +658,11 @@ def build_loader(cfg: DataConfig, tokenizer: TextTokenizer, micro_batch_size: in
                                               shuffle=split == "train", pool=pool, stream=stream)
     for pipeline in pipelines.values():
         # The held pipelines advance together, so one round of chunks tokenizes data.docs_per_chunk documents, as
-        # one shard's chunk would: the first batch waits for no more tokenizing than with a single shard.
-        pipeline.docs_per_chunk = -(-cfg.docs_per_chunk // len(pipelines))
+        # one shard's chunk would: the first batch waits for no more tokenizing than with a single shard. But not
+        # under MIN_CHUNK documents, which keep the tokenizer's batch encoding busy (a micro-batch's first rows
+        # touch only its own shards), and indexed datasets, with nothing to tokenize, keep larger chunks.
+        floor = PRETOKENIZED_CHUNK if getattr(pipeline.source, "pretokenized", False) else MIN_CHUNK
+        pipeline.docs_per_chunk = max(-(-cfg.docs_per_chunk // len(pipelines)), min(floor, cfg.docs_per_chunk))
     names = [m.name if m else "data" for m in mixture]
     order = RankRows(pipelines, shards, rank, world, names)
     if cfg.mixture and split == "train":

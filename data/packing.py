@@ -163,12 +163,24 @@ class ConversationPacker:
 
 class ShuffleBuffer:
     """Seeded reservoir-style shuffle over rows: while filling it holds rows back; once full, each new row swaps with
-    a uniformly chosen held row, which is emitted."""
+    a uniformly chosen held row, which is emitted. Its random choices are drawn in blocks, each from its own seed
+    and index, so the state is the count of choices made: a snapshot per micro-batch costs nothing."""
+
+    BLOCK = 4096
 
     def __init__(self, size: int, seed: int | list[int]):
         self.size = size
-        self.rng = np.random.default_rng(seed)
+        self.seed = list(seed) if isinstance(seed, (list, tuple)) else [seed]
         self.rows: list[dict] = []
+        self.draws = 0
+        self._block: np.ndarray | None = None
+
+    def _choice(self) -> int:
+        block, at = divmod(self.draws, self.BLOCK)
+        if at == 0 or self._block is None:
+            self._block = np.random.default_rng([*self.seed, block]).integers(self.size, size=self.BLOCK)
+        self.draws += 1
+        return int(self._block[at])
 
     def push(self, row: dict) -> dict | None:
         if self.size <= 1:
@@ -176,20 +188,21 @@ class ShuffleBuffer:
         if len(self.rows) < self.size:
             self.rows.append(row)
             return None
-        i = int(self.rng.integers(self.size))
+        i = self._choice()
         out, self.rows[i] = self.rows[i], row
         return out
 
     def snapshot(self) -> tuple:
-        return tuple(self.rows), self.rng.bit_generator.state
+        return tuple(self.rows), self.draws
 
     @staticmethod
     def state_from(snapshot: tuple) -> dict:
-        rows, rng_state = snapshot
+        rows, draws = snapshot
         keys = rows[0].keys() if rows else ()
-        return {"rows": {k: np.stack([r[k] for r in rows]) for k in keys}, "count": len(rows), "rng": rng_state}
+        return {"rows": {k: np.stack([r[k] for r in rows]).astype(np.int32, copy=False) for k in keys},
+                "count": len(rows), "draws": draws}
 
     def load_state(self, state: dict) -> None:
         count = state["count"]
         self.rows = [{k: np.asarray(v[i]) for k, v in state["rows"].items()} for i in range(count)]
-        self.rng.bit_generator.state = state["rng"]
+        self.draws, self._block = int(state["draws"]), None

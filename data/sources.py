@@ -19,6 +19,7 @@ column of every row group and keeps its own rows.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -165,6 +166,20 @@ def is_shard_manifest(path: Path) -> bool:
     return path.name == "manifest.json" and any(path.parent.glob("*.idx"))
 
 
+def opened(path: Path, cache_dir: str | os.PathLike | None = None):
+    """The line index of a JSON Lines file or the IndexedDataset of a .bin, from a small per-process cache keyed by
+    the file's size and modification time: every shard of a rank walks the same files, every pass."""
+    stat = path.stat()
+    return _opened(str(path), stat.st_size, stat.st_mtime_ns, None if cache_dir is None else str(cache_dir))
+
+
+@functools.lru_cache(maxsize=16)
+def _opened(path: str, size: int, mtime_ns: int, cache_dir: str | None):
+    if path.lower().endswith(INDEXED_SUFFIXES):
+        return IndexedDataset(path)
+    return line_index(Path(path), cache_dir)
+
+
 def line_index(path: Path, cache_dir: str | os.PathLike | None = None) -> np.ndarray:
     """Byte offsets of the lines of a JSON Lines file: line i is bytes [index[i], index[i + 1]) (its newline
     included), as `readline` cuts them. Built by one read of the file and, with `cache_dir`, kept there (keyed by
@@ -229,10 +244,14 @@ class FileSource:
         self.name, self.epochs, self.cache_dir = name, epochs, cache_dir
         self.vocab_limit: int | None = None  # token ids of indexed datasets must be below it (set by the loader)
         self.bad = BadRecords()
-        self._indexes: dict[Path, Any] = {}  # line indexes and indexed datasets of the files being read
 
     def identity(self) -> list[str]:
         return [str(f) for f in self.files]
+
+    @property
+    def pretokenized(self) -> bool:
+        """Every file is an indexed dataset: records are token ids, nothing to tokenize."""
+        return all(f.suffix.lower() in INDEXED_SUFFIXES for f in self.files)
 
     def file_order(self, epoch: int) -> list[Path]:
         if not self.shuffle_files:
@@ -264,7 +283,6 @@ class FileSource:
                     good += 1
                     yield record
                 pos.file, pos.offset, pos.line = pos.file + 1, 0, 0
-                self._indexes.pop(path, None)
             if full_pass and not good:
                 raise DataError(f"{label}: a whole pass over {len(self.files)} files gave rank {self.rank} no usable "
                                 f"record; skipped: {dict(self.bad.counts)}; first: {self.bad.examples[:3]}"
@@ -295,9 +313,7 @@ class FileSource:
         return local
 
     def _json_lines(self, path: Path, pos: Position) -> Iterator[Record]:
-        index = self._indexes.get(path)
-        if index is None:
-            index = self._indexes[path] = line_index(path, self.cache_dir)
+        index = opened(path, self.cache_dir)
         count = len(index) - 1
         with open(path, "rb") as f:
             while (local := self._next_own(pos, count)) is not None:
@@ -332,14 +348,14 @@ class FileSource:
         pos.offset = int(index[-1])
 
     def _indexed(self, path: Path, pos: Position) -> Iterator[Record]:
-        dataset = self._indexes.get(path)
-        if dataset is None:
-            dataset = self._indexes[path] = IndexedDataset(path)
+        dataset = opened(path)
+        signed = np.issubdtype(dataset.dtype, np.signedinteger)
         pos.line = pos.offset  # documents already passed: for .bin files both count documents
         while (local := self._next_own(pos, len(dataset))) is not None:
             pos.offset = pos.line
             tokens = dataset.document(local)
-            if len(tokens) and self.vocab_limit is not None and not 0 <= tokens.min() <= tokens.max() < self.vocab_limit:
+            if len(tokens) and self.vocab_limit is not None and (
+                    tokens.max() >= self.vocab_limit or signed and tokens.min() < 0):
                 bad = int(tokens.max()) if tokens.max() >= self.vocab_limit else int(tokens.min())
                 raise DataError(f"{path}: document {local} holds token id {bad}, outside the model's vocabulary of "
                                 f"{self.vocab_limit} ids: were these shards made with another tokenizer? (set "

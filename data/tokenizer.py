@@ -32,15 +32,22 @@ BATCH_CHARS = 1 << 21
 
 
 def document_pieces(text: str, limit: int | None = None) -> list[str]:
-    """`text` cut into pieces of at most `limit` characters (default `PIECE_CHARS`), each ending at the last line
-    break (else the last space) inside the limit, or at the limit when there is neither. Short texts are one piece."""
+    """`text` cut into pieces of at most `limit` characters (default `PIECE_CHARS`). Each cut is placed just before
+    the last line break inside the limit that follows a non-space character: byte-level BPE pre-tokenizers (GPT-2's
+    rule, DeepSeek-V2's) always start a new piece of text there, as no pattern lets a word take a line break after
+    it, so the pieces' ids are one call's. Without such a line break: after the last line break, else the last
+    space, else at the limit (ids may then differ from one call's at the cut). Short texts are one piece."""
     limit = limit or PIECE_CHARS
     if len(text) <= limit:
         return [text]
     pieces, start = [], 0
     while len(text) - start > limit:
         window = text[start:start + limit]
-        cut = window.rfind("\n") + 1 or window.rfind(" ") + 1 or limit
+        cut = window.rfind("\n")
+        while cut > 0 and window[cut - 1].isspace():
+            cut = window.rfind("\n", 0, cut)
+        if cut <= 0:
+            cut = window.rfind("\n") + 1 or window.rfind(" ") + 1 or limit
         pieces.append(text[start:start + cut])
         start += cut
     pieces.append(text[start:])
