@@ -6,13 +6,15 @@ Data order (docs/data.md#data-order). Canonical shard c of C = `data.shards` rea
 and packs and shuffles them on its own (its buffer seeded from the seed and c). Global row n (counted over the whole
 run) is the next row of shard n mod C, and data-parallel rank r of `world` takes the global rows n with
 n mod world == r, in order. Nothing about a shard depends on the number of ranks, and a global batch is a multiple of
-micro_batch_size x world rows, so global step s trains on the same rows at any process count.
+micro_batch_size x world rows, so global step s trains on the same rows at any process count. A mixture
+(docs/data.md#mixtures) gives every shard one pipeline per source, and `Blend` names the source of each global row.
 
 Resume guarantee: `state_dict()` describes the stream just after the last micro-batch handed out, when all ranks
-together have consumed N global rows: N, the state of each shard this rank owns (source position, tokens held by the
-packer, rows in the shuffle buffer and its RNG, bad-record counts) and a fingerprint of the settings. Every shard is
-owned by exactly one rank, so `merge_data_states` over all ranks' states holds every shard once. A loader of any
-world size dividing N, built with the same data settings, tokenizer and seed and given the merged state through
+together have consumed N global rows: N, each source's rows among them, the state of each shard this rank owns
+(where its current chunk of records began, the few tokens the packer held then and how many it has cut since, rows
+in the shuffle buffer and its draws, bad-record counts) and a fingerprint of the settings. Every shard is owned by
+exactly one rank, so `merge_data_states` over all ranks' states holds every shard once. A loader of any world size
+dividing N, built with the same data settings, tokenizer and seed and given the merged state through
 `load_state_dict()`, yields exactly the rows the uninterrupted loader would have yielded next, in the same order.
 """
 

@@ -16,29 +16,35 @@ import pytest
 
 from data.indexed import IndexedWriter
 from data.loader import Blend
+from tests.data.test_indexed import write_pair
 from tests.trainer.test_pretrain_e2e import ROOT, _ok, metrics, run_pretrain
 
 WEIGHTS = {"web": 0.5, "code": 0.3, "math": 0.2}
 STEPS, GLOBAL_BATCH, SEQ = 6, 4, 64  # the smoke experiment's
 
 
-def _write_bin(prefix, low: int, high: int, docs: int, seed: int, longest: int = 200):
+def _write_bin(prefix, low: int, high: int, docs: int, seed: int):
+    """An indexed dataset of random documents, by the project's writer."""
     rng = np.random.default_rng(seed)
     with IndexedWriter(prefix, np.uint16) as writer:
         for _ in range(docs):
-            writer.add_document(rng.integers(low, high, rng.integers(10, longest)))
+            writer.add_document(rng.integers(low, high, rng.integers(10, 200)))
     return prefix.with_suffix(".bin")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A JSON Lines source and two indexed ones (token ids of their own ranges; math is small: it wraps around)."""
+    """A JSON Lines source and two indexed ones (token ids of their own ranges; math is small: it wraps around).
+    math is written by the test's own writer, from the format's description alone, its documents of two sequences
+    each (tests/data/test_indexed.py)."""
     root = tmp_path_factory.mktemp("mixture")
     with open(root / "web.jsonl", "w") as f:
         for i in range(300):
             f.write(json.dumps({"text": f"web page {i}: " + "lorem ipsum dolor " * (i % 13 + 1)}) + "\n")
+    rng = np.random.default_rng(1)
+    math = [[rng.integers(1000, 2000, rng.integers(5, 15)).tolist() for _ in range(2)] for _ in range(12)]
     return {"web": root / "web.jsonl", "code": _write_bin(root / "code", 300, 1000, 200, 0),
-            "math": _write_bin(root / "math", 1000, 2000, 12, 1, 30)}
+            "math": write_pair(root / "math", math, np.uint16)[0]}
 
 
 def mixture(paths: dict) -> str:
