@@ -140,7 +140,7 @@ def stream_seed(seed: int, stream: int) -> tuple[int, ...]:
 
 MIN_CHUNK = 16
 """Documents per chunk, at least, of a shard's pipeline (at most data.docs_per_chunk)."""
-PRETOKENIZED_CHUNK = 64
+PRETOKENIZED_CHUNK = 32
 """Documents per chunk, at least, of a source made only of indexed datasets (at most data.docs_per_chunk)."""
 
 
@@ -287,7 +287,8 @@ class Pipeline:
     def rows(self) -> Iterator[dict]:
         """Rows out of the shuffle buffer; while the generator waits at a row, `snapshot()` is the state just after
         it. The next chunk of records is read and tokenized in a worker thread while the current one is waited on
-        (tokenizers releases the GIL), so the tokenizer's threads never idle at the tail of a chunk. Position and
+        (tokenizers releases the GIL), so the tokenizer's threads never idle at the tail of a chunk (indexed datasets,
+        with nothing to tokenize, read a chunk only when it is needed). Position and
         bad-record counts advance only when a chunk's tokens reach the packer, so a snapshot never covers records
         that were read ahead."""
         records = self.source.records(self.position)
@@ -309,7 +310,8 @@ class Pipeline:
             in_flight.append((chunk, self.source.bad.state(), examples, ended))
 
         try:
-            read_ahead()
+            if not getattr(self.source, "pretokenized", False):  # token ids need no head start: read when needed
+                read_ahead()
             ended = None
             while True:
                 for row in self.packer.rows():
