@@ -56,7 +56,7 @@ from tqdm import tqdm
 from data.config import DataConfig
 from data.indexed import IndexedWriter, dtype_for_vocab, pair_paths
 from data.manifest import MANIFEST, describe_tokenizer, read_manifest, same_tokenizer, write_manifest
-from data.sources import (INDEXED_SUFFIXES, MAX_EXAMPLES, TEXT_SUFFIXES, BadRecords, DataError,
+from data.sources import (INDEXED_SUFFIXES, MAX_EXAMPLES, TEXT_SUFFIXES, DataError,
                           FileSource, Position, expand_globs, text_extractor)
 from data.tokenizer import TextTokenizer, load_tokenizer
 
@@ -106,25 +106,6 @@ def shard_names(files: list[Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- one input file
-class FileBadRecords(BadRecords):
-    """The skipped records of one input file, each counted once. The job reads the file until the source starts
-    its second pass; a source that counts bad records in every pass re-reads the file's leading bad records before
-    that first record of the second pass, so a record seen a second time ends the counting (within one pass every
-    record has its own `file:line`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.first: str | None = None
-        self.closed = False
-
-    def add(self, reason: str, where: str) -> None:
-        if self.closed or where == self.first:
-            self.closed = True
-            return
-        self.first = self.first or where
-        super().add(reason, where)
-
-
 def tokenize_file(task: dict, tokenizer: TextTokenizer, report: Callable[[int, int], None]) -> dict:
     """Writes the shard of one input file; returns its manifest entry. `report(tokens, documents)` is called every
     `PROGRESS_EVERY` records and at the end, with what was added since its last call."""
@@ -132,7 +113,7 @@ def tokenize_file(task: dict, tokenizer: TextTokenizer, report: Callable[[int, i
     before = path.stat()
     start = time.perf_counter()
     source = FileSource([path], text_extractor(field), field, seed=0, rank=0, world=1, shuffle_files=False)
-    source.bad = bad = FileBadRecords()
+    bad = source.bad  # counted in the first pass only: once each
     whole_file = path.suffix.lower() in TEXT_SUFFIXES  # one record at most: stop there rather than read it again
     documents = tokens = 0
     max_id = -1

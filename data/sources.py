@@ -48,17 +48,23 @@ INDEXED_SUFFIXES = (".bin",)  # with its .idx beside it: a Megatron indexed data
 
 @dataclass
 class BadRecords:
-    """Skipped records by reason, with `file:line` of the first few."""
+    """Skipped records by reason, with `file:line` of the first few, and the usable ones (`good`), counted in the
+    first pass over the data only (epoch 0): once per record however many epochs a run makes."""
 
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
     good: int = 0
-    """Usable records of the first pass (the denominator of the bad fraction, counted as the bad ones are)."""
 
-    def add(self, reason: str, where: str) -> None:
+    def add(self, reason: str, where: str, epoch: int = 0) -> None:
+        if epoch:
+            return
         self.counts[reason] += 1
         if len(self.examples) < MAX_EXAMPLES:
             self.examples.append(f"{where}: {reason}")
+
+    def ok(self, epoch: int = 0) -> None:
+        """A usable record read in `epoch`."""
+        self.good += not epoch
 
     @property
     def bad(self) -> int:
@@ -290,12 +296,10 @@ class FileSource:
             pos.epoch, pos.file, pos.offset, pos.line = pos.epoch + 1, 0, 0, 0
 
     def _skip(self, reason: str, where: str, pos: Position) -> None:
-        if pos.epoch == 0:  # counted in the first pass only: once per record however many epochs run
-            self.bad.add(reason, where)
+        self.bad.add(reason, where, pos.epoch)
 
     def _good(self, payload: Any, where: str, pos: Position) -> Record:
-        if pos.epoch == 0:
-            self.bad.good += 1
+        self.bad.ok(pos.epoch)
         return Record(payload, where, Position(**pos.state()))
 
     def _next_own(self, pos: Position, count: int) -> int | None:
@@ -477,19 +481,16 @@ class StdlibSource:
                 pos.file += 1
                 if not mine:
                     continue
-                first_pass = pos.epoch == 0  # bad records are counted once, in the first pass
                 try:
                     text = read().decode("utf-8")
                 except UnicodeDecodeError as e:
-                    if first_pass:
-                        self.bad.add(f"invalid UTF-8 at byte {e.start}", name)
+                    self.bad.add(f"invalid UTF-8 at byte {e.start}", name, pos.epoch)
                     continue
                 reason = check_text(text, "text")
                 if reason:
-                    if first_pass:
-                        self.bad.add(reason, name)
+                    self.bad.add(reason, name, pos.epoch)
                     continue
-                self.bad.good += first_pass
+                self.bad.ok(pos.epoch)
                 yield Record(text, name, Position(**pos.state()))
             pos.epoch, pos.file = pos.epoch + 1, 0
 
@@ -523,16 +524,15 @@ class HubSource:
             self.dataset.set_epoch(pos.epoch)
             if pos.extra.get("datasets_state"):
                 self.dataset.load_state_dict(pos.extra["datasets_state"])
-            good, first_pass = 0, pos.epoch == 0  # bad records are counted once, in the first pass
+            good = 0
             for example in self.dataset:
                 pos.record += 1
                 payload, reason = self.extract(example)
                 if reason:
-                    if first_pass:
-                        self.bad.add(reason, f"{self.dataset.info.dataset_name or 'hub'}:example {pos.record}")
+                    self.bad.add(reason, f"{self.dataset.info.dataset_name or 'hub'}:example {pos.record}", pos.epoch)
                     continue
                 good += 1
-                self.bad.good += first_pass
+                self.bad.ok(pos.epoch)
                 pos.extra = {"datasets_state": self.dataset.state_dict()}
                 yield Record(payload, f"hub:{pos.record}", Position(**pos.state()))
             if not good and not pos.extra.get("datasets_state"):

@@ -168,13 +168,6 @@ def test_shard_names_are_unique_and_sort_in_the_input_order():
     assert all(len(n) < 255 for n in job.shard_names([Path("/d/" + "x" * 240 + "/" + "y" * 200 + ".txt")]))
 
 
-def test_bad_records_of_a_file_count_once_even_when_a_second_pass_reports_them_again():
-    bad = job.FileBadRecords()
-    for where in ("f:1", "f:4", "f:9", "f:1", "f:4"):  # the second pass starts over at line 1
-        bad.add("empty line", where)
-    assert bad.bad == 3 and bad.examples == ["f:1: empty line", "f:4: empty line", "f:9: empty line"]
-
-
 def test_check_shard_tokenizer(tmp_path, tok, capsys):
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
