@@ -104,6 +104,16 @@ class DataConfig:
         return [MixtureSource(m.name, list(m.paths), m.weight, m.text_field or self.text_field,
                               m.messages_field or self.messages_field, m.epochs) for m in listed]
 
+    def paths_key(self, name: str) -> str:
+        """The key that names a training source's globs in messages."""
+        return f"data.mixture[{name}].paths" if self.mixture else "data.paths"
+
+    def inputs(self) -> list[tuple[str, str | None, list[str]]]:
+        """(key, source name, globs) of every file input: each training source's with `source=files`, then
+        `val_paths` (source name None) when set."""
+        listed = [(self.paths_key(m.name), m.name, m.paths) for m in (self.sources() if self.source == "files" else [])]
+        return listed + ([("data.val_paths", None, list(self.val_paths))] if self.val_paths else [])
+
     def validate(self, require_paths: bool = True) -> None:
         """Raises ValueError naming the key. `require_paths=False` (the dry run): data.paths may be left empty."""
         def bad(key: str, why: str) -> ValueError:

@@ -37,13 +37,13 @@ import torch
 from .chat import encode_conversations, messages_extractor
 from .config import DataConfig, MixtureSource
 from .packing import ConcatPacker, ConversationPacker, ShuffleBuffer
-from .sources import (MAX_EXAMPLES, BadRecords, DataError, FileSource, HubSource, Position, SourceExhausted,
-                      StdlibSource, expand_globs, text_extractor, what_to_fix)
+from .sources import (INDEXED_SUFFIXES, MAX_EXAMPLES, BadRecords, DataError, FileSource, HubSource, Position,
+                      SourceExhausted, StdlibSource, expand_globs, opened, text_extractor, what_to_fix)
+from .tokenizer import TextTokenizer, cached_bpe, load_tokenizer
 
 ORDER_VERSION = 2
 """Version of the data order a checkpoint's data position belongs to. 2: the shuffle buffer split over the shards,
 mixtures, first-pass bad-record counts. A position of another version is refused with what to do."""
-from .tokenizer import TextTokenizer, cached_bpe, load_tokenizer
 
 
 def build_tokenizer(cfg: DataConfig) -> TextTokenizer:
@@ -73,8 +73,7 @@ def build_source(cfg: DataConfig, split: str, seed: int, rank: int, world: int, 
         source = cfg.sources()[stream]
         field_name = source.messages_field if sft else source.text_field
         extract = messages_extractor(field_name) if sft else text_extractor(field_name)
-        key = f"data.mixture[{source.name}].paths" if cfg.mixture else "data.paths"
-        return FileSource(expand_globs(source.paths, key), extract, field_name, stream_seed(seed, stream), rank,
+        return FileSource(expand_globs(source.paths, cfg.paths_key(source.name)), extract, field_name, stream_seed(seed, stream), rank,
                           world, name=source.name if cfg.mixture else None, epochs=source.epochs,
                           cache_dir=cfg.cache_dir)
     extract = messages_extractor(cfg.messages_field) if sft else text_extractor(cfg.text_field)
@@ -85,23 +84,19 @@ def check_inputs(cfg: DataConfig, tokenizer: TextTokenizer, vocab_limit: int) ->
     """Every training and validation glob matches files of a supported format, and every indexed dataset among
     them is sound (`data/indexed.py` checks), made with this tokenizer (its manifest, `data/manifest.py`) and within
     the model's vocabulary (the manifest's largest id). Called before any process group starts, so that bad input
-    is one `data error:` line. Returns the files of each training source (by name) for the start banner."""
-    from .indexed import IndexedDataset
+    is one `data error:` line. Returns the files of each training source (by name)."""
     from .manifest import check_shard_tokenizer, shard_max_id
 
     listed: dict[str, list] = {}
-    sources = cfg.sources() if cfg.source == "files" else []
-    checks = [(f"data.mixture[{m.name}].paths" if cfg.mixture else "data.paths", m.name, m.paths) for m in sources]
-    checks += [("data.val_paths", None, cfg.val_paths)] if cfg.val_paths else []
-    for key, name, patterns in checks:
+    for key, name, patterns in cfg.inputs():
         files = expand_globs(patterns, key)
         for path in files:
-            if path.suffix.lower() != ".bin":
+            if path.suffix.lower() not in INDEXED_SUFFIXES:
                 continue
             if cfg.kind == "sft":
                 raise DataError(f"{key}: {path} is a pre-tokenized indexed dataset; SFT reads conversations (JSON "
                                 "Lines or Parquet with data.messages_field), not token ids")
-            IndexedDataset(path)
+            opened(path)  # checks the pair, and keeps it open for the loader
             check_shard_tokenizer(path, tokenizer)
             top = shard_max_id(path)
             if top is not None and top >= vocab_limit:
@@ -112,18 +107,16 @@ def check_inputs(cfg: DataConfig, tokenizer: TextTokenizer, vocab_limit: int) ->
     return listed
 
 
-def describe_sources(cfg: DataConfig, files: dict[str, list], rows: int) -> list[str]:
+def describe_sources(cfg: DataConfig, rows: int) -> list[str]:
     """Start-banner lines of a mixture: each source's name, weight, number of files, and for pre-tokenized sources
     their tokens and the passes over them that `rows` training sequences take at the weights."""
-    from .indexed import IndexedDataset
-
     total = sum(m.weight for m in cfg.mixture)
     lines = []
     for m in cfg.mixture:
-        paths = files.get(m.name, [])
+        paths = expand_globs(m.paths, cfg.paths_key(m.name))
         line = f"  {m.name:<12} weight {m.weight / total:6.1%}  {len(paths)} file(s)"
-        if paths and all(p.suffix.lower() == ".bin" for p in paths):
-            tokens = sum(IndexedDataset(p).num_tokens for p in paths)
+        if all(p.suffix.lower() in INDEXED_SUFFIXES for p in paths):
+            tokens = sum(opened(p).num_tokens for p in paths)
             wanted = rows * m.weight / total * (cfg.seq_len + 1)
             line += f", {tokens:,} tokens pre-tokenized: this run reads {wanted / max(tokens, 1):.2f} epoch(s)"
         if m.epochs is not None:

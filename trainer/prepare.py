@@ -71,7 +71,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
                          "launched; check the launcher's node and process counts (or drop the key)")
     cfg.model = resolve_pretrained(cfg, choices)
     cfg.validate(env.world_size)
-    for key, patterns in input_globs(cfg):  # a wrong glob fails before the built-in BPE is trained
+    for key, _, patterns in cfg.data.inputs():  # a wrong glob fails before the built-in BPE is trained
         expand_globs(patterns, key)
     if env.is_main and cfg.data.source != "stdlib" and not cfg.data.tokenizer:
         print("note: data.tokenizer is not set: using the built-in BPE trained on this Python's standard library, "
@@ -90,13 +90,6 @@ def prepare(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
         print("warning: esft.enabled on randomly initialised weights: the experts' scores say nothing about your "
               "data; set model.pretrained=<released model directory>", flush=True)
     return Prepared(cfg, tokenizer, resume, set_aside, path)
-
-
-def input_globs(cfg: TrainConfig) -> list[tuple[str, list[str]]]:
-    """(key, globs) of every input the run reads: the training sources' and the validation files'."""
-    globs = [(f"data.mixture[{m.name}].paths" if cfg.data.mixture else "data.paths", m.paths)
-             for m in (cfg.data.sources() if cfg.data.source == "files" else [])]
-    return globs + ([("data.val_paths", cfg.data.val_paths)] if cfg.data.val_paths else [])
 
 
 def plan(cfg: TrainConfig, path: Path | None, env: DistEnv) -> Resume | None:

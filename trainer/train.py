@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from data.loader import build_loader, check_bad_fraction, check_inputs, describe_sources, epoch_rows
+from data.loader import build_loader, check_bad_fraction, describe_sources, epoch_rows
 from data.sources import BadRecords
 from data.tokenizer import TextTokenizer
 from model.flops import training_flops_per_token
@@ -311,7 +311,7 @@ def announce(logger: MetricsLogger, run_dir: Path, engine: Engine, weights: str,
     if d.mixture:
         t = engine.cfg.trainer
         rows = sum(global_batch_at(s, t, grid.dp) for s in range(t.max_steps))
-        for line in describe_sources(d, check_inputs(d, tokenizer, engine.cfg.model.vocab_size), rows):
+        for line in describe_sources(d, rows):
             logger.print(line)
     if trainable["trainable"] != trainable["total"]:
         logger.print(f"training {trainable['trainable']:,} of {trainable['total']:,} parameters on this rank"
