@@ -40,10 +40,12 @@ class StepResult:
     tokens_per_expert: torch.Tensor | None
     """(MoE layers, experts) token copies, summed over ranks; None for a dense model."""
     bad_records: int
-    """Input records skipped so far, summed over ranks."""
+    """Input records skipped so far, summed over ranks (each counted once, in its first pass)."""
     dropped_copies: int
     """Token copies dropped by the capacity limit this step, summed over ranks."""
     dispatch: torch.Tensor | None = None
+    good_records: int = 0
+    """Usable input records of their first pass so far, summed over ranks (with `bad_records`, the bad share)."""
     """This rank's expert-parallel exchange figures of the step (`expert_parallel.DISPATCH_FIELDS`: sums, and the
     max for ranks_max), on the device, not reduced; None without expert parallelism."""
 
@@ -56,18 +58,23 @@ def supervised_tokens(batches: list[dict]) -> int:
 class StepStats:
     """One step's figures on the device, summed over micro-batches (and, after `reduce`, over ranks).
 
-    `ce_sum`, `aux_loss`, `balance` (the 3 terms), `dropped`, `bad_records` and `tokens_per_expert` (MoE layers x
+    `ce_sum`, `aux_loss`, `balance` (the 3 terms), `dropped`, `bad_records`, `good_records` and `tokens_per_expert` (MoE layers x
     experts) are views into one float64 vector. Balance terms are added already divided by what makes their sum the
     step's mean, so a pipeline stage adds only its own layers and the reduction over stages completes the sum.
     """
 
     def __init__(self, n_moe_layers: int, n_experts: int, micro_batches: int, dp: int, device: torch.device):
         self.n_moe_layers, self.n_experts, self.per_term = n_moe_layers, n_experts, micro_batches * dp
-        self.flat = torch.zeros(7 + n_moe_layers * n_experts, dtype=torch.float64, device=device)
-        self.ce_sum, self.aux_loss, self.dropped, self.bad_records = (self.flat[i] for i in range(4))
-        self.balance = self.flat[4:7]
-        self.tokens_per_expert = self.flat[7:].view(n_moe_layers, n_experts)
+        self.flat = torch.zeros(8 + n_moe_layers * n_experts, dtype=torch.float64, device=device)
+        self.ce_sum, self.aux_loss, self.dropped, self.bad_records, self.good_records = (self.flat[i] for i in range(5))
+        self.balance = self.flat[5:8]
+        self.tokens_per_expert = self.flat[8:].view(n_moe_layers, n_experts)
         self.dispatch: torch.Tensor | None = None
+
+    def add_records(self, records: tuple[int, int]) -> None:
+        """This rank's input records so far: (skipped, usable), of their first pass."""
+        self.bad_records += records[0]
+        self.good_records += records[1]
 
     def add_routing(self, out: CausalLMOutput, first_moe_layer: int = 0) -> None:
         """A training forward's balance losses and routing counts; its MoE layers are the model's MoE layers
@@ -97,11 +104,11 @@ class StepStats:
 
     def result(self, loss: float, grad_norm: float, skipped: bool, batches: list[dict], dp: int) -> StepResult:
         """The StepResult of the reduced statistics."""
-        _, aux, dropped, bad, *balance = self.flat[:7].tolist()
+        _, aux, dropped, bad, good, *balance = self.flat[:8].tolist()
         load = self.tokens_per_expert.float().cpu() if self.n_moe_layers else None
         tokens = sum(b["input_ids"].numel() for b in batches) * dp
         return StepResult(loss, aux, dict(zip(BALANCE_TERMS, balance, strict=True)), grad_norm, skipped, tokens,
-                          load, int(bad), int(dropped), self.dispatch)
+                          load, int(bad), int(dropped), self.dispatch, int(good))
 
 
 def merge_dispatch(total: torch.Tensor | None, calls: torch.Tensor) -> torch.Tensor:

@@ -131,14 +131,15 @@ def step(progress: Progress, engine: Engine, loader, logger: MetricsLogger, repo
     faults.fault("step")
     epochs = loader.source_epochs
     batches = draw_batches(progress.step, loader, cfg, grid)
-    bad = loader.bad_records
-    check_bad_records(cfg, grid, engine.device, bad)
     for name, epoch in loader.source_epochs.items():
         if epoch > epochs[name]:
             logger.print(f"data: {'source ' + name if cfg.data.mixture else 'the training data'} starts its epoch "
                          f"{epoch + 1} at step {progress.step + 1} (its shards wrap around one by one, each in a new "
                          "seeded order)")
-    result = engine.step(progress.step, batches, sum(bad["counts"].values()))
+    bad = BadRecords.from_state(loader.bad_records)
+    result = engine.step(progress.step, batches, (bad.bad, bad.good))
+    # Too many unusable records stop the run, judged on the whole job's counts (summed with the step's statistics).
+    check_bad_fraction(cfg.data, bad, result.bad_records, result.good_records)
     if faults.armed("weights") and faults.fault("weights"):  # test-only: a weight turned NaN
         with torch.no_grad(), engine.full_weights(modifier_rank=0):
             next(engine.model.parameters()).view(-1)[0] = float("nan")
@@ -152,17 +153,6 @@ def step(progress: Progress, engine: Engine, loader, logger: MetricsLogger, repo
     metrics = reporter.metrics(progress, result, time.perf_counter() - step_start, val_batches)
     if metrics is not None:
         logger.log(progress.step, metrics, result.tokens_per_expert, reporter.moe_layer_ids)
-
-
-def check_bad_records(cfg: TrainConfig, grid: ProcessGrid, device: torch.device, bad: dict) -> None:
-    """Stop on too many unusable records, judged on the whole job's counts (every rank alike: the counts are summed
-    over the data-parallel ranks, each counting the shards it owns). One rank checks in its loader."""
-    if grid.dp == 1:
-        return
-    totals = torch.tensor([float(sum(bad["counts"].values())), float(bad["good"])], dtype=torch.float64,
-                          device=device)
-    torch.distributed.all_reduce(totals, group=grid.dp_group)
-    check_bad_fraction(cfg.data, BadRecords.from_state(bad), int(totals[0]), int(totals[1]))
 
 
 def steps_from_epochs(cfg: TrainConfig, tokenizer: TextTokenizer, grid: ProcessGrid, device: torch.device,

@@ -124,3 +124,22 @@ def test_bad_input_stops_with_one_line_before_anything_starts(tmp_path, cache_di
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, (i, proc.stderr[-2000:])
         assert re.search(message, proc.stderr), (i, proc.stderr)
         assert not (run / "checkpoints").exists()
+
+
+def test_bad_records_are_judged_on_the_whole_jobs_counts(tmp_path, cache_dir):
+    """Two processes: one truncated line among 200 records is counted once and the run trains on; a file with one
+    record in five broken stops with the job's count, summed over the ranks with the step's statistics."""
+    rows = [json.dumps({"text": f"record {i}: " + "word " * (i % 7 + 1)}) for i in range(200)]
+    one_bad = tmp_path / "one_bad.jsonl"
+    one_bad.write_text("\n".join(rows[:2] + ['{"text": "trunc'] + rows[3:]) + "\n")
+    run = tmp_path / "ok"
+    _ok(run_pretrain(run, cache_dir, "data=files", f"data.paths=[{one_bad}]", "data.bad_check_after=20",
+                     "data.max_bad_fraction=0.05", "trainer.micro_batch_size=1", nproc=2))
+    assert metrics(run)[STEPS]["bad_records"] == 1
+    many_bad = tmp_path / "many_bad.jsonl"
+    many_bad.write_text("\n".join("{broken" if i % 5 == 0 else row for i, row in enumerate(rows)) + "\n")
+    proc = run_pretrain(tmp_path / "stop", cache_dir, "data=files", f"data.paths=[{many_bad}]",
+                        "data.bad_check_after=20", "trainer.micro_batch_size=1", nproc=2)
+    assert proc.returncode != 0
+    assert re.search(r"data error: data: \d+ of \d+ records read were unusable \(2\d\.\d%, above "
+                     r"data.max_bad_fraction=0.01\); by reason \(this rank's share\)", proc.stderr), proc.stderr[-3000:]

@@ -40,10 +40,10 @@ class Engine:
         engine), or `ParamStates` over an optimizer the engine keeps partitioned (DeepSpeed); None: not saved."""
 
     # ---------------------------------------------------------------- training
-    def step(self, step: int, batches: list[dict], bad_records: int = 0) -> StepResult:
+    def step(self, step: int, batches: list[dict], records: tuple[int, int] = (0, 0)) -> StepResult:
         """One optimizer step (0-based `step`) over this rank's micro-batches: forward, backward, gradient
         reduction, clipping, and the update unless the loss or gradient norm is not finite (every rank decides
-        alike). `bad_records`: this rank's skipped input records so far, summed into the result."""
+        alike). `records`: this rank's (skipped, usable) input records so far, summed into the result."""
         raise NotImplementedError
 
     def lr(self, step: int) -> float:

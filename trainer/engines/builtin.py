@@ -34,15 +34,15 @@ class DataParallelEngine(Engine):
         (the gradient norm before clipping, skipped)."""
         raise NotImplementedError
 
-    def step(self, step: int, batches: list[dict], bad_records: int = 0) -> StepResult:
+    def step(self, step: int, batches: list[dict], records: tuple[int, int] = (0, 0)) -> StepResult:
         self.set_lr(step)
-        stats, supervised = self.forward_backward(step, batches, bad_records)
+        stats, supervised = self.forward_backward(step, batches, records)
         loss = stats.loss(supervised)
         grad_norm, skipped = self.update(loss)
         stop_if_non_finite(skipped, step, loss, grad_norm, self.cfg.trainer.non_finite)
         return stats.result(loss, grad_norm, skipped, batches, self.grid.dp)
 
-    def forward_backward(self, step: int, batches: list[dict], bad_records: int) -> tuple[StepStats, float]:
+    def forward_backward(self, step: int, batches: list[dict], records: tuple[int, int]) -> tuple[StepStats, float]:
         """Backpropagate each micro-batch's share of the step's objective (its summed cross-entropy over the
         supervised tokens of the whole step on all ranks, plus its share of the balance losses); returns the
         reduced statistics and the step's supervised tokens over all ranks."""
@@ -51,7 +51,7 @@ class DataParallelEngine(Engine):
         supervised = all_reduce_sum(torch.tensor(float(sum(counts)), device=self.device), self.env).item()
         moe_layers = self.model.moe_layers()
         stats = StepStats(len(moe_layers), moe_layers[0].n_experts if moe_layers else 0, n, grid.dp, self.device)
-        stats.bad_records += bad_records
+        stats.add_records(records)
         fault = fault_scale(step, self.env.rank)
         # One autocast region for the whole step, so its cache casts each weight to bf16 once for all micro-batches
         # (it is dropped when the region closes, before the update changes the weights). Backward runs with autocast

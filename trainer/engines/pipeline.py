@@ -156,7 +156,7 @@ class PipelineEngine(DeepSpeedState, Engine):
             yield (tuple(t.to(self.device) for t in inputs),
                    (batch["labels"].to(self.device), torch.tensor([scale], device=self.device)))
 
-    def step(self, step: int, batches: list[dict], bad_records: int = 0) -> StepResult:
+    def step(self, step: int, batches: list[dict], records: tuple[int, int] = (0, 0)) -> StepResult:
         grid = self.grid
         supervised = torch.tensor(float(supervised_tokens(batches)), device=self.device)
         if grid.dp > 1:
@@ -165,7 +165,8 @@ class PipelineEngine(DeepSpeedState, Engine):
         self.set_lr(step)
         stats = StepStats(self.n_moe_layers, self.cfg.model.n_routed_experts or 0, len(batches), grid.dp,
                           self.device)
-        stats.bad_records += bad_records if grid.stage == 0 else 0  # every stage reads the data: count it once
+        if grid.stage == 0:  # every stage reads the data: count it once
+            stats.add_records(records)
         self.stage_module.stats, self.stage_module.aux_scale = stats, 1.0 / len(batches)
         self.loss.totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         scale = len(batches) * grid.dp / supervised * fault_scale(step, self.env.rank)

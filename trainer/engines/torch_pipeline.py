@@ -156,7 +156,7 @@ class TorchPipelineEngine(Engine):
             kwargs["exempt"] = exempt_sequences(input_ids, self.model.no_drop_fraction)
         return input_ids, labels, kwargs
 
-    def step(self, step: int, batches: list[dict], bad_records: int = 0) -> StepResult:
+    def step(self, step: int, batches: list[dict], records: tuple[int, int] = (0, 0)) -> StepResult:
         grid = self.grid
         if len(batches) != self.micro_batches:
             raise ValueError(f"step {step}: {len(batches)} micro-batches, the {self.schedule_name} schedule was "
@@ -171,7 +171,8 @@ class TorchPipelineEngine(Engine):
         self.set_lr(step)
         self.stats = StepStats(self.n_moe_layers, self.cfg.model.n_routed_experts or 0, len(batches), grid.dp,
                                self.device)
-        self.stats.bad_records += bad_records if grid.stage == 0 else 0  # every stage reads the data: count once
+        if grid.stage == 0:  # every stage reads the data: count it once
+            self.stats.add_records(records)
         self.aux_scale = 1.0 / (len(batches) * grid.dp)
         self.loss.supervised, self.loss.fault = supervised, fault_scale(step, self.env.rank)
         input_ids, labels, kwargs = self._inputs(batches, training=True)
