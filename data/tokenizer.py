@@ -78,8 +78,8 @@ class TextTokenizer:
     def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
         """What the pretraining pipeline hands the packer for each document, and what `launch/tokenize.py` stores:
         the tokenizer's ids with its own special tokens, then EOS (int32). A document longer than `PIECE_CHARS`
-        characters is tokenized in pieces cut at line breaks (`document_pieces`; special tokens on the first piece
-        only), and `encode_batch` is called on at most `BATCH_CHARS` characters at a time, so one huge document
+        characters is tokenized in pieces cut where the pre-tokenizer splits anyway (`document_pieces`; special
+        tokens on the first piece only), and `encode_batch` is called on at most `BATCH_CHARS` characters at a time, so one huge document
         costs memory in proportion to its tokens, not to the tokenizer's per-token bookkeeping of all of them."""
         pieces, owner = [], []
         for i, text in enumerate(texts):
