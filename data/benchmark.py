@@ -29,7 +29,7 @@ from .tokenizer import PIECE_CHARS, document_pieces
 def raw_encodings(tokenizer, texts: list[str]) -> list[list[int]]:
     """Each document's ids from the raw tokenizer, then EOS: one `encode_batch` call for the texts, with the
     tokenizer's own special tokens, except that a document longer than `data.tokenizer.PIECE_CHARS` characters is
-    encoded as its `document_pieces` (cut at line breaks; special tokens on the first piece only), which is what
+    encoded as its `document_pieces` (cut where the pre-tokenizer splits; special tokens on the first piece only), which is what
     the pipeline is specified to make of it (docs/data.md), not one call's ids of the whole text."""
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     pieces = [document_pieces(text) for text in texts]
@@ -361,7 +361,7 @@ def main(argv: list[str]) -> dict:
           f"rows, {unmatched} not among those rows")
     for d in pieced:
         print(f"  note: {d['document']} ({d['characters']:,} characters) is tokenized in pieces of at most "
-              f"{PIECE_CHARS:,} cut at line breaks, as specified (the reference does the same): {d['tokens']:,} tokens "
+              f"{PIECE_CHARS:,} cut as specified (the reference does the same): {d['tokens']:,} tokens "
               f"against {d['whole_tokens']:,} for one call on the whole text, the first difference at token "
               f"{d['first_difference']:,}")
     print(f"  pipeline, pre-tokenized (.bin/.idx, {len(token_files)} files) {rate['pretokenized']:12,.0f} tokens/s")
