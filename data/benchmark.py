@@ -29,8 +29,8 @@ from .tokenizer import PIECE_CHARS, document_pieces
 def raw_encodings(tokenizer, texts: list[str]) -> list[list[int]]:
     """Each document's ids from the raw tokenizer, then EOS: one `encode_batch` call for the texts, with the
     tokenizer's own special tokens, except that a document longer than `data.tokenizer.PIECE_CHARS` characters is
-    encoded as its `document_pieces` (cut where the pre-tokenizer splits; special tokens on the first piece only), which is what
-    the pipeline is specified to make of it (docs/data.md), not one call's ids of the whole text."""
+    encoded as its `document_pieces` (cut where the pre-tokenizer splits; special tokens on the first piece only),
+    which is what the pipeline is specified to make of it (docs/data.md), not one call's ids of the whole text."""
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
     pieces = [document_pieces(text) for text in texts]
     firsts = iter(tokenizer.tokenizer.encode_batch([p[0] for p in pieces]))
