@@ -40,6 +40,14 @@ class CausalLMOutput:
     """(B, S, D) output of the last layer, given only by a part of the model without the head."""
 
 
+class ModelCache(dict):
+    """The inference cache of a model or of a part of it: layer index -> that layer's LatentCache, and the positions
+    seen so far (kept here too, so that a part holding no layer, such as a pipeline stage of only the head, knows
+    them)."""
+
+    length: int = 0
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, expert_shard: tuple[int, int] | None = None):
         super().__init__()
@@ -171,12 +179,13 @@ class CausalLM(nn.Module):
         `init_module_weights`, which makes the values independent of how the model is split over processes."""
         init_module_weights(self, self.init_seed, self.config.initializer_range if std is None else std)
 
-    def new_cache(self) -> list:
-        """An empty inference cache, one MLA latent cache per layer (`forward(..., cache=...)` fills it)."""
+    def new_cache(self) -> ModelCache:
+        """An empty inference cache: one MLA latent cache per decoder layer this model (or part) holds, under the
+        layer's global index (`forward(..., cache=...)` fills it; a pipeline stage keeps the cache of its layers)."""
         if self.config.attention_type != "mla":
             raise ValueError(f"the inference cache is MLA's latent cache; attention_type={self.config.attention_type}"
                              " runs without one")
-        return [LatentCache() for _ in self.model.layers]
+        return ModelCache({int(i): LatentCache() for i in self.model.layers})
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.model.layers.values() if layer.is_moe]
@@ -189,22 +198,28 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                cache: list | None = None, hidden_states: torch.Tensor | None = None,
-                exempt: torch.Tensor | None = None) -> CausalLMOutput:
+                cache: ModelCache | None = None, hidden_states: torch.Tensor | None = None,
+                exempt: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
         """input_ids (B, S), or hidden_states (B, S, D) for a part of the model without the embedding; position_ids
         (B, S) default 0..S-1; labels (B, S) are the *targets* of each position (the next token, already shifted,
         -100 where no loss is taken); document_ids (B, S), when given, keep attention inside each packed document
         (SFT packing); without them attention is plainly causal. exempt (B,) bool: the sequences token dropping
         spares (default: chosen from input_ids, see `exempt_sequences`); a later pipeline stage is handed the
-        first stage's choice."""
+        first stage's choice. cache: from `new_cache`, extended by this call (generation). attention_mask (B, T)
+        with T = cached + new positions, True (or 1) for real tokens and False for padding (left-padded batches of
+        evaluation and generation): no real token attends to padding (a padding position attends to itself only, so
+        that its values stay finite)."""
         x = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else hidden_states  # (B, S, D)
         B, S = x.shape[:2]
+        past = cache.length if cache is not None else 0
         if position_ids is None:
-            start = cache[0].length if cache else 0
-            position_ids = torch.arange(start, start + S, device=x.device).expand(B, S)
-        mask = document_causal_mask(document_ids) if document_ids is not None else None
-        if cache is not None and self.is_partial:
-            raise ValueError("the inference cache runs on the whole model, not a part of it")
+            position_ids = torch.arange(past, past + S, device=x.device).expand(B, S)
+        if attention_mask is not None:
+            if document_ids is not None:
+                raise ValueError("give document_ids (packed documents) or attention_mask (padding), not both")
+            mask = padding_causal_mask(attention_mask.bool(), past, S)
+        else:
+            mask = document_causal_mask(document_ids) if document_ids is not None else None
         if exempt is None and self.training and any(m.capacity_factor for m in self.moe_layers()):
             if input_ids is None:
                 raise ValueError("token dropping in a part without the embedding needs `exempt` from the first part")
@@ -212,9 +227,11 @@ class CausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(position_ids)  # (B, S, rope/2) each
         routing = []
         for i, layer in self.model.layers.items():
-            x, stats = layer(x, cos, sin, mask, exempt, cache[int(i)] if cache else None)
+            x, stats = layer(x, cos, sin, mask, exempt, cache[int(i)] if cache is not None else None)
             if stats is not None:
                 routing.append(stats)
+        if cache is not None:
+            cache.length = past + S
         out = CausalLMOutput(logits=None, routing=routing)
         if self.lm_head is None:
             out.hidden_states = x
@@ -279,3 +296,16 @@ def next_token_labels(input_ids: torch.Tensor) -> torch.Tensor:
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
     return labels
+
+
+def padding_causal_mask(valid: torch.Tensor, past: int, S: int) -> torch.Tensor:
+    """(B, T) real-token flags -> the (B, 1, S, T) attention mask of the S new positions (absolute positions past ..
+    past + S - 1): causal, never onto padding, and every position onto itself."""
+    T = valid.shape[1]
+    if T != past + S:
+        raise ValueError(f"attention_mask covers {T} positions; the cache holds {past} and {S} are new")
+    keys = torch.arange(T, device=valid.device)
+    queries = past + torch.arange(S, device=valid.device)
+    causal = keys[None, :] <= queries[:, None]  # (S, T)
+    itself = keys[None, :] == queries[:, None]
+    return ((causal[None] & valid[:, None, :]) | itself[None]).unsqueeze(1)

@@ -222,7 +222,9 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, task=None) -> None:
+    """Compose the config and run `task` (default: training) with it on this rank; `launch/evaluate.py` passes its
+    own task over the same tree."""
     import hydra
 
     register_configs()
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra/job_logging=disabled",
                      "hydra/hydra_logging=disabled"]
     try:
-        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_task)()
+        hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(task or _task)()
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)

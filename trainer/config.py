@@ -218,6 +218,37 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Benchmark tasks through lm-evaluation-harness, from `launch/evaluate.py` and during training
+    (docs/evaluation.md). Needs the `eval` extra: pip install -e ".[eval]"."""
+
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names: `stdlib_docstrings` (built in, nothing to download), tasks of `include_path`, or lm-eval's
+    own (hellaswag, arc_easy, mmlu, gsm8k, ...: their datasets come from the Hugging Face hub)."""
+    every: int = 0
+    """During training: run `tasks` on the live model every this many steps and at the end; 0: never."""
+    at_start: bool = False
+    """With `every`: also before the first step of a fresh run (the baseline of the figures)."""
+    num_fewshot: int | None = None
+    """Few-shot examples per prompt; null: each task's own default (0 where it sets none)."""
+    limit: float | None = None
+    """Documents per task: a count (>= 1) or a fraction (< 1); null: all."""
+    batch_size: int = 16
+    """Requests per forward on each data-parallel rank (length-sorted)."""
+    include_path: str | None = None
+    """A folder of task YAMLs (local and custom tasks, e.g. `dataset_path: json` over local files)."""
+    log_samples: bool = False
+    """Write lm-eval's per-sample records (`samples_<task>_<time>.jsonl`) into the run directory."""
+    max_length: int | None = None
+    """Longest sequence a request may use (longer contexts are cut on the left); null: the model's
+    max_position_embeddings."""
+    max_gen_toks: int = 256
+    """Generation tasks: new tokens per request when the task sets no `max_gen_toks`."""
+    bootstrap_iters: int = 1000
+    """Bootstrap resamples for the standard errors of metrics without a closed form; 0 skips them."""
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -228,6 +259,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // max(1, self.parallel.pp)
@@ -386,6 +418,27 @@ class TrainConfig:
         if not self.model.n_routed_experts:
             raise ValueError("esft.enabled: the model has no routed experts")
 
+    def _validate_eval(self) -> None:
+        e = self.eval
+        if e.every < 0:
+            raise ValueError(f"eval.every={e.every}: must be >= 0 (0: no evaluation during training)")
+        if e.every and not e.tasks:
+            raise ValueError(f"eval.every={e.every}: name the tasks to run in eval.tasks, e.g. "
+                             "eval.tasks=[stdlib_docstrings]")
+        if e.batch_size < 1:
+            raise ValueError(f"eval.batch_size={e.batch_size}: must be >= 1")
+        if e.limit is not None and (e.limit <= 0 or (e.limit > 1 and e.limit != int(e.limit))):
+            raise ValueError(f"eval.limit={e.limit}: a count of documents (>= 1) or a fraction in (0, 1)")
+        if e.num_fewshot is not None and e.num_fewshot < 0:
+            raise ValueError(f"eval.num_fewshot={e.num_fewshot}: must be >= 0")
+        if e.include_path and not os.path.isdir(os.path.expanduser(e.include_path)):
+            raise ValueError(f"eval.include_path={e.include_path}: no such directory (a folder of task YAMLs)")
+        if e.max_length is not None and not 1 < e.max_length <= self.model.max_position_embeddings:
+            raise ValueError(f"eval.max_length={e.max_length}: must be in [2, model.max_position_embeddings="
+                             f"{self.model.max_position_embeddings}]")
+        if e.max_gen_toks < 1:
+            raise ValueError(f"eval.max_gen_toks={e.max_gen_toks}: must be >= 1")
+
     def validate(self, world_size: int = 1, planning: bool = False) -> None:
         """Checks across fields; raises ValueError naming the key and what is allowed. `planning` (the dry run):
         the files the run would read need not exist yet."""
@@ -454,6 +507,7 @@ class TrainConfig:
             raise bad("checkpoint.keep", self.checkpoint.keep, "must be >= 1")
         if self.checkpoint.every < 0:
             raise bad("checkpoint.every", self.checkpoint.every, "must be >= 0 (0: only at the end)")
+        self._validate_eval()
         if self.data.seq_len > self.model.max_position_embeddings:
             raise bad("data.seq_len", self.data.seq_len,
                       f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}")

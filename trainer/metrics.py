@@ -142,6 +142,16 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
         value = m.get(key)
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
+    by_task: dict[str, list[str]] = {}  # eval/<task>/<metric>, stderr left to metrics.jsonl
+    for key, value in m.items():
+        if key.startswith("eval/") and "_stderr" not in key:
+            task, metric = key.removeprefix("eval/").rsplit("/", 1)
+            by_task.setdefault(task, []).append(f"{metric} {value:.4g}")
+    evaluated = [", ".join(f"{task} {' '.join(values)}" for task, values in by_task.items())] if by_task else []
+    if m.get("eval_s") is not None:
+        evaluated.append(f"({m['eval_s']:.1f} s)")
+    if "loss" not in m:  # an evaluation of its own (before the first step)
+        return " | ".join([f"step {step}/{max_steps}", "eval " + " ".join(evaluated)])
     parts = [f"step {step}/{max_steps}", f"loss {num('loss', '.4f')}"]
     if "balance_expert" in m:
         parts.append(f"bal {num('balance_expert', '.3f')}/{num('balance_device', '.3f')}/{num('balance_comm', '.3f')}")
@@ -161,6 +171,8 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
         parts.append("mix " + " ".join(f"{name} {tokens / total:.0%}" for name, tokens in m["tokens_by_source"].items()))
     if "val_loss" in m:
         parts.append(f"val {num('val_loss', '.4f')} ppl {num('val_ppl', '.1f')}")
+    if evaluated:
+        parts.append("eval " + " ".join(evaluated))
     if m.get("loss_spike"):
         parts.append(f"LOSS SPIKE {m['loss_spike']:.2f}x the recent median")
     if m.get("eta_s") is not None and step < max_steps:

@@ -75,6 +75,8 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
                            config_dict(cfg), cfg.trainer.progress)
     announce(logger, run_dir, engine, weights, tokenizer, trainable, selection)
     reporter = Reporter(cfg, engine, env, device, progress.step, loader)
+    if cfg.eval.every:
+        reporter.start_evaluation(tokenizer, logger, progress.step)
     try:
         stopped_by, checkpoint = loop(progress, engine, loader, logger, reporter, prepared, env, selection,
                                       val_batches)
@@ -236,6 +238,8 @@ class Reporter:
         self.moe_layer_ids = [i for i in range(cfg.model.num_hidden_layers) if cfg.model.is_moe_layer(i)]
         self.dispatch: torch.Tensor | None = None  # expert-parallel exchange figures since the last log line
         self.loop_start, self.first_step = time.time(), start_step
+        self.evaluator = None  # trainer/evaluation.py: lm-eval tasks every `eval.every` steps
+        self.logger: MetricsLogger | None = None
 
     def metrics(self, progress: Progress, result: StepResult, seconds: float, val_batches: list[dict]
                 ) -> dict | None:
@@ -253,10 +257,42 @@ class Reporter:
             val_loss = self.engine.validate(val_batches)
             metrics = metrics or {"loss": result.loss}
             metrics.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+        if self.evaluator is not None and self.cfg.eval.every and (step % self.cfg.eval.every == 0 or last):
+            metrics = metrics or {"loss": result.loss}
+            metrics.update(self.evaluate(step))
         spike = self.spikes.check(result.loss)  # every rank alike: the loss is reduced
         if spike is not None:
             metrics = metrics or {"loss": result.loss}
             metrics["loss_spike"] = spike
+        return metrics
+
+    def start_evaluation(self, tokenizer: TextTokenizer, logger: MetricsLogger, step: int) -> None:
+        """Set up `eval.tasks` for the run (and evaluate the start weights with `eval.at_start` on a fresh run).
+        Without lm-eval installed the run trains without them, saying so once."""
+        from .evaluation import Evaluator, lm_eval_missing
+        missing = lm_eval_missing()
+        if missing:
+            logger.print(f"note: eval.every={self.cfg.eval.every} is skipped: {missing}")
+            return
+        self.evaluator = Evaluator(self.engine, tokenizer, self.cfg.eval, self.cfg.data.cache_dir,
+                                   self.cfg.trainer.seed)
+        self.logger = logger
+        if self.cfg.eval.at_start and step == 0:
+            logger.log(0, self.evaluate(0))
+
+    def evaluate(self, step: int) -> dict:
+        """The eval tasks on the live model (collective): `eval/<task>/<metric>` and the seconds they took (not
+        counted in throughput). A task that fails is reported on its own line; training goes on. Per-sample
+        records are `launch/evaluate.py`'s (eval.log_samples), not written here."""
+        from .evaluation import flat_metrics
+        start = time.perf_counter()
+        runs = self.evaluator.run(log_samples=False)
+        metrics = {**flat_metrics(runs), "eval_s": time.perf_counter() - start}
+        failed = [run for run in runs if run.error is not None]
+        for run in failed:
+            self.logger.print(f"eval: task {run.name} failed at step {step}: {run.error} (training goes on)")
+        if failed:
+            metrics["eval_failed"] = [run.name for run in failed]
         return metrics
 
     def log_step(self, progress: Progress, result: StepResult) -> dict:

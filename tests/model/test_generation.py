@@ -48,3 +48,50 @@ def test_sampling_respects_top_p_and_temperature():
     picks = {int(next_token(logits, 1.0, 0.99, g)) for _ in range(200)}
     assert picks == {0, 1}
     assert int(next_token(logits, 0.0, 1.0)) == 0
+
+
+def _decode(parts: list[CausalLM], ids: torch.Tensor, mask: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Greedy decoding through `parts` in order (a whole model, or pipeline stages each keeping its own cache) from a
+    left-padded batch: the logits each new token was picked from."""
+    caches = [part.new_cache() for part in parts]
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    picked, step_ids = [], ids
+    for _ in range(steps):
+        x = step_ids
+        for part, cache in zip(parts, caches):
+            start = {"input_ids": x} if part.model.embed_tokens is not None else {"hidden_states": x}
+            out = part(**start, position_ids=positions, attention_mask=mask, cache=cache)
+            x = out.logits if out.logits is not None else out.hidden_states
+        picked.append(x[:, -1])
+        step_ids = x[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+        positions = positions[:, -1:] + 1
+    return picked
+
+
+def test_left_padded_rows_decode_as_each_alone_also_split_into_stages():
+    """A left-padded batch with an attention mask decodes each row as that row alone without padding (within 1e-5),
+    and pipeline stages that keep the cache of their own layers (one of them holding none) decode as the whole model
+    does."""
+    from trainer.presets import model_preset
+    torch.manual_seed(0)
+    model = CausalLM(model_preset("tiny")).eval()
+    prompts = [[1, 50, 51, 52, 53, 54], [1, 70, 71], [1, 90, 91, 92]]
+    L = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    mask = torch.zeros(len(prompts), L, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), True
+    n = model.config.num_hidden_layers
+    stages = [model.share_part(range(0, 1), True, False), model.share_part(range(1, n), False, False),
+              model.share_part(range(n, n), False, True)]  # the last stage holds no layer, only the head
+    with torch.no_grad():
+        batched = _decode([model], ids, mask, 4)
+        staged = _decode(stages, ids, mask, 4)
+        for i, p in enumerate(prompts):
+            alone = _decode([model], torch.tensor([p]), torch.ones(1, len(p), dtype=torch.bool), 4)
+            for step in range(4):
+                torch.testing.assert_close(batched[step][i], alone[step][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(batched, staged):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(batched[0][0], batched[0][1])  # the rows differ: the check compares something

@@ -75,6 +75,11 @@ class Engine:
         all_reduce_sum(total, self.env)
         return float(total[0] / total[1].clamp(min=1))
 
+    def eval_stages(self) -> tuple[list[tuple[int, CausalLM]], list[int]]:
+        """For forward-only passes (trainer/inference.py): this rank's pipeline stages as (stage index, the CausalLM
+        part that runs it), and the pipeline rank that holds each stage of the model."""
+        return [(0, self.model)], [0]
+
     # ---------------------------------------------------------------- checkpoints and export
     @property
     def owns_dense(self) -> bool:

@@ -183,6 +183,9 @@ class PipelineEngine(DeepSpeedState, Engine):
         return stats.result(loss, norm, skipped, batches, grid.dp)
 
     @torch.no_grad()
+    def eval_stages(self) -> tuple[list[tuple[int, CausalLM]], list[int]]:
+        return [(self.grid.stage, self.model)], list(range(self.grid.pp))
+
     def validate(self, batches: list[dict]) -> float:
         self.loss.totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.ds.eval_batch(data_iter=self._micro_batches(batches, 1.0), num_micro_batches=len(batches))

@@ -196,6 +196,9 @@ class TorchPipelineEngine(Engine):
             module.train(mode)
 
     @torch.no_grad()
+    def eval_stages(self) -> tuple[list[tuple[int, CausalLM]], list[int]]:
+        return [(s, self.modules[s].part) for s in sorted(self.modules)], list(self.owners)
+
     def validate(self, batches: list[dict]) -> float:
         """Forward only, stage after stage: each rank runs its virtual stages in order, receiving a stage's input
         from the rank of the stage before and sending its output to the rank of the next."""
