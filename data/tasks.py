@@ -25,7 +25,7 @@ from .sources import stdlib_split
 
 TASKS = ("stdlib_docstrings", "stdlib_lines")
 ITEMS = 400
-"""Items per task at most (the held-out documents of CPython 3.11 give 133 docstring items)."""
+"""Items per task at most (the held-out documents of CPython 3.11 give 99 docstring items and 320 lines)."""
 PER_SOURCE = 30
 """`stdlib_lines` items per source file at most, so that a few long, repetitive files (codec tables) do not fill it."""
 
@@ -53,15 +53,17 @@ def docstring_items(holdout_every: int = 50, seed: int = 0, limit: int = ITEMS) 
             if not doc or not header.startswith(("def ", "async def ")) or not header.endswith(":"):
                 continue  # decorated, multi-line headers and undocumented functions are left out
             summary = doc.strip().splitlines()[0].strip()
-            if 12 <= len(summary) <= 100:
+            if 8 <= len(summary) <= 120:
                 functions.append((header, summary))
-    unique = {summary: header for header, summary in functions}  # a summary shared by two functions is ambiguous
-    functions = sorted((h, s) for s, h in unique.items())
+    # A summary or a header shared by two functions (overrides in several classes) would make an item ambiguous.
+    headers = [h for h, _ in functions]
+    summaries = [s for _, s in functions]
+    functions = sorted({(h, s) for h, s in functions if headers.count(h) == 1 and summaries.count(s) == 1})
     rng = random.Random(seed)
     rng.shuffle(functions)
     items = []
     for i, (header, summary) in enumerate(functions[:limit]):
-        others = rng.sample([f for j, f in enumerate(functions) if j != i and f[0] != header], 3)
+        others = rng.sample([f for j, f in enumerate(functions) if j != i], 3)
         label = rng.randrange(4)
         headers = [h for h, _ in others]
         headers.insert(label, header)
@@ -103,7 +105,7 @@ def builtin_task_dir(cache_dir: str | os.PathLike) -> Path:
     """The folder holding the built-in tasks' YAMLs and items (lm-eval's `include_path`), written once per interpreter
     under `cache_dir` (atomically: a concurrent writer leaves the same files)."""
     version = f"py{sys.version_info.major}.{sys.version_info.minor}"
-    folder = Path(cache_dir).expanduser() / "tasks" / f"stdlib-{version}-v2"
+    folder = Path(cache_dir).expanduser() / "tasks" / f"stdlib-{version}-v3"
     if all((folder / f"{task}.yaml").is_file() for task in TASKS):
         return folder
     folder.mkdir(parents=True, exist_ok=True)

@@ -146,6 +146,8 @@ class ForwardRunner:
 
 
 class _EvalMode:
+    """Eval mode for the duration of a pass, and back to what each module was."""
+
     def __init__(self, modules: list[torch.nn.Module]):
         self.modules = modules
 
@@ -153,7 +155,12 @@ class _EvalMode:
         self.was = [m.training for m in self.modules]
         for m in self.modules:
             m.eval()
+        # Compiled layers (trainer.compile) run eagerly here: request shapes change from batch to batch, and each new
+        # one would be another compilation of a graph the training steps do not use.
+        self.stance = torch.compiler.set_stance("force_eager")
+        self.stance.__enter__()
 
     def __exit__(self, *exc):
+        self.stance.__exit__(*exc)
         for m, was in zip(self.modules, self.was):
             m.train(was)

@@ -4,8 +4,8 @@ tests/eval/tasks: a multiple-choice task, a generation task and a rolling log-li
 Parity: on the HF export of a trained tiny model in fp32, our backend (`trainer/evaluation.py`) and lm-eval's own
 `hf` backend (transformers) give the same metrics, per-request log-likelihoods within 1e-4, the same greedy flags and
 identical generations; `launch/evaluate.py` gives the same from a training checkpoint at one process and from the
-HF directory at ep=2 and under a 2-stage pipeline. Training with `eval.every` logs the figures and survives a broken
-task."""
+HF directory at ep=2, as a 2-stage pipeline of either engine and under ZeRO-3. Training with `eval.every` logs the
+figures and survives a broken task."""
 
 from __future__ import annotations
 
@@ -157,21 +157,24 @@ def _samples(run_dir: Path, task: str) -> dict:
     return _per_request([json.loads(line) for line in files[0].read_text().splitlines()], task)
 
 
-@pytest.mark.parametrize("layout", ["checkpoint, 1 process", "hf, ep=2", "hf, pp=2 zbv"])
-def test_evaluate_matches_the_reference_from_a_checkpoint_and_at_ep2_and_pp2(trained, reference, cache_dir,
-                                                                             tmp_path, layout):
-    """launch/evaluate.py: from the training checkpoint at one process, and from the HF directory with experts split
-    over 2 ranks (every rank in each forward) and as a 2-stage zero-bubble pipeline (stages passing hidden states
-    and keeping their own latent caches): the reference's responses and metrics, lm-eval's table on stdout and
-    its results dict in eval_results.json."""
+LAYOUTS = {"hf, ep=2": ["parallel.ep=2"],
+           "hf, pp=2 zbv": ["parallel.pp=2", "parallel.pp_schedule=zbv"],  # V-shaped: a stage of the head alone
+           "hf, DeepSpeed pp=2": ["parallel.pp=2", "parallel.pp_schedule=deepspeed"],
+           "hf, ZeRO-3": ["parallel.zero_stage=3"]}
+
+
+@pytest.mark.parametrize("layout", ["checkpoint, 1 process", *LAYOUTS])
+def test_evaluate_matches_the_reference_from_a_checkpoint_and_at_every_layout(trained, reference, cache_dir,
+                                                                              tmp_path, layout):
+    """launch/evaluate.py: from the training checkpoint at one process, and from the HF directory over 2 processes
+    with experts split (every rank in each forward), as a 2-stage pipeline of either engine (stages passing hidden
+    states and keeping their own latent caches) and under ZeRO-3 (partitions gathered around each layer): the
+    reference's responses and metrics, lm-eval's table on stdout and its results dict in eval_results.json."""
     tasks = f"eval.tasks=[{','.join(LOCAL)}]"
     if layout.startswith("checkpoint"):
         proc = _evaluate(tmp_path, cache_dir, tasks, f"checkpoint.resume={trained / 'checkpoints' / 'step_00000040'}")
-    elif layout == "hf, ep=2":
-        proc = _evaluate(tmp_path, cache_dir, tasks, f"model.pretrained={trained / 'hf'}", "parallel.ep=2", nproc=2)
     else:
-        proc = _evaluate(tmp_path, cache_dir, tasks, f"model.pretrained={trained / 'hf'}", "parallel.pp=2",
-                         "parallel.pp_schedule=zbv", nproc=2)
+        proc = _evaluate(tmp_path, cache_dir, tasks, f"model.pretrained={trained / 'hf'}", *LAYOUTS[layout], nproc=2)
     _ok(proc)
     assert "|mc_local" in proc.stdout and "|text_local" in proc.stdout, proc.stdout[-2000:]
     results = json.loads((tmp_path / "eval_results.json").read_text())
@@ -207,19 +210,45 @@ def test_training_logs_eval_figures_every_n_steps_and_survives_a_broken_task(tmp
     assert all(m.get("tokens_per_s") for step, m in logged.items() if step > 0)
 
 
-def test_evaluate_says_what_is_missing_in_one_line(tmp_path, cache_dir):
-    """No model named, an unknown task, or lm-eval not installed: one `config error:` line and exit 2; a broken
-    task: its line, the other tasks' results, exit 1."""
+def test_evaluate_says_what_is_missing_in_one_line(trained, tmp_path, cache_dir):
+    """No model named, a model directory that is not there, an unknown task, or lm-eval not installed: one
+    `config error:` line and exit 2. A broken task: its `eval error:` line, the other tasks' results, exit 1."""
     proc = _evaluate(tmp_path / "a", cache_dir, "eval.tasks=[mc_local]")
     assert proc.returncode == 2 and proc.stderr.strip().startswith("config error: launch/evaluate.py evaluates a "
                                                                    "trained model: set model.pretrained="), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    fake = tmp_path / "no_lm_eval" / "lm_eval"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('not installed', name='lm_eval')\n")
-    env_path = f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    proc = _evaluate(tmp_path / "b", cache_dir, "eval.tasks=[no_such_task]", "model.pretrained=/nonexistent")
+    assert proc.returncode == 2 and proc.stderr.strip() == ("config error: model.pretrained=/nonexistent: no "
+                                                            "config.json there (a released-layout directory is "
+                                                            "expected: config.json + safetensors)"), proc.stderr
+    proc = _evaluate(tmp_path / "d", cache_dir, "eval.tasks=[mc_local,no_such_task]",
+                     f"model.pretrained={trained / 'hf'}")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        f"config error: eval.tasks: no task named no_such_task in lm-eval or eval.include_path={TASKS}"), proc.stderr
+    proc = _evaluate(tmp_path / "e", cache_dir, "eval.tasks=[mc_local,broken_local]",
+                     f"model.pretrained={trained / 'hf'}")
+    assert proc.returncode == 1 and proc.stderr.strip().endswith(
+        "eval error: task broken_local failed: RuntimeError: this task's metric is broken on purpose"), proc.stderr
+    results = json.loads((tmp_path / "e" / "eval_results.json").read_text())
+    assert list(results["results"]) == ["mc_local"] and list(results["failed"]) == ["broken_local"]
     proc = subprocess.run([sys.executable, EVALUATE, "model.pretrained=/nonexistent", "eval.tasks=[mc_local]",
-                           f"hydra.run.dir={tmp_path / 'b'}"], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT, env={**os.environ, "PYTHONPATH": env_path})
+                           f"hydra.run.dir={tmp_path / 'c'}"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": _without_lm_eval(tmp_path)})
     assert proc.returncode == 2 and 'pip install -e ".[eval]"' in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def _without_lm_eval(tmp_path: Path) -> str:
+    """A PYTHONPATH under which `import lm_eval` fails as it does where the extra is not installed."""
+    fake = tmp_path / "no_lm_eval" / "lm_eval"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "__init__.py").write_text("raise ImportError('not installed', name='lm_eval')\n")
+    return f"{fake.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+
+
+def test_training_without_the_eval_extra_says_so_once_and_trains(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", _without_lm_eval(tmp_path))
+    proc = _ok(run_pretrain(tmp_path / "run", cache_dir, "eval.every=3", "eval.tasks=[stdlib_docstrings]"))
+    assert proc.stdout.count('note: eval.every=3 is skipped: evaluation needs lm-evaluation-harness, which is not '
+                             'installed (lm_eval is missing): pip install -e ".[eval]"') == 1, proc.stdout
+    assert not any("eval_s" in m for m in metrics(tmp_path / "run").values())

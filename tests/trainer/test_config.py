@@ -35,6 +35,7 @@ def test_default_config_is_the_tiny_main_job():
     assert cfg.model.n_routed_experts == 16 and cfg.data.source == "stdlib"
     assert cfg.logging.wandb == WandbMode.offline and cfg.checkpoint.resume == "auto"
     assert cfg.optim.schedule == Schedule.step and cfg.optim.decay_at == [0.6, 0.9]
+    assert cfg.eval.tasks == ["stdlib_docstrings", "stdlib_lines"] and cfg.eval.every == 100 and cfg.eval.at_start
 
 
 @pytest.mark.parametrize("model", _group("model"))
@@ -49,7 +50,7 @@ def test_every_model_preset_composes_to_its_yaml_field_for_field(model):
         assert ours == value, key
 
 
-@pytest.mark.parametrize("group,name", [(g, n) for g in ("data", "optim", "parallel", "trainer")
+@pytest.mark.parametrize("group,name", [(g, n) for g in ("data", "optim", "parallel", "trainer", "eval")
                                         for n in _group(g)])
 def test_every_group_option_composes_to_its_yaml(group, name):
     """Every option of every config group composes, and each key of its file lands in the typed config."""
@@ -119,6 +120,10 @@ def test_appended_unknown_keys_are_not_silently_dropped():
     (["checkpoint.resume=Auto"], r"checkpoint\.resume='Auto': allowed: auto, none, or an existing checkpoint"),
     (["data.tokenizer=/nonexistent/tok.json"], r"data\.tokenizer='/nonexistent/tok\.json': no such file"),
     (["trainer.val_every=-1"], r"trainer\.val_every=-1: must be >= 0"),
+    (["eval.tasks=[]"], r"eval\.every=100: name the tasks to run in eval\.tasks"),
+    (["eval.limit=2.5"], r"eval\.limit=2\.5: a count of documents \(>= 1\) or a fraction in \(0, 1\)"),
+    (["eval.include_path=/nonexistent/tasks"], r"eval\.include_path=/nonexistent/tasks: no such directory"),
+    (["eval.max_length=4096"], r"eval\.max_length=4096: must be in \[2, model\.max_position_embeddings=1024\]"),
 ])
 def test_bad_values_fail_naming_the_key(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -222,7 +227,7 @@ def test_torch_pipeline_schedules_are_their_own_engine():
 @pytest.mark.parametrize("args,message", [
     (["trainer.max_step=3"], "config error: trainer.max_step: unknown key (did you mean trainer.max_steps?)"),
     (["+model.hidden_sise=8"], "config error: model.hidden_sise: unknown key (did you mean model.hidden_size?)"),
-    (["max_steps=3"], "config error: max_steps: no such config group; groups: data, experiment, model"),
+    (["max_steps=3"], "config error: max_steps: no such config group; groups: data, eval, experiment, model"),
     (["model=tiny_lyte"], "config error: model=tiny_lyte: no such preset (did you mean tiny_lite?)"),
     (["trainer.micro_batch_size=two"], "config error: trainer.micro_batch_size=two: Value 'two' of type 'str' "
                                        "could not be converted to Integer"),
