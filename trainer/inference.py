@@ -86,11 +86,13 @@ class ForwardRunner:
             logits = self._forward(input_ids.to(self.device))
         packed = None
         if logits is not None:
-            logits = logits.float()
             targets = targets.to(self.device)
-            logprobs = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-            greedy = (logits.argmax(-1) == targets).to(logprobs.dtype)
-            packed = torch.stack((logprobs, greedy))
+            packed = torch.empty(2, *input_ids.shape, device=self.device)
+            for b in range(logits.shape[0]):  # one row at a time in fp32: (S, V), not (B, S, V), extra memory
+                row = logits[b].float()
+                packed[0, b] = row.log_softmax(-1).gather(-1, targets[b, :, None]).squeeze(-1)
+                packed[1, b] = row.argmax(-1) == targets[b]
+            del logits
         packed = self._from_last_stage(packed, torch.empty(2, *input_ids.shape, device=self.device))
         return packed[0].cpu(), packed[1].cpu().bool()
 
