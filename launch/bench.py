@@ -35,6 +35,12 @@ expert-parallel layer's output and the all-experts-local output on each rank's t
     python launch/bench.py data                             # built-in corpus and BPE
     python launch/bench.py data --tokenizer /ckpt/DeepSeek-V2-Lite --paths '/data/*.jsonl'
 
+eval (trainer/eval_bench.py): lm-eval tasks through our backend against lm-eval's hf backend (transformers) on one
+Hugging Face directory, one process. Parity first (every request: log-likelihoods within 1e-4, the same greedy flags,
+identical generations), then seconds for each and the line `ratio hf / ours seconds: N.NNx`.
+
+    python launch/bench.py eval --hf outputs/<date>/<time>/hf            # the built-in tasks
+
 gpu: the one-shot GPU check (launch/gpu_check.py, docs/benchmarks.md#the-one-shot-gpu-check).
 
     python launch/bench.py gpu --out gpu_check.json
@@ -712,5 +718,9 @@ if __name__ == "__main__":
         data_main(sys.argv[2:])
     elif sys.argv[1:2] == ["ep"]:
         ep_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["eval"]:
+        from trainer.eval_bench import main as eval_main
+
+        eval_main(sys.argv[2:])
     else:
         main(sys.argv[1:] if sys.argv[1:2] != ["model"] else sys.argv[2:])

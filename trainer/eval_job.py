@@ -109,3 +109,24 @@ def eval_task(cfg: DictConfig) -> None:
         shutdown()
     if not complete:
         raise SystemExit(1)
+
+
+def one_process_evaluator(hf_dir: Path, eval_overrides: dict, cache_dir: str | Path, device: str = "cpu"):
+    """An `Evaluator` over the model of `hf_dir` built as training builds it, in this process (no process group):
+    for tests and `launch/bench.py eval`."""
+    import torch
+
+    from .distributed import DistEnv
+    from .evaluation import Evaluator
+    from .prepare import ModelChoices
+    cfg = to_train_config({"model": {"pretrained": str(hf_dir)}, "data": {"cache_dir": str(cache_dir)},
+                           "eval": eval_overrides, "trainer": {"device": device},
+                           "checkpoint": {"dir": str(Path(cache_dir) / "unused-checkpoints"), "resume": "none"},
+                           "logging": {"wandb": "disabled"}})
+    cfg, tokenizer, _ = prepare_eval(cfg, 1, ModelChoices({}, preset=False))
+    env = DistEnv(rank=0, world_size=1, local_rank=0)
+    grid = build_grid(env, 1, 1)
+    model = build_model(cfg, grid, torch.device(device))
+    load_start_weights(cfg, model, None)
+    engine = build_engine(model, cfg, grid, env, torch.device(device), "fp32")
+    return Evaluator(engine, tokenizer, cfg.eval, cfg.data.cache_dir, cfg.trainer.seed)

@@ -93,35 +93,13 @@ def reference(trained, tmp_path_factory):
     return out
 
 
-def _engine_over(hf_dir: Path, cache_dir: Path):
-    """Our backend in this process: the model built as training builds it (one process), from `hf_dir`."""
-    import torch
-    from trainer.build import build_model, load_start_weights
-    from trainer.config import to_train_config
-    from trainer.distributed import DistEnv
-    from trainer.engines import build_engine
-    from trainer.eval_job import prepare_eval
-    from trainer.expert_parallel import build_grid
-    from trainer.prepare import ModelChoices
-    cfg = to_train_config({"model": {"pretrained": str(hf_dir)}, "data": {"cache_dir": str(cache_dir)},
-                           "eval": {"tasks": LOCAL, "include_path": str(TASKS), "max_length": MAX_LENGTH,
-                                    "batch_size": 3, "bootstrap_iters": 0},
-                           "checkpoint": {"dir": str(hf_dir.parent / "unused"), "resume": "none"},
-                           "logging": {"wandb": "disabled"}})
-    cfg, tokenizer, _ = prepare_eval(cfg, 1, ModelChoices({}, preset=False))
-    env = DistEnv(rank=0, world_size=1, local_rank=0)
-    grid = build_grid(env, 1, 1)
-    model = build_model(cfg, grid, torch.device("cpu"))
-    load_start_weights(cfg, model, None)
-    return build_engine(model, cfg, grid, env, torch.device("cpu"), "fp32"), tokenizer, cfg
-
-
 def test_our_backend_equals_lm_evals_hf_backend(trained, reference, cache_dir):
     """Same metrics, log-likelihoods within 1e-4, same greedy flags, identical generations, for a multiple-choice,
     a generation and a rolling log-likelihood task; batches of 3 (so batches mix lengths), 4 for the reference."""
-    from trainer.evaluation import Evaluator
-    engine, tokenizer, cfg = _engine_over(trained / "hf", cache_dir)
-    runs = {run.name: run for run in Evaluator(engine, tokenizer, cfg.eval, cache_dir, 0).run(log_samples=True)}
+    from trainer.eval_job import one_process_evaluator
+    evaluator = one_process_evaluator(trained / "hf", {"tasks": LOCAL, "include_path": str(TASKS), "batch_size": 3,
+                                                       "max_length": MAX_LENGTH, "bootstrap_iters": 0}, cache_dir)
+    runs = {run.name: run for run in evaluator.run(log_samples=True)}
     for task in LOCAL:
         assert runs[task].error is None, runs[task].error
         ours = _per_request(runs[task].samples[task], task)
@@ -252,3 +230,23 @@ def test_training_without_the_eval_extra_says_so_once_and_trains(tmp_path, cache
     assert proc.stdout.count('note: eval.every=3 is skipped: evaluation needs lm-evaluation-harness, which is not '
                              'installed (lm_eval is missing): pip install -e ".[eval]"') == 1, proc.stdout
     assert not any("eval_s" in m for m in metrics(tmp_path / "run").values())
+
+
+def test_the_eval_benchmark_checks_parity_before_timing(trained, tmp_path, cache_dir, monkeypatch):
+    """`launch/bench.py eval`: both backends answer every request alike (log-likelihoods within 1e-4, identical
+    generations) before their times and the ratio are reported; a broken parity stops it before any timing."""
+    from trainer import eval_bench
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "bench.json"
+    args = ["--hf", str(trained / "hf"), "--tasks", "mc_local,gen_local", "--include-path", str(TASKS),
+            "--batch-size", "4", "--cache-dir", str(cache_dir), "--json", str(out)]
+    summary = eval_bench.main(args)
+    assert summary["parity"]["mismatched"] == [] and summary["parity"]["requests"] == 24 * 4 + 12
+    assert summary["parity"]["loglikelihood_max_abs_diff"] <= 1e-4
+    assert summary["seconds"]["ours"] > 0 and summary["seconds"]["hf"] > 0
+    assert json.loads(out.read_text())["ratio_hf_over_ours"] == pytest.approx(summary["ratio_hf_over_ours"])
+    calls = iter(range(10))  # each side's first generation now reads differently
+    monkeypatch.setattr(eval_bench, "responses", lambda samples, real=eval_bench.responses: {
+        **real(samples), ("gen_local", 0, 0): f"answer {next(calls)}"})
+    with pytest.raises(SystemExit, match="parity broken"):
+        eval_bench.main(args)
