@@ -171,18 +171,19 @@ def resolve_pretrained(cfg: TrainConfig, choices: ModelChoices | None,
     naming each field and both values. Training fields (dtype, balance-loss coefficients, RoPE/YaRN, context length)
     are kept where the user set them, and where config.json does not carry them (the device and communication
     balance coefficients are ours) if a preset was picked. `data.tokenizer` defaults to the directory's
-    tokenizer.json. Without `model.pretrained` the config is returned as it is; `planning` (the dry run) also plans
-    from it when the directory is not on this machine."""
+    tokenizer.json. Without `model.pretrained` the config is returned as it is. A directory that is not there, or
+    has no config.json, fails naming the path, in the dry run (`planning`) too."""
     if not cfg.model.pretrained:
         return cfg.model
     directory = Path(os.path.expanduser(cfg.model.pretrained))
     if not (directory / "config.json").is_file():
-        if planning:
-            print(f"note: model.pretrained={cfg.model.pretrained} is not here: planning with the composed model "
-                  "config", flush=True)
-            return cfg.model
+        # The dry run too: planning another model than the one named would print a plan for the wrong model.
+        plan_hint = ("; to plan without the files, drop model.pretrained and pick the preset of that shape "
+                     "(model=v2_lite, model=v2)") if planning else ""
+        if not directory.is_dir():
+            raise ValueError(f"model.pretrained={cfg.model.pretrained}: no such directory{plan_hint}")
         raise ValueError(f"model.pretrained={cfg.model.pretrained}: no config.json there (a released-layout "
-                         "directory is expected: config.json + safetensors)")
+                         f"directory is expected: config.json + safetensors){plan_hint}")
     released = load_config(directory)
     if choices is None:
         choices = ModelChoices({f.name: f"model.{f.name}={getattr(cfg.model, f.name)!r}"

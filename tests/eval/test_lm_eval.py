@@ -196,9 +196,8 @@ def test_evaluate_says_what_is_missing_in_one_line(trained, tmp_path, cache_dir)
                                                                    "trained model: set model.pretrained="), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = _evaluate(tmp_path / "b", cache_dir, "eval.tasks=[no_such_task]", "model.pretrained=/nonexistent")
-    assert proc.returncode == 2 and proc.stderr.strip() == ("config error: model.pretrained=/nonexistent: no "
-                                                            "config.json there (a released-layout directory is "
-                                                            "expected: config.json + safetensors)"), proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip() == ("config error: model.pretrained=/nonexistent: no such "
+                                                            "directory"), proc.stderr
     proc = _evaluate(tmp_path / "d", cache_dir, "eval.tasks=[mc_local,no_such_task]",
                      f"model.pretrained={trained / 'hf'}")
     assert proc.returncode == 2 and proc.stderr.strip().startswith(

@@ -126,6 +126,18 @@ def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
 
 
+def test_the_dry_run_of_a_pretrained_directory_that_is_not_there_names_it(tmp_path):
+    """No plan for another model than the one named: a missing directory, or one without config.json, stops the
+    dry run with one line naming the path (exit 2), as it stops training."""
+    (tmp_path / "empty").mkdir()
+    for path, why in ((tmp_path / "missing", "no such directory"), (tmp_path / "empty", "no config.json there")):
+        proc = _cli(tmp_path, f"model.pretrained={path}", "data=sft", "data.paths=[/data/*.jsonl]")
+        assert proc.returncode == 2 and proc.stderr.startswith(f"config error: model.pretrained={path}: {why}"), \
+            proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "model=v2_lite" in proc.stderr
+        assert "memory per rank" not in proc.stdout
+
+
 def test_dry_run_prints_the_paper_layout_and_exits(tmp_path):
     proc = _cli(tmp_path, *PAPER, *PAPER_BATCH)
     assert proc.returncode == 0, proc.stderr[-3000:]
