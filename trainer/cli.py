@@ -217,6 +217,37 @@ def _unknown(key: str, value: str) -> str | None:
     return None
 
 
+def _schema_field(key: str) -> dataclasses.Field | None:
+    """The TrainConfig field a dotted key names (None when it names none, or goes below a leaf)."""
+    node, found = TrainConfig, None
+    for part in key.split("."):
+        if node is None:
+            return None
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return None
+        found = fields[part]
+        kind = found.default_factory if found.default_factory is not dataclasses.MISSING else None
+        node = kind if dataclasses.is_dataclass(kind) else None
+    return found
+
+
+def listify(args: list[str]) -> list[str]:
+    """A single value given to a list-of-strings key, as `data.paths=/data/a.jsonl` or `eval.tasks=hellaswag`, is
+    that one-element list (Hydra would refuse it with "str is not a ListConfig")."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        bare = key.lstrip("+~")
+        if (sep and not arg.startswith("-") and value and value[0] not in "[{'\"" and value != "null"
+                and "," not in value and not bare.startswith("hydra")):
+            field = _schema_field(bare)
+            if field is not None and str(field.type).replace(" | None", "") == "list[str]":
+                arg = f"{key}=[{value}]"
+        out.append(arg)
+    return out
+
+
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean {close[0]}?)" if close else ""
@@ -228,7 +259,7 @@ def main(argv: list[str] | None = None, task=None) -> None:
     import hydra
 
     register_configs()
-    sys.argv = [sys.argv[0]] + strip_launcher_args(sys.argv[1:] if argv is None else argv)
+    sys.argv = [sys.argv[0]] + listify(strip_launcher_args(sys.argv[1:] if argv is None else argv))
     check_overrides(sys.argv[1:])
     env = env_from_launcher()
     scratch = None

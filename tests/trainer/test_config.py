@@ -345,3 +345,16 @@ def test_every_full_size_experiment_has_a_tiny_twin_with_the_same_recipe():
                 a.trainer.activation_checkpointing, a.model.q_lora_rank is None) == \
                (b.data.kind, b.optim.schedule, b.trainer.epochs is None, b.esft.enabled,
                 b.trainer.activation_checkpointing, b.model.q_lora_rank is None), (big, small)
+
+
+def test_a_single_value_for_a_list_key_is_a_one_element_list():
+    """`data.paths=/x.jsonl` without brackets is the list of that one path (Hydra alone refuses it with "str is not a
+    ListConfig"); lists, other keys, several values, null and Hydra's own keys are left as given."""
+    from trainer.cli import check_overrides, listify
+    given = ["data.paths=/d/a.jsonl", "data.val_paths=/v/*.jsonl", "eval.tasks=hellaswag", "trainer.trainable=gate",
+             "+data.paths=/y", "data.paths=[/a]", "data.paths=a,b", "data.paths=null", "trainer.max_steps=3",
+             "optim.betas=0.9", "model=tiny", "hydra.run.dir=/x", "--cfg", "job"]
+    assert listify(given) == ["data.paths=[/d/a.jsonl]", "data.val_paths=[/v/*.jsonl]", "eval.tasks=[hellaswag]",
+                              "trainer.trainable=[gate]", "+data.paths=[/y]", *given[5:]]
+    check_overrides(listify(["data=files", "data.paths=/d/*.jsonl"]))  # composes: no SystemExit
+    assert compose_config(*listify(["data=files", "data.paths=/d/*.jsonl"])).data.paths == ["/d/*.jsonl"]
