@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import math
-import time
 from datetime import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +50,11 @@ def require_lm_eval() -> None:
 
 @dataclass
 class TaskRun:
-    """One task's outcome: lm-eval's results dict (None when it failed), the error, and the seconds it took."""
+    """One task's outcome: lm-eval's results dict (None when it failed), the error, and its per-sample records."""
 
     name: str
     results: dict | None = None
     error: str | None = None
-    seconds: float = 0.0
     samples: dict = field(default_factory=dict)
 
 
@@ -89,7 +87,7 @@ class Evaluator:
         from .lm_eval_model import LatentMoeLM
         self.lm = LatentMoeLM(ForwardRunner(engine), tokenizer, cfg.batch_size, max_length, cfg.max_gen_toks, seed)
 
-    def run(self, bootstrap_iters: int | None = None, log_samples: bool | None = None) -> list[TaskRun]:
+    def run(self, log_samples: bool | None = None) -> list[TaskRun]:
         """Every task, one at a time: a task that fails (its data, its config, its metric) is reported and the
         others still run. On every rank; the results are rank 0's to report."""
         from lm_eval import simple_evaluate
@@ -98,21 +96,18 @@ class Evaluator:
         log_samples = cfg.log_samples if log_samples is None else log_samples
         limit = None if cfg.limit is None else (cfg.limit if cfg.limit < 1 else int(cfg.limit))
         for task in self.tasks:
-            start = time.perf_counter()
             run = TaskRun(task)
             try:  # lm-eval's progress bars go to stderr: kept out of the job's output (our Progress shows it)
                 with contextlib.redirect_stderr(io.StringIO()), kept_random_state():
                     out = simple_evaluate(model=self.lm, tasks=[task], num_fewshot=cfg.num_fewshot, limit=limit,
                                           task_manager=self.manager, log_samples=log_samples,
-                                          bootstrap_iters=cfg.bootstrap_iters if bootstrap_iters is None
-                                          else bootstrap_iters, random_seed=None, numpy_random_seed=None,
+                                          bootstrap_iters=cfg.bootstrap_iters, random_seed=None, numpy_random_seed=None,
                                           torch_random_seed=None, fewshot_random_seed=self.seed)
                 if out is not None:
                     run.samples = out.pop("samples", {}) or {}
                     run.results = out
             except Exception as e:  # noqa: BLE001 - a broken task must not end the job
                 run.error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            run.seconds = time.perf_counter() - start
             runs.append(run)
         return runs
 

@@ -66,7 +66,7 @@ class ForwardRunner:
 
     def _from_last_stage(self, result: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """The last stage's `result` on every rank of this pipeline (`like`: its shape and dtype elsewhere)."""
-        if self.n_stages == 1 or self.grid.pp == 1:
+        if self.grid.pp == 1:
             return result
         if result is None:
             result = torch.empty_like(like)
@@ -118,7 +118,7 @@ class ForwardRunner:
         new: list[list[int]] = [[] for _ in range(B)]
         running = [True] * B
         with self._eval_mode():
-            step_ids, step_pos, seq = ids, positions, ids
+            step_ids, step_pos = ids, positions
             for _ in range(max_new_tokens):
                 logits = self._forward(step_ids, step_pos, mask, caches)
                 token = next_token(logits[:, -1], temperature, top_p, generator) if logits is not None else None
@@ -130,12 +130,11 @@ class ForwardRunner:
                 if not self._any_running(any(running)):
                     break
                 mask = torch.cat((mask, torch.ones(B, 1, dtype=torch.bool, device=self.device)), dim=1)
-                step_pos = step_pos[:, -1:] + 1
-                seq = torch.cat((seq, token[:, None]), dim=1)
                 if mla:
-                    step_ids = token[:, None]
+                    step_ids, step_pos = token[:, None], step_pos[:, -1:] + 1
                 else:  # no cache: the whole sequence again
-                    step_ids, step_pos = seq, (mask.long().cumsum(1) - 1).clamp(min=0)
+                    step_ids = torch.cat((step_ids, token[:, None]), dim=1)
+                    step_pos = (mask.long().cumsum(1) - 1).clamp(min=0)
         return new
 
     def _any_running(self, mine: bool) -> bool:

@@ -55,20 +55,12 @@ def _per_request(samples: list[dict], task: str) -> dict[tuple[int, int], object
 
 
 def _compare(ours: dict, theirs: dict, task: str) -> float:
-    """Asserts equal requests and responses (log-likelihoods within TOLERANCE); returns the largest difference."""
-    assert ours.keys() == theirs.keys(), task
-    worst = 0.0
-    for key, a in ours.items():
-        b = theirs[key]
-        if isinstance(a, tuple):
-            worst = max(worst, abs(a[0] - b[0]))
-            assert a[1] == b[1], (task, key, a, b)
-        elif isinstance(a, float):
-            worst = max(worst, abs(a - b))
-        else:
-            assert a == b, (task, key, a, b)
-    assert worst <= TOLERANCE, (task, worst)
-    return worst
+    """Asserts the same requests and answers (log-likelihoods within TOLERANCE); returns the largest difference."""
+    from trainer.eval_bench import parity
+    figures = parity(ours, theirs)
+    assert figures["mismatched"] == [], (task, figures["mismatched"][:5])
+    assert figures["loglikelihood_max_abs_diff"] <= TOLERANCE, (task, figures)
+    return figures["loglikelihood_max_abs_diff"]
 
 
 def _metrics(results: dict, task: str) -> dict[str, float]:
