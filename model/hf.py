@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .lora import has_lora, is_lora_param, merged
 from .moe import RoutedExperts
 from .transformer import CausalLM
 
@@ -48,14 +49,18 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- name mapping
-def _hf_slots(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF tensor name, view of our parameter that holds it), in checkpoint order, for the experts this model owns."""
+def _hf_slots(model: CausalLM, merge_lora: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF tensor name, view of our parameter that holds it), in checkpoint order, for the experts this model owns.
+    LoRA factors are not checkpoint tensors; `merge_lora` (exports) gives each adapted tensor with its update
+    added (a new fp32 tensor, model/lora.py `merged`) instead of the frozen base."""
     experts = {name: module for name, module in model.named_modules() if isinstance(module, RoutedExperts)}
+    adapted = merge_lora and has_lora(model)
     for name, param in model.state_dict(keep_vars=True).items():  # (syncs ESFT's trainable expert copies first)
-        if name.endswith("_trainable"):
+        if name.endswith("_trainable") or is_lora_param(name):
             continue
-        tensor = param.detach()
         prefix, _, leaf = name.rpartition(".")
+        tensor = merged(model.get_submodule(prefix), leaf) if adapted else None  # LoRA merged in (fp32)
+        tensor = param.detach() if tensor is None else tensor
         module = experts.get(prefix)
         if module is None:
             yield name, tensor
@@ -359,7 +364,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: in
         tmp_files.append(tmp)
         current.clear()
 
-    for name, tensor in _hf_slots(model):
+    for name, tensor in _hf_slots(model, merge_lora=True):
         t = tensor.to(device="cpu", dtype=dtype).contiguous()
         nbytes = t.numel() * t.element_size()
         if current and current_bytes + nbytes > limit:
@@ -386,7 +391,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, max_shard_size: in
 
 def hf_tensors(model: CausalLM, dense: bool = True, experts: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) of the dense tensors and/or the routed experts this model holds."""
-    for name, tensor in _hf_slots(unwrap(model)):
+    for name, tensor in _hf_slots(unwrap(model), merge_lora=True):
         if (experts if _EXPERT_NAME.match(name) else dense):
             yield name, tensor
 

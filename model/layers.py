@@ -41,3 +41,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * x A^T B^T: a LoRA update (arXiv 2106.09685) of a linear map, x (..., in), A (r, in), B (out, r)."""
+    return F.linear(F.linear(x, a), b) * scale

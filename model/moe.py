@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .layers import MLP
+from .layers import MLP, low_rank
 
 
 @dataclass
@@ -60,7 +60,10 @@ class MoEGate(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, D) -> expert ids (T, K) int64, gate weights (T, K) fp32, scores (T, E) fp32."""
         with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
-            scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # (T, E)
+            logits = F.linear(x.float(), self.weight.float())  # (T, E)
+            if "lora_A" in self._parameters:  # LoRA on the router (model/lora.py), in fp32 as the router is
+                logits = logits + low_rank(x.float(), self.lora_A.float(), self.lora_B.float(), self.lora_scale)
+            scores = logits.softmax(dim=-1)
         if self.group_limited:
             # Device-limited routing (paper §2.2.2): score each group by its best expert, keep topk_group groups.
             group_scores = scores.view(-1, self.n_group, self.n_experts // self.n_group).amax(dim=-1)  # (T, G)
@@ -96,6 +99,7 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
         self.impl = "grouped"
         self.trainable_ids: list[int] | None = None
+        self.lora_rank, self.lora_scale, self.lora_dropout = 0, 1.0, 0.0
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync_trainable())
 
     # ---- expert-specialised fine-tuning: train some experts of the stack, freeze the rest
@@ -124,6 +128,27 @@ class RoutedExperts(nn.Module):
             self.gate_up_proj_trainable = nn.Parameter(self.gate_up_proj.detach()[index].clone())
             self.down_proj_trainable = nn.Parameter(self.down_proj.detach()[index].clone())
 
+    # ---- LoRA (model/lora.py): a low-rank update of every expert's two projections, the stack itself frozen
+    LORA_LEAVES = ("gate_up_lora_A", "gate_up_lora_B", "down_lora_A", "down_lora_B")
+
+    def add_lora(self, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        """Per-expert LoRA factors, fp32 and stacked like the experts (so they shard with them under expert
+        parallelism): gate_up_lora_A (E, r, D), gate_up_lora_B (E, 2I, r), down_lora_A (E, r, I), down_lora_B
+        (E, D, r); expert e's gate_up_proj acts as gate_up_proj[e] + alpha / r * B[e] A[e]. B starts at zero;
+        A is drawn by `model.lora.init_lora`."""
+        E, two_i, D = self.gate_up_proj.shape
+        device = self.gate_up_proj.device
+        shapes = {"gate_up_lora_A": (E, rank, D), "gate_up_lora_B": (E, two_i, rank),
+                  "down_lora_A": (E, rank, two_i // 2), "down_lora_B": (E, D, rank)}
+        for name, shape in shapes.items():
+            setattr(self, name, nn.Parameter(torch.zeros(shape, device=device, dtype=torch.float32)))
+        self.lora_rank, self.lora_scale, self.lora_dropout = rank, alpha / rank, dropout
+
+    @property
+    def stacked_leaves(self) -> tuple[str, ...]:
+        """Names of the parameters stacked by expert (first dim = local expert)."""
+        return ("gate_up_proj", "down_proj") + (self.LORA_LEAVES if self.lora_rank else ())
+
     @torch.no_grad()
     def sync_trainable(self) -> None:
         """Copy the trained experts back into the stacked tensors (what checkpoints and exports read)."""
@@ -137,7 +162,8 @@ class RoutedExperts(nn.Module):
         Rows beyond sum(counts) belong to no expert; their output is unspecified (`run_experts` masks them)."""
         if getattr(self, "trainable_ids", None):
             return self._forward_split(x, counts)
-        return self._compute(x, counts, self.gate_up_proj, self.down_proj)
+        lora = tuple(getattr(self, n) for n in self.LORA_LEAVES) if self.lora_rank else None
+        return self._compute(x, counts, self.gate_up_proj, self.down_proj, lora)
 
     def _forward_split(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """ESFT: the copies of the selected experts go through their trainable weights, the rest through the
@@ -158,18 +184,37 @@ class RoutedExperts(nn.Module):
         out = y_frozen.new_empty(x.shape[0], y_frozen.shape[-1])
         return out.index_copy(0, rows_f, y_frozen).index_copy(0, rows_t, y_train.to(y_frozen.dtype))
 
-    def _compute(self, x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor,
-                 w_down: torch.Tensor) -> torch.Tensor:
+    def _compute(self, x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                 lora: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """`lora`: the four LoRA factors (`LORA_LEAVES` order), each update computed with the same grouped GEMMs
+        (x A^T, then B^T), never a per-expert loop or a materialised (E, out, in) delta."""
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware: cast like F.linear would
             dtype = torch.get_autocast_dtype(x.device.type)
             x, w_gate_up, w_down = x.to(dtype), self._cast_once(w_gate_up, dtype), self._cast_once(w_down, dtype)
-        if self.impl == "loop" or _GROUPED_MM is None or not _grouped_mm_supported(x, self.intermediate_size):
-            return _experts_loop(x, counts, w_gate_up, w_down, self.intermediate_size)
+            lora = tuple(self._cast_once(t, dtype) for t in lora) if lora else None
+        if self.impl == "loop" or _GROUPED_MM is None or not _grouped_mm_supported(x, self.intermediate_size,
+                                                                                    self.lora_rank if lora else 0):
+            return _experts_loop(x, counts, w_gate_up, w_down, self.intermediate_size, lora, self._lora_input,
+                                 self.lora_scale)
         offsets = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
         h = grouped_mm(x, w_gate_up.transpose(-2, -1), offsets)  # (N, 2I)
+        if lora:
+            h = h + self._grouped_low_rank(x, lora[0], lora[1], offsets)
         gate, up = h.split(self.intermediate_size, dim=-1)
         h = F.silu(gate) * up  # (N, I)
-        return grouped_mm(h, w_down.transpose(-2, -1), offsets)  # (N, D)
+        y = grouped_mm(h, w_down.transpose(-2, -1), offsets)  # (N, D)
+        if lora:
+            y = y + self._grouped_low_rank(h, lora[2], lora[3], offsets)
+        return y
+
+    def _lora_input(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout else x
+
+    def _grouped_low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                          offsets: torch.Tensor) -> torch.Tensor:
+        """Each row's expert's scale * x A_e^T B_e^T: (N, in) -> (N, r) -> (N, out), two grouped GEMMs."""
+        low = grouped_mm(self._lora_input(x), a.transpose(-2, -1), offsets)
+        return grouped_mm(low, b.transpose(-2, -1), offsets) * self.lora_scale
 
     def _cast_once(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`weight.to(dtype)`, made once per optimizer step in eager mode and reused by every micro-batch until the
@@ -186,13 +231,21 @@ class RoutedExperts(nn.Module):
 
 
 def _experts_loop(x: torch.Tensor, counts: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                  inter: int) -> torch.Tensor:
-    """Reference: one plain matmul chain per expert over its slice of the sorted copies."""
+                  inter: int, lora: tuple[torch.Tensor, ...] | None = None, lora_input=None,
+                  lora_scale: float = 1.0) -> torch.Tensor:
+    """Reference: one plain matmul chain per expert over its slice of the sorted copies (LoRA updates included)."""
     outputs = []
     sizes = counts.tolist()
     for e, chunk in enumerate(x[:sum(sizes)].split(sizes)):
-        gate, up = (chunk @ w_gate_up[e].T).split(inter, dim=-1)
-        outputs.append((F.silu(gate) * up) @ w_down[e].T)
+        h = chunk @ w_gate_up[e].T
+        if lora:
+            h = h + low_rank(lora_input(chunk), lora[0][e], lora[1][e], lora_scale)
+        gate, up = h.split(inter, dim=-1)
+        h = F.silu(gate) * up
+        y = h @ w_down[e].T
+        if lora:
+            y = y + low_rank(lora_input(h), lora[2][e], lora[3][e], lora_scale)
+        outputs.append(y)
     outputs.append(x.new_zeros(x.shape[0] - sum(sizes), w_down.shape[1]))  # rows of no expert
     return torch.cat(outputs)
 
@@ -256,9 +309,10 @@ def _define_opaque_grouped_mm():
     return forward
 
 
-def _grouped_mm_supported(x: torch.Tensor, intermediate_size: int) -> bool:
-    """torch's grouped GEMM needs rows aligned to 16 bytes (CPU and CUDA) and, on CUDA, bf16 on sm80+."""
-    aligned = (x.shape[-1] * x.element_size()) % 16 == 0 and (intermediate_size * x.element_size()) % 16 == 0
+def _grouped_mm_supported(x: torch.Tensor, intermediate_size: int, lora_rank: int = 0) -> bool:
+    """torch's grouped GEMM needs rows aligned to 16 bytes (CPU and CUDA: the LoRA rank too, e.g. a multiple of 8
+    in bf16) and, on CUDA, bf16 on sm80+."""
+    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], intermediate_size, lora_rank))
     if x.device.type == "cpu":
         return aligned
     if x.device.type == "cuda":

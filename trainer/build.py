@@ -20,14 +20,17 @@ from .distributed import DistEnv
 from .esft import apply_trainable, esft_selection
 from .expert_parallel import attach_dispatchers
 from .layout import ProcessGrid, stage_part, virtual_stages
+from .lora import apply_lora
 
 
-def build_model(cfg: TrainConfig, grid: ProcessGrid, device: torch.device) -> CausalLM:
+def build_model(cfg: TrainConfig, grid: ProcessGrid, device: torch.device, precision: str = "fp32") -> CausalLM:
     """This rank's part of the model on its device: its pipeline stage (a cut of CausalLM, layers under their global
     names) and its expert shard, with the all-to-all dispatcher under expert parallelism, token dropping and
     activation checkpointing as configured. Every weight is seeded by its name (and global expert), so the same
     seed gives the same weights at every layout (on one device type: CUDA generators draw other numbers than CPU
-    ones). The part is built on the meta device and materialised directly on `device`, never whole on the host."""
+    ones). The part is built on the meta device and materialised directly on `device`, never whole on the host.
+    With LoRA under bf16 `precision` it is materialised in bf16: the frozen base is held once, in the training
+    dtype (`trainer/lora.py`)."""
     part = {}
     if grid.pp > 1:
         stages = [stage_part(cfg.model, parts, s) for parts, s in virtual_stages(cfg, grid.pp, grid.ep, grid.stage)]
@@ -39,6 +42,8 @@ def build_model(cfg: TrainConfig, grid: ProcessGrid, device: torch.device) -> Ca
     # model"). The init seed is still drawn from the global RNG inside CausalLM.__init__.
     with torch.device("meta"):
         model = CausalLM(cfg.model, expert_shard=shard, **part)
+    if cfg.lora.enabled and precision == "bf16":
+        model = model.to(torch.bfloat16)
     model = model.to_empty(device=device)
     model.init_weights()
     if grid.ep > 1:
@@ -61,11 +66,14 @@ def load_start_weights(cfg: TrainConfig, model: CausalLM, resume: Resume | None)
 
 
 def setup_trainable(cfg: TrainConfig, model: CausalLM, tokenizer: TextTokenizer, grid: ProcessGrid,
-                    device: torch.device, run_dir: Path, env: DistEnv, resume: Resume | None
+                    device: torch.device, run_dir: Path, env: DistEnv, resume: Resume | None, precision: str = "fp32"
                     ) -> tuple[dict[str, int], dict[int, list[int]] | None]:
-    """Freeze what does not train: `trainer.trainable` patterns and, for ESFT, every expert outside the selection.
-    A resumed ESFT run keeps the selection its checkpoint holds; otherwise the experts are scored on the data with
-    the weights training starts from. Returns ({trainable, total} parameters on this rank, the ESFT selection)."""
+    """Freeze what does not train: everything but the adapters under LoRA, `trainer.trainable` patterns and, for
+    ESFT, every expert outside the selection. A resumed ESFT run keeps the selection its checkpoint holds; otherwise
+    the experts are scored on the data with the weights training starts from. Returns ({trainable, total}
+    parameters on this rank, the ESFT selection)."""
+    if cfg.lora.enabled:
+        return apply_lora(cfg.lora, model, cfg.trainer.seed, precision), None
     selection = None
     if cfg.esft.enabled:
         selection = resume.esft_selection if resume is not None else None

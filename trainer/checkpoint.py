@@ -207,7 +207,7 @@ def set_rng_state(state: dict) -> None:
 
 def _expert_params(model: torch.nn.Module) -> dict[str, RoutedExperts]:
     return {f"{n}.{leaf}": m for n, m in model.named_modules() if isinstance(m, RoutedExperts)
-            for leaf in ("gate_up_proj", "down_proj")}
+            for leaf in m.stacked_leaves}
 
 
 def _entries(model: torch.nn.Module, optimizer: torch.optim.Optimizer | ParamStates | None, dense: bool,

@@ -70,6 +70,7 @@ def dry_run(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
     if partial is not None:  # the same run training everything, for comparison, then as configured
         full = report.replace("memory per rank", "full fine-tuning, memory per rank", 1)
         what = (f"ESFT (assuming {cfg.esft.plan_fraction:.0%} of the experts selected)" if cfg.esft.enabled
+                else f"LoRA (rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)})" if cfg.lora.enabled
                 else "trainer.trainable")
         mine = format_plan(plan(cfg, world, partial))
         report = full + "\n" + mine[mine.index("memory per rank"):].replace("memory per rank",

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.config import DataConfig
 from model.config import ModelConfig
+from model.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS, TARGETS as LORA_TARGETS
 
 from .layout import (PP_SCHEDULES, SPLIT_BACKWARD, V_SCHEDULES, resolve_ep, slot_kinds, stage_boundaries,
                      stages_per_rank, validate_layout)
@@ -183,6 +184,24 @@ class ESFTConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA (arXiv 2106.09685) on MLA, the MLPs and every routed expert: the base weights frozen and held once in the
+    training dtype, only the adapters trained (docs/finetuning.md, "LoRA")."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    """The update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training (the export says 0: it has no effect at inference)."""
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    """Released module names: q_proj or q_a_proj / q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj; gate_proj,
+    up_proj, down_proj of the dense and shared MLPs; `experts` (every routed expert); `gate` (the router)."""
+    export_merged: bool = True
+    """Also write the merged model to `<run dir>/hf` (the adapter goes to `<run dir>/adapter` either way)."""
+
+
+@dataclass
 class CheckpointConfig:
     dir: str = "${hydra:runtime.output_dir}/checkpoints"
     every: int = 100
@@ -256,6 +275,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     esft: ESFTConfig = field(default_factory=ESFTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -418,6 +438,32 @@ class TrainConfig:
         if not self.model.n_routed_experts:
             raise ValueError("esft.enabled: the model has no routed experts")
 
+    def _validate_lora(self) -> None:
+        lo = self.lora
+        if not lo.enabled:
+            return
+        if lo.rank < 1:
+            raise ValueError(f"lora.rank={lo.rank}: must be >= 1")
+        if lo.alpha <= 0:
+            raise ValueError(f"lora.alpha={lo.alpha}: must be > 0")
+        if not 0 <= lo.dropout < 1:
+            raise ValueError(f"lora.dropout={lo.dropout}: must be in [0, 1)")
+        unknown = [t for t in lo.targets if t not in LORA_TARGETS]
+        if unknown or not lo.targets:
+            raise ValueError(f"lora.targets: {f'unknown target {unknown[0]!r}' if unknown else 'empty'}; allowed: "
+                             f"{', '.join(LORA_TARGETS)}")
+        if self.esft.enabled:
+            raise ValueError("lora.enabled with esft.enabled: ESFT trains the full weights of selected experts, LoRA "
+                             "freezes every base weight and trains adapters; pick one (esft.enabled=false or "
+                             "lora.enabled=false)")
+        if self.trainer.trainable is not None:
+            raise ValueError("lora.enabled with trainer.trainable: LoRA trains exactly its adapters; choose them with "
+                             "lora.targets and drop trainer.trainable")
+        if self.uses_deepspeed or self.torch_pipeline:
+            raise ValueError("lora.enabled runs on the built-in engine (parallel.zero_stage=null, parallel.pp=1), "
+                             "with expert parallelism (parallel.ep) if wanted: the frozen base needs no optimizer "
+                             "state for ZeRO to partition, and LoRA of V2-Lite fits one 80 GB GPU")
+
     def _validate_eval(self) -> None:
         e = self.eval
         if e.every < 0:
@@ -452,6 +498,7 @@ class TrainConfig:
         if not 0.0 <= self.moe.no_drop_fraction <= 1.0:
             raise ValueError(f"moe.no_drop_fraction={self.moe.no_drop_fraction}: must be in [0, 1]")
         self._validate_esft()
+        self._validate_lora()
         if self.trainer.epochs is not None and self.trainer.epochs <= 0:
             raise ValueError(f"trainer.epochs={self.trainer.epochs}: must be > 0 (or null to use max_steps)")
         if self.trainer.epochs is not None and self.data.mixture:

@@ -16,12 +16,13 @@ from model import ModelConfig
 from .build import build_model, load_start_weights
 from .checkpoint import load_model_weights
 from .cli import model_choices, user_errors
-from .config import TrainConfig, to_train_config
+from .config import LoRAConfig, TrainConfig, to_train_config
 from .distributed import (DistEnv, barrier, broadcast_object, collective_errors, current, env_from_launcher,
                           init_process_group, pick_device, shutdown)
 from .engines import build_engine
 from .evaluation import Evaluator, report, require_lm_eval
 from .expert_parallel import build_grid
+from .lora import apply_lora, lora_settings
 from .prepare import ModelChoices, fit_model_to_tokenizer, resolve_pretrained
 
 
@@ -41,10 +42,12 @@ def prepare_eval(cfg: TrainConfig, world_size: int, choices: ModelChoices | None
         state = json.loads(state_file.read_text())
         saved = state["config"]["model"]
         cfg.model = ModelConfig.from_hf_config(saved) if state.get("weights_only") else ModelConfig(**saved)
+        cfg.lora = lora_settings(state) or LoRAConfig()  # a LoRA run's checkpoint holds its adapters
         if not cfg.data.tokenizer and (checkpoint / "tokenizer.json").is_file():
             cfg.data.tokenizer = str(checkpoint / "tokenizer.json")  # the run's own tokenizer travels with it
     elif cfg.model.pretrained:
         cfg.model = resolve_pretrained(cfg, choices)
+        cfg.lora = LoRAConfig()  # a merged LoRA export is a plain model
     else:
         raise ValueError("launch/evaluate.py evaluates a trained model: set model.pretrained=<Hugging Face directory> "
                          "or checkpoint.resume=<training checkpoint directory>")
@@ -69,8 +72,10 @@ def evaluate(cfg: TrainConfig, tokenizer: TextTokenizer, checkpoint: Path | None
     precision = cfg.trainer.precision if cfg.trainer.precision != "auto" else (
         "bf16" if device.type == "cuda" else "fp32")
     grid = build_grid(env, cfg.parallel.pp, cfg.expert_parallel_size(env.world_size))
-    model = build_model(cfg, grid, device)
+    model = build_model(cfg, grid, device, precision)
     if checkpoint is not None:
+        if cfg.lora.enabled:
+            apply_lora(cfg.lora, model, cfg.trainer.seed, precision)
         load_model_weights(checkpoint, model)
         weights = f"checkpoint {checkpoint}"
     else:

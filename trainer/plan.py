@@ -10,6 +10,7 @@ Bytes per parameter held by a rank (weights / gradients / optimizer states):
     DeepSpeed engine, fp32:      4 / 4 / 8    (Adam m + v)
     built-in engine (any):       4 / 4 / 8    (fp32 weights: bf16 autocast only casts activations)
     torch pipeline engine (any): 4 / 4 / 8    (as the built-in engine; its ZeRO-1 splits Adam's m + v)
+    LoRA (built-in engine):      frozen base 2 (bf16) or 4 (fp32) / 0 / 0; adapters 4 / 4 / 8
 
 ZeRO-1 divides the optimizer states over data parallelism (dense parameters over dp, experts over their edp
 replicas, each rounded up), ZeRO-2 also the gradients, ZeRO-3 also the weights; ZeRO-0 and the built-in engine
@@ -85,6 +86,8 @@ class StagePlan:
     pairs."""
     virtual_stages: list[int] = field(default_factory=list)
     """Under a torch schedule: the virtual stages the pipeline rank holds."""
+    adapter_bytes: int = 0
+    """LoRA: the part of `weight_bytes` that is adapters (fp32); the rest is the frozen base."""
 
     @property
     def total_bytes(self) -> int:
@@ -190,12 +193,15 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
     dp, ep, zero = world_size // pp, cfg.expert_parallel_size(world_size), cfg.resolved_zero_stage()
     edp = dp // ep
     held = slot_params(c, ep)
+    lora = cfg.lora.enabled and trainable is not None
     trainable = list(held if trainable is None else trainable)
     if len(trainable) != len(held):
         raise ValueError(f"trainable: {len(trainable)} slots given, the model has {len(held)}")
     # the built-in and the torch pipeline engine keep fp32 weights under autocast
     fp32 = zero is None or cfg.torch_pipeline or t.precision == "fp32"
     w_bytes, g_bytes, o_bytes = (4, 4, 8) if fp32 else (2, 2, 12)
+    # LoRA: the frozen base once in the training dtype, fp32 adapters (`trainable`) with their gradients and states
+    base_bytes = 4 if t.precision == "fp32" else 2
     act_scale = 2 if t.precision == "fp32" else 1
     per_step = t.global_batch_size // (t.micro_batch_size * dp)
     tokens = t.micro_batch_size * cfg.data.seq_len
@@ -220,9 +226,10 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
         h = SlotParams(sum(held[i].dense for i in slots), sum(held[i].expert for i in slots))
         tr = SlotParams(sum(trainable[i].dense for i in slots), sum(trainable[i].expert for i in slots))
         z = zero or 0
+        weights = base_bytes * h.total + 4 * tr.total if lora else w_bytes * sharded(h, z >= 3)
         out.stages.append(StagePlan(
             stage=s, ranks=list(range(s * dp, (s + 1) * dp)), slots=slots, kinds=[kinds[i] for i in slots],
-            params=h, weight_bytes=w_bytes * sharded(h, z >= 3), grad_bytes=g_bytes * sharded(tr, z >= 2),
+            params=h, weight_bytes=weights, grad_bytes=g_bytes * sharded(tr, z >= 2), adapter_bytes=4 * tr.total * lora,
             optimizer_bytes=o_bytes * sharded(tr, z >= 1), in_flight=in_flight, virtual_stages=stages,
             activation_bytes=act.rank_bytes(in_flight_bytes, kinds, slots)))
     return out
@@ -298,10 +305,11 @@ def trainable_slot_params(cfg: TrainConfig, ep: int) -> list[SlotParams] | None:
     import torch
 
     from model import CausalLM
+    from model.lora import add_lora
 
     from .esft import apply_trainable
     c = cfg.model
-    if cfg.trainer.trainable is None and not cfg.esft.enabled:
+    if cfg.trainer.trainable is None and not cfg.esft.enabled and not cfg.lora.enabled:
         return None
     selection = None
     if cfg.esft.enabled:
@@ -309,7 +317,10 @@ def trainable_slot_params(cfg: TrainConfig, ep: int) -> list[SlotParams] | None:
         selection = {i: list(range(keep)) for i in range(c.num_hidden_layers) if c.is_moe_layer(i)}
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = CausalLM(c)
-    apply_trainable(model, cfg.trainer.trainable, selection)
+    if cfg.lora.enabled:
+        add_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, seed=0)
+    else:
+        apply_trainable(model, cfg.trainer.trainable, selection)
     dense = [0] * (c.num_hidden_layers + 2)
     expert = [0] * (c.num_hidden_layers + 2)
     for name, p in model.named_parameters():
@@ -396,9 +407,29 @@ def format_plan(p: Plan) -> str:
                  f"{peak.total_bytes / gib:.2f} GiB per rank "
                  f"({(peak.total_bytes - peak.activation_bytes) / gib:.2f} GiB model states + "
                  f"{peak.activation_bytes / gib:.2f} GiB activations)")
+    if peak.adapter_bytes:
+        lines.append(f"LoRA: weights = frozen base {(peak.weight_bytes - peak.adapter_bytes) / gib:.2f} GiB "
+                     f"({p.precision}) + adapters {peak.adapter_bytes / gib:.2f} GiB "
+                     f"({peak.adapter_bytes // 4:,} parameters, fp32); only the adapters get gradients and AdamW "
+                     "states")
+    lines.append(gpu_fit(peak.total_bytes))
     if p.schedules:
         lines += _format_schedules(p)
     return "\n".join(lines)
+
+
+GPU_GIB = 79.0
+"""What an 80 GB GPU (H100, A100 80GB) gives a process, GiB."""
+
+
+def gpu_fit(total_bytes: int) -> str:
+    """Whether a rank's planned memory fits an 80 GB GPU, said plainly."""
+    gib = total_bytes / 1024 ** 3
+    if gib <= GPU_GIB:
+        return (f"fit: {gib:.2f} GiB per rank fits an 80 GB GPU ({GPU_GIB:.0f} GiB usable), {GPU_GIB - gib:.1f} GiB "
+                "left for what the plan does not count (buffers, the CUDA context, fragmentation)")
+    return (f"fit: {gib:.2f} GiB per rank does NOT fit an 80 GB GPU ({GPU_GIB:.0f} GiB usable): use more ranks "
+            "(parallel.ep, ZeRO, pipeline stages), activation checkpointing, or LoRA (experiment=lora_v2_lite)")
 
 
 def _format_schedules(p: Plan) -> list[str]:

@@ -26,6 +26,7 @@ from .distributed import DistEnv, barrier, current, pick_device
 from .engines import Engine, build_engine
 from .expert_parallel import build_grid, dispatch_metrics
 from .layout import ProcessGrid
+from .lora import export_adapter
 from .metrics import LossSpikes, MetricsLogger, Throughput, device_peak_tflops, load_imbalance, peak_memory_gib
 from .optim import global_batch_at
 from .preempt import Preemption
@@ -63,9 +64,10 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     grid = build_grid(env, cfg.parallel.pp, cfg.expert_parallel_size(env.world_size))
     if cfg.trainer.epochs is not None:
         steps_from_epochs(cfg, tokenizer, grid, device, env)
-    model = build_model(cfg, grid, device)
+    model = build_model(cfg, grid, device, precision)
     weights = load_start_weights(cfg, model, prepared.resume)  # before DeepSpeed copies or partitions them
-    trainable, selection = setup_trainable(cfg, model, tokenizer, grid, device, run_dir, env, prepared.resume)
+    trainable, selection = setup_trainable(cfg, model, tokenizer, grid, device, run_dir, env, prepared.resume,
+                                           precision)
     engine = build_engine(model, cfg, grid, env, device, precision)
     loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank, grid.dp,
                           vocab_limit=cfg.model.vocab_size)
@@ -80,19 +82,31 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     try:
         stopped_by, checkpoint = loop(progress, engine, loader, logger, reporter, prepared, env, selection,
                                       val_batches)
-        hf_dir = None
+        exports = {}
         if stopped_by:
             logger.print(f"preempted ({stopped_by}) after step {progress.step}: "
                          f"{f'checkpoint {checkpoint} committed' if checkpoint else 'nothing new to save'}; "
                          "relaunch the same command to continue")
-        elif cfg.checkpoint.export_hf:
-            current.at("export")
-            hf_dir = engine.export(run_dir / "hf", tokenizer)
+        else:
+            exports = export(cfg, engine, tokenizer, run_dir)
         barrier(env)
     finally:
         loader.close()
         logger.close()
-    return summarize(progress, checkpoint, run_dir, hf_dir, logger.summary_line(), time.time() - t_start, env)
+    return summarize(progress, checkpoint, run_dir, exports, logger.summary_line(), time.time() - t_start, env)
+
+
+def export(cfg: TrainConfig, engine: Engine, tokenizer: TextTokenizer, run_dir: Path) -> dict[str, Path | None]:
+    """The end-of-run exports (collective): the LoRA adapter in PEFT's format to `<run dir>/adapter`, and the
+    Hugging Face model to `<run dir>/hf` (with LoRA, merged, unless `lora.export_merged=false`). Paths on rank 0."""
+    current.at("export")
+    exports = {}
+    if cfg.lora.enabled:
+        exports["adapter"] = export_adapter(engine.model, cfg.lora, cfg.model.pretrained, run_dir / "adapter",
+                                            engine.grid)
+    if cfg.checkpoint.export_hf and (cfg.lora.export_merged or not cfg.lora.enabled):
+        exports["hf"] = engine.export(run_dir / "hf", tokenizer)
+    return exports
 
 
 def loop(progress: Progress, engine: Engine, loader, logger: MetricsLogger, reporter: Reporter, prepared: Prepared,
@@ -345,12 +359,14 @@ def announce(logger: MetricsLogger, run_dir: Path, engine: Engine, weights: str,
                         if selection else ""))
 
 
-def summarize(progress: Progress, checkpoint: Path, run_dir: Path, hf_dir: Path | None, wandb_line: str | None,
-              seconds: float, env: DistEnv) -> dict:
+def summarize(progress: Progress, checkpoint: Path, run_dir: Path, exports: dict[str, Path | None],
+              wandb_line: str | None, seconds: float, env: DistEnv) -> dict:
     """The run's summary, printed by rank 0 as the last lines of the job."""
+    hf_dir, adapter = exports.get("hf"), exports.get("adapter")
     summary = {"steps": progress.step, "first_loss": progress.first_loss, "last_loss": progress.last_loss,
                "checkpoint": str(checkpoint), "metrics": str(run_dir / "metrics.jsonl"),
-               "hf_export": str(hf_dir) if hf_dir else None, "minutes": seconds / 60}
+               "hf_export": str(hf_dir) if hf_dir else None, "adapter": str(adapter) if adapter else None,
+               "minutes": seconds / 60}
     if env.is_main:
         print(f"\ndone: {progress.step} steps in {seconds / 60:.1f} min; loss {progress.first_loss:.4f} -> "
               f"{progress.last_loss:.4f}" if progress.first_loss is not None
@@ -359,6 +375,8 @@ def summarize(progress: Progress, checkpoint: Path, run_dir: Path, hf_dir: Path 
         print(f"  metrics      {run_dir / 'metrics.jsonl'}")
         if hf_dir:
             print(f"  HF export    {hf_dir}  (loads with model.hf.load_pretrained or transformers)")
+        if adapter:
+            print(f"  LoRA adapter {adapter}  (loads with peft.PeftModel.from_pretrained onto the base model)")
         if wandb_line:
             print(wandb_line)
     return summary
