@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F

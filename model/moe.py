@@ -143,6 +143,8 @@ class RoutedExperts(nn.Module):
         for name, shape in shapes.items():
             setattr(self, name, nn.Parameter(torch.zeros(shape, device=device, dtype=torch.float32)))
         self.lora_rank, self.lora_scale, self.lora_dropout = rank, alpha / rank, dropout
+        self.gate_up_proj.requires_grad_(False)
+        self.down_proj.requires_grad_(False)
 
     @property
     def stacked_leaves(self) -> tuple[str, ...]:

@@ -67,10 +67,13 @@ def test_every_group_option_composes_to_its_yaml(group, name):
 @pytest.mark.parametrize("experiment", _group("experiment"))
 def test_every_experiment_composes(experiment):
     """Fine-tuning experiments read the user's files: they compose once given some."""
-    needs_files = experiment.startswith(("cpt_", "sft_", "esft_", "long_context_"))
+    needs_files = experiment.startswith(("cpt_", "sft_", "esft_", "lora_", "long_context_"))
     cfg = compose_config(f"experiment={experiment}", *(["data.paths=[/data/*.jsonl]"] if needs_files else []))
-    if experiment.startswith(("sft_", "esft_")):
+    if experiment.startswith(("sft_", "esft_", "lora_")):
         assert cfg.data.kind == "sft" and cfg.trainer.epochs == 2
+    if experiment.startswith("lora_"):  # the built-in engine, every default target
+        assert cfg.lora.enabled and cfg.parallel.zero_stage is None and cfg.parallel.pp == 1
+        assert "experts" in cfg.lora.targets and "gate" not in cfg.lora.targets
     if experiment in ("sft_v2", "sft_v2_lite"):
         assert cfg.optim.lr == 5e-6  # the paper's SFT learning rate
     if experiment.startswith("long_context_"):
@@ -137,7 +140,8 @@ def test_global_batch_must_divide_across_ranks():
 
 
 def test_deepspeed_launcher_local_rank_is_accepted(monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # recorded first, so teardown removes what strip_launcher_args sets
+    monkeypatch.delenv("LOCAL_RANK")
     assert strip_launcher_args(["--local_rank=3", "model=tiny", "--local_rank", "2", "x=1"]) == ["model=tiny", "x=1"]
     import os
     assert os.environ["LOCAL_RANK"] == "3"
@@ -330,21 +334,22 @@ def to_train_config_from(*overrides: str) -> TrainConfig:
 
 
 TWINS = {"cpt_v2_lite": "cpt_tiny", "sft_v2_lite": "sft_tiny", "sft_v2": "sft_tiny_v2",
-         "long_context_v2_lite": "long_context_tiny", "esft_v2_lite": "esft_tiny"}
+         "long_context_v2_lite": "long_context_tiny", "esft_v2_lite": "esft_tiny", "lora_v2_lite": "lora_tiny"}
 
 
 def test_every_full_size_experiment_has_a_tiny_twin_with_the_same_recipe():
     """Each recipe for the released sizes has a toy twin the tests can run: same data kind, schedule, epochs or
-    steps, ESFT and activation checkpointing, and the same attention layout (query compression or not)."""
+    steps, ESFT, LoRA and its targets, activation checkpointing, and the same attention layout (query compression
+    or not)."""
     full_size = [e for e in _group("experiment") if compose_config(
         f"experiment={e}", "data.paths=[/d/*.jsonl]").model.hidden_size >= 2048]
     assert sorted(full_size) == sorted(TWINS)
     for big, small in TWINS.items():
         a, b = (compose_config(f"experiment={e}", "data.paths=[/d/*.jsonl]") for e in (big, small))
-        assert (a.data.kind, a.optim.schedule, a.trainer.epochs is None, a.esft.enabled,
-                a.trainer.activation_checkpointing, a.model.q_lora_rank is None) == \
-               (b.data.kind, b.optim.schedule, b.trainer.epochs is None, b.esft.enabled,
-                b.trainer.activation_checkpointing, b.model.q_lora_rank is None), (big, small)
+        assert (a.data.kind, a.optim.schedule, a.trainer.epochs is None, a.esft.enabled, a.lora.enabled,
+                a.lora.targets, a.trainer.activation_checkpointing, a.model.q_lora_rank is None) == \
+               (b.data.kind, b.optim.schedule, b.trainer.epochs is None, b.esft.enabled, b.lora.enabled,
+                b.lora.targets, b.trainer.activation_checkpointing, b.model.q_lora_rank is None), (big, small)
 
 
 def test_a_single_value_for_a_list_key_is_a_one_element_list():

@@ -5,6 +5,7 @@ loaded by `peft` onto transformers' DeepseekV2ForCausalLM, the merged export, ex
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -102,7 +103,6 @@ def test_lora_trains_only_the_adapters(lora_runs, released):
     start = {k: v for k, v in load_pretrained(directory, dtype=torch.float32).state_dict().items()}
     checkpoint = run / "checkpoints" / f"step_{STEPS:08d}"
     saved = _tensors_of(checkpoint)
-    from trainer.checkpoint import load_model_weights  # noqa: F401 (the entry names below are its)
     base = {k: v for k, v in saved.items() if "lora_" not in k}
     assert base, "no base weights in the checkpoint"
     for key, value in base.items():  # per-expert entries `...experts.gate_up_proj.<e>` against the stacked start
@@ -173,3 +173,30 @@ def test_bad_lora_settings_fail_in_one_line(tmp_path, cache_dir, override, expec
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("config error:")]
     assert len(errors) == 1 and expected in errors[0], proc.stdout + proc.stderr
+
+
+def _loglikelihoods(run_dir: Path, source: str) -> list[float]:
+    """launch/evaluate.py on the local multiple-choice task: every request's log-likelihood, in document order."""
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), source, "eval.tasks=[mc_local]",
+                           f"eval.include_path={ROOT / 'tests' / 'eval' / 'tasks'}", "eval.limit=6",
+                           "eval.log_samples=true", "eval.bootstrap_iters=0", f"hydra.run.dir={run_dir}",
+                           "logging.wandb=disabled"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (samples,) = run_dir.glob("samples_mc_local_*.jsonl")
+    rows = sorted(map(json.loads, samples.read_text().splitlines()), key=lambda r: r["doc_id"])
+    return [float(resp[0][0]) for row in rows for resp in row["resps"]]
+
+
+def test_evaluating_a_lora_checkpoint_uses_its_adapters(tmp_path, lora_runs, released):
+    """launch/evaluate.py on a LoRA run's checkpoint builds the adapters its train_state.json names before reading
+    its weights: the same log-likelihoods as the merged export (1e-3), not the base model's."""
+    pytest.importorskip("lm_eval")
+    directory, _, _ = released
+    run = lora_runs["one"][0]
+    adapted = _loglikelihoods(tmp_path / "ckpt", f"checkpoint.resume={run / 'checkpoints' / f'step_{STEPS:08d}'}")
+    merged = _loglikelihoods(tmp_path / "merged", f"model.pretrained={run / 'hf'}")
+    base = _loglikelihoods(tmp_path / "base", f"model.pretrained={directory}")
+    assert len(adapted) == len(merged) == len(base) == 24
+    assert max(abs(a - m) for a, m in zip(adapted, merged)) < 1e-3
+    assert max(abs(a - b) for a, b in zip(adapted, base)) > 0.1

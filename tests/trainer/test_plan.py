@@ -189,3 +189,28 @@ def test_our_stage_cuts_are_deepspeeds():
         weights = [rng.choice([0, 1, rng.randint(0, 10**9)]) for _ in range(n)]
         assert balanced_cut(weights, parts) == [int(x) for x in utils.partition_balanced(weights, parts)], weights
         assert uniform_cut(n, parts) == [int(x) for x in utils.partition_uniform(n, parts)], (n, parts)
+
+
+def test_lora_plan_holds_the_base_once_in_bf16_and_trains_only_the_adapters():
+    """V2-Lite LoRA on one GPU (rank 16, every default target): adapters counted by hand from the released shapes
+    (r x (in + out) per matrix; 64 experts x r x (D + 2I) + (I + D) per MoE layer), the frozen base at 2 bytes, the
+    adapters at 4 + 4 + 8; it fits an 80 GB GPU and the report says so, full fine-tuning does not."""
+    from trainer.plan import format_plan, plan, trainable_slot_params
+    cfg = compose_config("experiment=lora_v2_lite", "data.paths=[/data/*.jsonl]")
+    cfg.validate(1)
+    r, d = 16, 2048
+    attention = r * ((d + 16 * 192) + (d + 576) + (512 + 16 * 256) + (16 * 128 + d))
+    dense = 3 * r * (d + 10944)
+    shared = 3 * r * (d + 2816)
+    experts = 64 * r * ((d + 2 * 1408) + (1408 + d))
+    adapters = 27 * attention + dense + 26 * (shared + experts)
+    partial = trainable_slot_params(cfg, ep=1)
+    assert sum(s.total for s in partial) == adapters == 235_311_104
+    stage = plan(cfg, 1, partial).stages[0]
+    assert stage.weight_bytes == 2 * 15_706_484_224 + 4 * adapters and stage.adapter_bytes == 4 * adapters
+    assert (stage.grad_bytes, stage.optimizer_bytes) == (4 * adapters, 8 * adapters)
+    assert stage.total_bytes < 79 * 1024**3 < plan(cfg, 1).stages[0].total_bytes
+    report = format_plan(plan(cfg, 1, partial))
+    assert "LoRA: weights = frozen base 29.26 GiB (bf16) + adapters 0.88 GiB (235,311,104 parameters" in report
+    assert "per rank fits an 80 GB GPU" in report
+    assert "does NOT fit an 80 GB GPU" in format_plan(plan(cfg, 1))
