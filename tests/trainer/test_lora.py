@@ -164,6 +164,7 @@ def test_lora_resume_is_bitwise(tmp_path, cache_dir, released, lora_runs):
     ("lora.targets=[q_proj,wq]", "lora.targets: unknown target 'wq'"),
     ("lora.rank=0", "lora.rank=0: must be >= 1"),
     ("esft.enabled=true", "lora.enabled with esft.enabled"),
+    ("parallel.zero_stage=0", "lora.enabled runs on the built-in engine (parallel.zero_stage=null, parallel.pp=1)"),
 ])
 def test_bad_lora_settings_fail_in_one_line(tmp_path, cache_dir, override, expected):
     """Exit 2 with one `config error:` line naming the key, before anything is built."""
