@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -60,7 +62,7 @@ def dry_run(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
     """`trainer.dry_run=true`: validate for the planned world (`parallel.world_size`, else the launched one) and
     print the layout and memory plan. Runs before `prepare`, whose launched-world guard would refuse a plan for a
     bigger job, and creates no process group and no tokenizer; files the run would read need not exist yet."""
-    from .plan import format_plan, plan, trainable_slot_params
+    from .plan import GPU_GIB, format_plan, plan, smallest_fit, trainable_slot_params
 
     world = cfg.parallel.world_size or env.world_size
     cfg.model = resolve_pretrained(cfg, choices, planning=True)
@@ -75,6 +77,9 @@ def dry_run(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
         mine = format_plan(plan(cfg, world, partial))
         report = full + "\n" + mine[mine.index("memory per rank"):].replace("memory per rank",
                                                                            f"{what}, memory per rank", 1)
+    configured = plan(cfg, world, partial)
+    if configured.peak.total_bytes > GPU_GIB * 1024 ** 3:
+        report += "\n" + smallest_fit(cfg)
     if env.is_main:
         print(report, flush=True)
 
@@ -111,6 +116,33 @@ def _task(cfg: DictConfig) -> None:
         shutdown()
 
 
+LAUNCHED_RANK_GRACE_S = 3.0
+"""How long a launched worker other than rank 0 waits before reporting an input error: when rank 0 finds the same
+error, torchrun has ended the job by then and the message is printed once (docs/configuration.md, "Errors")."""
+
+
+def fail(message: str, code: int, before_group: bool = True) -> None:
+    """Report what the user can fix as one line on stderr and exit with `code` (2: input, 1: a run stopped on
+    purpose). Under a launcher, before any process group (`before_group`: every rank checks the same inputs),
+    rank 0 reports at once and the other ranks only after `LAUNCHED_RANK_GRACE_S`, with their rank: if rank 0
+    failed too the launcher has stopped them by then, so the message appears once; if only they failed (a file
+    missing on one node) it still appears. Under torchrun the line is also written to the worker's error file, so
+    torchrun's closing report shows it as the root cause instead of a link to its docs."""
+    rank = int(os.environ.get("RANK", 0))
+    if before_group and rank > 0:
+        time.sleep(LAUNCHED_RANK_GRACE_S)
+    line = message if rank == 0 or not before_group else f"{message} (rank {rank})"
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):
+            # torchrun's own record format: its report shows `py_callstack` as the failure's "traceback"
+            Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": {
+                "py_callstack": line, "timestamp": str(int(time.time()))}}}))
+    raise SystemExit(code)
+
+
 @contextlib.contextmanager
 def user_errors(config: bool = True):
     """One line instead of a traceback for what the user can fix: a wrong data file or checkpoint (exit 2), a run
@@ -129,16 +161,13 @@ def user_errors(config: bool = True):
         end_local_peers()
         os._exit(3)  # no teardown: destroying a group whose peer is gone can block
     except (DataError, CheckpointError) as e:
-        print(f"{'data' if isinstance(e, DataError) else 'checkpoint'} error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(f"{'data' if isinstance(e, DataError) else 'checkpoint'} error: {e}", 2, before_group=config)
     except NonFiniteError as e:
-        print(f"training stopped: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        fail(f"training stopped: {e}", 1, before_group=False)
     except ValueError as e:
         if not (config or isinstance(e, ConfigError)):
             raise
-        print(f"config error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(f"config error: {e}", 2, before_group=config)
 
 
 def model_choices(cfg: DictConfig, hydra_cfg) -> ModelChoices:
@@ -178,8 +207,7 @@ def check_overrides(args: list[str]) -> None:
         key, value = override.split("=", 1)
         problem = _unknown(key.lstrip("+~"), value.strip("'\""))
         if problem:
-            print(f"config error: {problem}", file=sys.stderr)
-            raise SystemExit(2)
+            fail(f"config error: {problem}", 2)
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     try:
@@ -188,8 +216,7 @@ def check_overrides(args: list[str]) -> None:
     except (HydraException, ValueError) as e:
         what = next(iter(str(e).removeprefix("Error merging override ").strip().splitlines()), type(e).__name__)
         cause = next((line for line in str(e.__cause__ or "").splitlines() if line.strip()), "")
-        print(f"config error: {what}: {cause}" if cause else f"config error: {what}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(f"config error: {what}: {cause}" if cause else f"config error: {what}", 2)
 
 
 def _unknown(key: str, value: str) -> str | None:

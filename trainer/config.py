@@ -70,6 +70,11 @@ class OptimConfig:
     decay_factor: float = 0.316
     min_lr_ratio: float = 0.1
     """`cosine` schedule: final LR as a fraction of `lr`."""
+    schedule_steps: int | None = None
+    """Steps the LR schedule spans (its decay points, the cosine's end); null: trainer.max_steps."""
+    schedule_resume: str = "stretch"
+    """A resume that changes trainer.max_steps: `stretch` the schedule over the new max_steps, or `keep` the
+    checkpoint's schedule (past its end the LR stays at the end value). Either way one line says what happens."""
 
 
 @dataclass
@@ -504,6 +509,11 @@ class TrainConfig:
         if self.trainer.epochs is not None and self.data.mixture:
             raise ValueError("trainer.epochs counts passes over one corpus, which a mixture does not have: set "
                              "trainer.max_steps (a source's own `epochs` caps its passes)")
+        if self.optim.schedule_resume not in ("stretch", "keep"):
+            raise ValueError(f"optim.schedule_resume={self.optim.schedule_resume!r}: allowed: stretch, keep")
+        if self.optim.schedule_steps is not None and self.optim.schedule_steps < 1:
+            raise ValueError(f"optim.schedule_steps={self.optim.schedule_steps}: must be >= 1 (null: "
+                             "trainer.max_steps)")
         if self.checkpoint.optimizer_resume not in ("strict", "reset"):
             raise ValueError(f"checkpoint.optimizer_resume={self.checkpoint.optimizer_resume!r}: allowed: strict, "
                              "reset")

@@ -54,6 +54,38 @@ def heatmap_image(history: list[np.ndarray]) -> np.ndarray:
     return (np.kron(rgb, np.ones((scale, scale, 1))) * 255).astype(np.uint8)
 
 
+def labelled_heatmap(rows: list[tuple[int, np.ndarray]], layer: int) -> np.ndarray:
+    """One layer's load over time as an RGB image with axes, labels and a colour bar (launch/plot.py's chart) when
+    matplotlib is installed (the `plot` extra), else the bare `heatmap_image`. `rows`: (step, load) pairs."""
+    try:
+        import matplotlib
+    except ImportError:
+        return heatmap_image([load for _, load in rows])
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import load_heatmap
+    fig = load_heatmap(plt, np.stack([load for _, load in rows]), [s for s, _ in rows], layer)
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(run_dir: Path, resumed: bool) -> str:
+    """The wandb run id of this run directory: the one its first launch chose, when resuming; a new one otherwise."""
+    import secrets
+    file = run_dir / WANDB_ID_FILE
+    if resumed and file.is_file():
+        return file.read_text().strip()
+    run_id = secrets.token_hex(4)
+    file.write_text(run_id + "\n")
+    return run_id
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: LoggingConfig, max_steps: int, start_step: int, enabled: bool,
                  config_dict: dict, progress: bool):
@@ -73,12 +105,14 @@ class MetricsLogger:
                                 file=sys.stderr)
             except ImportError:
                 self.bar = None
-        if cfg.wandb != WandbMode.disabled:
+        if cfg.wandb != WandbMode.disabled and start_step < max_steps:  # a launch with nothing to do logs nothing
             import wandb
             # silent: wandb's own banner and end-of-run summary (some 30 lines) would bury the last step line;
-            # `summary_line` says where the run is instead.
+            # `summary_line` says where the run is instead. A relaunch continues the same wandb run (its id is kept
+            # in the run directory); a fresh start in that directory begins a new one.
             self.wandb = wandb.init(project=cfg.project, dir=str(run_dir), mode=cfg.wandb.value, config=config_dict,
-                                    resume="allow", settings=wandb.Settings(silent=True))
+                                    id=wandb_run_id(run_dir, start_step > 0), resume="allow",
+                                    settings=wandb.Settings(silent=True))
 
     def print(self, text: str) -> None:
         if not self.enabled:
@@ -98,7 +132,11 @@ class MetricsLogger:
         if not self.enabled:
             return
         self.print(format_line(step, self.max_steps, metrics))
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        record = {"step": step, **metrics}
+        if layer_load is not None:  # each MoE layer's share of token copies per expert (launch/plot.py draws it)
+            record["expert_load"] = {str(layer): [round(float(x), 5) for x in row / max(float(row.sum()), 1e-12)]
+                                     for layer, row in zip(layer_ids or range(len(layer_load)), layer_load)}
+        self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
         if self.wandb is not None:
             flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
@@ -110,13 +148,13 @@ class MetricsLogger:
                 for layer, row in zip(layer_ids or range(len(layer_load)), layer_load):
                     total = float(row.sum())
                     if total > 0:
-                        self.history.setdefault(layer, []).append((row / total).numpy())
+                        self.history.setdefault(layer, []).append((step, (row / total).numpy()))
                 if self.cfg.heatmap_every and step - self.last_heatmap >= self.cfg.heatmap_every:
                     self.last_heatmap = step
                     import wandb
                     for layer, rows in self.history.items():
                         flat[f"expert_load/layer_{layer}"] = wandb.Image(
-                            heatmap_image(rows[-64:]), caption="rows: logged steps, columns: experts")
+                            labelled_heatmap(rows[-64:], layer), caption="x: experts, y: logged steps")
             self.wandb.log(flat, step=step)
 
     def summary_line(self) -> str | None:
@@ -153,6 +191,11 @@ def format_line(step: int, max_steps: int, m: dict[str, Any]) -> str:
     if "loss" not in m:  # an evaluation of its own (before the first step)
         return " | ".join([f"step {step}/{max_steps}", "eval " + " ".join(evaluated)])
     parts = [f"step {step}/{max_steps}", f"loss {num('loss', '.4f')}"]
+    if "lr" not in m:  # validation, evaluation or a spike between log steps: only what was measured
+        parts += [f"val {num('val_loss', '.4f')} ppl {num('val_ppl', '.1f')}"] if "val_loss" in m else []
+        parts += ["eval " + " ".join(evaluated)] if evaluated else []
+        parts += [f"LOSS SPIKE {m['loss_spike']:.2f}x the recent median"] if m.get("loss_spike") else []
+        return " | ".join(parts)
     if "balance_expert" in m:
         parts.append(f"bal {num('balance_expert', '.3f')}/{num('balance_device', '.3f')}/{num('balance_comm', '.3f')}")
     parts += [f"lr {num('lr', '.2e')}", f"gnorm {num('grad_norm', '.3f')}", f"{num('tokens_per_s', ',.0f')} tok/s"]

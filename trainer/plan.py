@@ -30,6 +30,7 @@ the schedule's action list (`schedules.analyse`, unit costs F = I = W, B = I + W
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 from collections.abc import Sequence
@@ -132,6 +133,8 @@ class Plan:
     stages_per_rank: int = 1
     schedules: list[ScheduleRow] = field(default_factory=list)
     """Every schedule at this pp and batch (pp > 1)."""
+    precision_auto: bool = False
+    """trainer.precision=auto: bf16 on GPUs, what the plan is for; fp32 on a CPU."""
 
     @property
     def torch_pipeline(self) -> bool:
@@ -214,6 +217,7 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
 
     out = Plan(world=world_size, pp=pp, dp=dp, ep=ep, edp=edp, zero_stage=zero,
                precision="fp32" if t.precision == "fp32" else "bf16", partition=par.pp_partition,
+               precision_auto=t.precision == "auto",
                n_experts=c.n_routed_experts or 0, experts_per_rank=(c.n_routed_experts or 0) // ep,
                total_params=sum(slot_param_counts(c, 1)), micro_batch=t.micro_batch_size, seq_len=cfg.data.seq_len,
                micro_batches_per_step=per_step, groups=_groups(world_size, pp, ep),
@@ -377,7 +381,9 @@ def format_plan(p: Plan) -> str:
                   f"{'s' if p.stages_per_rank > 1 else ''} per rank), ZeRO-{p.zero_stage or 0}")
     lines = [
         f"dry run: {p.world} process{'es' if p.world > 1 else ''} = pp {p.pp} x dp {p.dp}; dp {p.dp} = ep {p.ep} x "
-        f"edp {p.edp}; {engine}, {p.precision}" + (f", pp_partition={p.partition}" if p.pp > 1 else ""),
+        f"edp {p.edp}; {engine}, {p.precision}" + (" on GPUs (trainer.precision=auto: a CPU run trains in fp32)"
+                                                    if p.precision_auto else "")
+        + (f", pp_partition={p.partition}" if p.pp > 1 else ""),
         (f"model: {p.total_params:,} parameters; {p.n_experts} routed experts per MoE layer, {p.experts_per_rank} "
          "per rank" if p.n_experts else f"model: {p.total_params:,} parameters, all layers dense"),
         (f"batch: {p.micro_batch} x {p.seq_len} tokens per micro-batch; micro-batches per step and data-parallel "
@@ -428,8 +434,48 @@ def gpu_fit(total_bytes: int) -> str:
     if gib <= GPU_GIB:
         return (f"fit: {gib:.2f} GiB per rank fits an 80 GB GPU ({GPU_GIB:.0f} GiB usable), {GPU_GIB - gib:.1f} GiB "
                 "left for what the plan does not count (buffers, the CUDA context, fragmentation)")
-    return (f"fit: {gib:.2f} GiB per rank does NOT fit an 80 GB GPU ({GPU_GIB:.0f} GiB usable): use more ranks "
-            "(parallel.ep, ZeRO, pipeline stages), activation checkpointing, or LoRA (experiment=lora_v2_lite)")
+    return f"fit: {gib:.2f} GiB per rank does NOT fit an 80 GB GPU ({GPU_GIB:.0f} GiB usable)"
+
+
+def smallest_fit(cfg: TrainConfig, worlds: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)) -> str:
+    """The fewest GPUs (powers of two) on which `cfg`, with its batch, model and fine-tuning settings, fits an
+    80 GB GPU in this plan, and the engine that does it: the built-in engine or DeepSpeed ZeRO-1/2/3, experts
+    spread as far as they go (pipelines are not tried: ZeRO-3 divides everything). One line for the dry run."""
+    gib = 1024 ** 3
+    trainable: dict[int, list[SlotParams] | None] = {}
+    for world in worlds:
+        # the same global batch: fewer sequences per micro-batch where it would not split over `world` ranks
+        micro = next((m for m in range(cfg.trainer.micro_batch_size, 0, -1)
+                      if cfg.trainer.global_batch_size % (m * world) == 0), None)
+        if micro is None:
+            continue
+        fits = []
+        for zero in (None, 1, 2, 3):
+            trial = copy.deepcopy(cfg)
+            trial.parallel.world_size, trial.parallel.zero_stage, trial.parallel.pp, trial.parallel.ep = \
+                world, zero, 1, None
+            trial.trainer.micro_batch_size = micro
+            try:
+                trial.validate(world, planning=True)
+            except ValueError:
+                continue
+            ep = trial.expert_parallel_size(world)
+            if ep not in trainable:
+                trainable[ep] = trainable_slot_params(trial, ep)
+            peak = plan(trial, world, trainable[ep]).peak.total_bytes
+            if peak <= GPU_GIB * gib:
+                settings = [f"parallel.zero_stage={zero}" if zero is not None else "parallel.zero_stage=null"]
+                settings += [f"trainer.micro_batch_size={micro}"] if micro != cfg.trainer.micro_batch_size else []
+                fits.append((peak, settings, ep))
+        if fits:
+            peak, settings, ep = min(fits, key=lambda f: f[0])
+            return (f"smallest layout that fits: {world} GPU{'s' if world > 1 else ''}, {peak / gib:.1f} GiB per GPU"
+                    + (f" (experts over {ep} ranks)" if ep > 1 else "") + f", with {' '.join(settings)} (plan it: "
+                    f"trainer.dry_run=true parallel.world_size={world} {' '.join(settings)})")
+    return (f"no layout of up to {worlds[-1]} GPUs fits this batch of {cfg.trainer.global_batch_size} sequences "
+            "(one per data-parallel rank at least): raise trainer.global_batch_size to spread it over more GPUs, "
+            "add pipeline stages (parallel.pp), lower data.seq_len, turn on trainer.activation_checkpointing, or "
+            "fine-tune with LoRA (experiment=lora_v2_lite)")
 
 
 def _format_schedules(p: Plan) -> list[str]:

@@ -18,6 +18,7 @@ from model.hf import load_config
 
 from model.hf import CheckpointError
 
+from .changes import check_fixed
 from .checkpoint import REJECTED, Resume, choose_resume, gather_problems, list_checkpoints, plan_resume, step_of
 from .config import ConfigError, TrainConfig, config_dict, to_train_config
 from .distributed import DistEnv, barrier
@@ -100,6 +101,7 @@ def plan(cfg: TrainConfig, path: Path | None, env: DistEnv) -> Resume | None:
     resume = plan_resume(path, cfg.layout(env.world_size), env.world_size, cfg.checkpoint.optimizer_resume,
                          cfg.checkpoint.data_resume)
     check_checkpoint_model(resume, cfg.model)
+    check_fixed(cfg, resume.state)
     return resume
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from data.tokenizer import TextTokenizer
 from model.flops import training_flops_per_token
 
 from .build import build_model, load_start_weights, setup_trainable
+from .changes import resume_changes
 from .checkpoint import load_checkpoint, save_checkpoint, set_aside_newer, step_dir
 from .config import NonFiniteError, TrainConfig, config_dict
 from . import faults
@@ -43,6 +44,10 @@ class Progress:
     skipped: int = 0
     first_loss: float | None = None
     last_loss: float | None = None
+    start_step: int = 0
+    """The step this launch started from (0, or the resumed checkpoint's)."""
+    changes: list[str] = field(default_factory=list)
+    """What the relaunch changes from the checkpoint's run, one line each (`changes.resume_changes`)."""
 
     def add(self, result: StepResult) -> None:
         self.step += 1
@@ -76,6 +81,8 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     logger = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, progress.step, env.is_main,
                            config_dict(cfg), cfg.trainer.progress)
     announce(logger, run_dir, engine, weights, tokenizer, trainable, selection)
+    for line in progress.changes:
+        logger.print(line)
     reporter = Reporter(cfg, engine, env, device, progress.step, loader)
     if cfg.eval.every:
         reporter.start_evaluation(tokenizer, logger, progress.step)
@@ -217,7 +224,8 @@ def resume(prepared: Prepared, engine: Engine, loader, env: DistEnv) -> Progress
     state = prepared.resume.state
     if prepared.resume.weights_only:
         return Progress()
-    return Progress(state["step"], state["tokens_seen"], state["skipped"])
+    changes = resume_changes(prepared.cfg, state)  # on every rank: `keep` sets the schedule's horizon
+    return Progress(state["step"], state["tokens_seen"], state["skipped"], start_step=state["step"], changes=changes)
 
 
 def draw_batches(step: int, loader, cfg: TrainConfig, grid: ProcessGrid) -> list[dict]:
@@ -231,7 +239,7 @@ def save(cfg: TrainConfig, progress: Progress, engine: Engine, loader, env: Dist
     """A checkpoint of the current step (collective)."""
     state = {"step": progress.step, "tokens_seen": progress.tokens_seen, "skipped": progress.skipped,
              "world_size": env.world_size, "layout": cfg.layout(env.world_size), "config": config_dict(cfg),
-             "time": time.time()}
+             "schedule_steps": cfg.optim.schedule_steps or cfg.trainer.max_steps, "time": time.time()}
     if selection is not None:
         state["esft_selection"] = {str(k): v for k, v in selection.items()}
     return save_checkpoint(cfg.checkpoint.dir, progress.step, engine, state, loader.state_dict(), env,
@@ -363,16 +371,22 @@ def summarize(progress: Progress, checkpoint: Path, run_dir: Path, exports: dict
               wandb_line: str | None, seconds: float, env: DistEnv) -> dict:
     """The run's summary, printed by rank 0 as the last lines of the job."""
     hf_dir, adapter = exports.get("hf"), exports.get("adapter")
-    summary = {"steps": progress.step, "first_loss": progress.first_loss, "last_loss": progress.last_loss,
+    ran = progress.step - progress.start_step
+    summary = {"steps": progress.step, "steps_this_launch": ran, "first_loss": progress.first_loss,
+               "last_loss": progress.last_loss,
                "checkpoint": str(checkpoint), "metrics": str(run_dir / "metrics.jsonl"),
                "hf_export": str(hf_dir) if hf_dir else None, "adapter": str(adapter) if adapter else None,
                "minutes": seconds / 60}
     if env.is_main:
-        print(f"\ndone: {progress.step} steps in {seconds / 60:.1f} min; loss {progress.first_loss:.4f} -> "
+        steps = (f"{ran} steps" if not progress.start_step else
+                 f"{ran} steps this launch ({progress.start_step + 1}-{progress.step}; the run is at step "
+                 f"{progress.step})")
+        print(f"\ndone: {steps} in {seconds / 60:.1f} min; loss {progress.first_loss:.4f} -> "
               f"{progress.last_loss:.4f}" if progress.first_loss is not None
               else f"\nnothing to do: already at step {progress.step}")
         print(f"  checkpoint   {checkpoint}")
         print(f"  metrics      {run_dir / 'metrics.jsonl'}")
+        print(f"  plots        python launch/plot.py {run_dir}  (PNG charts into {run_dir / 'plots'})")
         if hf_dir:
             print(f"  HF export    {hf_dir}  (loads with model.hf.load_pretrained or transformers)")
         if adapter:

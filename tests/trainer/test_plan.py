@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,26 @@ def test_lora_plan_holds_the_base_once_in_bf16_and_trains_only_the_adapters():
     assert "LoRA: weights = frozen base 29.26 GiB (bf16) + adapters 0.88 GiB (235,311,104 parameters" in report
     assert "per rank fits an 80 GB GPU" in report
     assert "does NOT fit an 80 GB GPU" in format_plan(plan(cfg, 1))
+
+
+def test_a_plan_that_does_not_fit_names_the_smallest_layout_that_does(tmp_path):
+    """V2-Lite full training on one process plans 238 GiB: the dry run says it does not fit an 80 GB GPU and names
+    the fewest GPUs that do, with the settings; the plan of that layout fits. The header says what precision the plan
+    is for on a CPU."""
+    proc = _cli(tmp_path, "model=v2_lite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "bf16 on GPUs (trainer.precision=auto: a CPU run trains in fp32)" in out.splitlines()[0]
+    assert "does NOT fit an 80 GB GPU (79 GiB usable)" in out
+    line = out.strip().splitlines()[-1]
+    match = re.match(r"smallest layout that fits: (\d+) GPUs, ([\d.]+) GiB per GPU, with (.*) \(plan it: "
+                     r"trainer.dry_run=true (.*)\)$", line)
+    assert match, line
+    suggested = _cli(tmp_path, "model=v2_lite", *match.group(4).split())
+    assert suggested.returncode == 0 and "per rank fits an 80 GB GPU" in suggested.stdout, suggested.stdout[-2000:]
+    peak = float(re.search(r"peak: stage 0, ([\d.]+) GiB", suggested.stdout).group(1))
+    assert abs(peak - float(match.group(2))) < 0.06
+    # and the smaller counts do not fit
+    smaller = int(match.group(1)) // 2
+    assert "fits an 80 GB GPU" not in _cli(tmp_path, "model=v2_lite", f"parallel.world_size={smaller}",
+                                          "parallel.zero_stage=3", "trainer.micro_batch_size=8").stdout

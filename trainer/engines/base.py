@@ -47,7 +47,7 @@ class Engine:
         raise NotImplementedError
 
     def lr(self, step: int) -> float:
-        return lr_at(step, self.cfg.optim, self.cfg.trainer.max_steps)
+        return lr_at(step, self.cfg.optim, self.cfg.optim.schedule_steps or self.cfg.trainer.max_steps)
 
     def set_lr(self, step: int) -> None:
         for group in self.optimizer.param_groups:
