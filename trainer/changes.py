@@ -94,5 +94,5 @@ def _schedule_line(cfg: TrainConfig, saved: dict, step: int, old_horizon: int | 
         how = f"the lr schedule is re-stretched over {horizon} steps (was {old_horizon})"
         if cfg.optim.schedule_resume == "stretch":
             how += "; optim.schedule_resume=keep keeps the checkpoint's"
-    was = f" (the checkpoint's run had {before:.2e} there)" if before is not None else ""
+    was = f" (the checkpoint's schedule gives {before:.2e} there)" if before is not None else ""
     return f"resume: {', '.join(changed)}: {how}: lr at step {step + 1} becomes {now:.2e}{was}"

@@ -45,15 +45,17 @@ def load_heatmap(plt, loads: np.ndarray, steps: list[int], layer: int):
     """A figure of one MoE layer's expert load: x = expert, y = logged step, colour = the expert's share of the
     layer's token copies over the uniform share (1 = balanced), on a diverging scale from 0 to 3."""
     from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
     ratio = loads * loads.shape[1]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.12 * loads.shape[1] + 3), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.08 * loads.shape[1] + 4), 4.5))
     image = ax.imshow(ratio, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=3.0),
                       interpolation="nearest", origin="lower",
                       extent=(-0.5, loads.shape[1] - 0.5, steps[0], steps[-1] if len(steps) > 1 else steps[0] + 1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("routed expert")
     ax.set_ylabel("step")
-    ax.set_title(f"layer {layer}: expert load (share of token copies / uniform share)")
-    fig.colorbar(image, ax=ax, label="load / uniform (1 = balanced)")
+    ax.set_title(f"MoE layer {layer}: expert load over training")
+    fig.colorbar(image, ax=ax, label="share of token copies / uniform share")
     fig.tight_layout()
     return fig
 

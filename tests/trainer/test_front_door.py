@@ -61,7 +61,7 @@ def test_resume_says_what_changed_and_can_keep_the_schedule(tmp_path, cache_dir,
         lr4 = lr_at(3, optim, horizon)
         assert metrics(resumed)[4]["lr"] == pytest.approx(lr4, rel=1e-9)
         line = next(line for line in out.splitlines() if line.startswith("resume: trainer.max_steps 6 -> 9"))
-        assert f"lr at step 4 becomes {lr4:.2e}" in line and f"the checkpoint's run had {lr_at(3, optim, 6):.2e}" \
+        assert f"lr at step 4 becomes {lr4:.2e}" in line and f"the checkpoint's schedule gives {lr_at(3, optim, 6):.2e}" \
             in line, line
         assert "resume: optim.weight_decay 0.1 -> 0.05: applies from step 4" in out
         assert "done: 6 steps this launch (4-9; the run is at step 9)" in out
@@ -127,7 +127,7 @@ def test_first_use_of_the_built_in_bpe_says_what_it_does(tmp_path, capsys):
 def _readme_figures() -> tuple[str, float, float]:
     """The shortened main job the README states, and its loss and held-out loss."""
     text = (ROOT / "README.md").read_text()
-    match = re.search(r"`torchrun --standalone --nproc_per_node=2 launch/pretrain.py ([^`]+)` ends with loss "
+    match = re.search(r"`torchrun --standalone --nproc_per_node=2 launch/pretrain.py ([^`]+)`\s+ends with loss "
                       r"([\d.]+) and held-out loss ([\d.]+)", text)
     assert match, "README.md no longer states the shortened main job's figures"
     return match.group(1), float(match.group(2)), float(match.group(3))
