@@ -61,8 +61,8 @@ def test_resume_says_what_changed_and_can_keep_the_schedule(tmp_path, cache_dir,
         lr4 = lr_at(3, optim, horizon)
         assert metrics(resumed)[4]["lr"] == pytest.approx(lr4, rel=1e-9)
         line = next(line for line in out.splitlines() if line.startswith("resume: trainer.max_steps 6 -> 9"))
-        assert f"lr at step 4 becomes {lr4:.2e}" in line and f"the checkpoint's schedule gives {lr_at(3, optim, 6):.2e}" \
-            in line, line
+        assert f"lr at step 4 becomes {lr4:.2e}" in line, line
+        assert f"the checkpoint's schedule gives {lr_at(3, optim, 6):.2e}" in line, line
         assert "resume: optim.weight_decay 0.1 -> 0.05: applies from step 4" in out
         assert "done: 6 steps this launch (4-9; the run is at step 9)" in out
     assert "re-stretched over 9 steps (was 6)" in outs["stretch"] and "optim.schedule_resume=keep" in outs["stretch"]
@@ -142,3 +142,25 @@ def test_the_readmes_main_job_figures_hold(tmp_path, cache_dir):
     last = metrics(tmp_path / "run")[max(metrics(tmp_path / "run"))]
     assert last["loss"] == pytest.approx(loss, rel=0.03) and last["val_loss"] == pytest.approx(val, rel=0.03), \
         (last["loss"], last["val_loss"], "README.md states", loss, val)
+
+
+def test_a_launch_with_nothing_to_do_starts_no_wandb_run(tmp_path):
+    from trainer.config import LoggingConfig, WandbMode
+    from trainer.metrics import MetricsLogger
+    logger = MetricsLogger(tmp_path, LoggingConfig(wandb=WandbMode.offline), max_steps=5, start_step=5, enabled=True,
+                           config_dict={}, progress=False)
+    assert logger.wandb is None and not (tmp_path / "wandb").exists()
+    logger.close()
+
+
+def test_wandb_heatmaps_have_axes_when_matplotlib_is_there():
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from trainer.metrics import heatmap_image, labelled_heatmap
+    rows = [(step, np.full(16, 1 / 16)) for step in range(10, 60, 10)]
+    image = labelled_heatmap(rows, layer=1)
+    bare = heatmap_image([load for _, load in rows])
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+    assert image.shape != bare.shape  # a figure (axes, labels, colour bar), not the bare grid
+    assert (image < 100).any()  # dark pixels: text and axes on the white figure
