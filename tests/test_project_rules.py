@@ -60,7 +60,7 @@ def test_no_pickle_loading_in_project_code():
 
 def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
-    blocks = [b for b in readme.split("```") if "pip install" in b]
+    blocks = [b for b in readme.split("```")[1::2] if "pip install" in b]  # code blocks, not prose
     assert "pip install -e ." in blocks[0] and "launch/" in blocks[0]
     assert 'pip install -e ".[test]" && pytest -q' in blocks[1]
     assert 'pip install -e ".[test]" && pytest -q' in (ROOT / ".ci" / "run").read_text()
