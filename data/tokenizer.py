@@ -208,13 +208,13 @@ def cached_bpe(texts_fn, fingerprint: str, vocab_size: int, cache_dir: str | os.
     file = cache / f"bpe-{vocab_size}-{key}.json"
     with _file_lock(cache / f".bpe-{key}.lock"):
         if not file.is_file():
-            # First use only: one line before and after, instead of seconds of silence.
-            print(f"tokenizer: training the built-in {vocab_size}-id BPE on this Python's standard library (once; "
-                  f"cached in {cache})...", flush=True)
+            # First use only: one line, begun before the seconds of work and finished with their duration.
+            print(f"tokenizer: training the built-in {vocab_size}-id BPE on this Python's standard library, once "
+                  f"(cached as {file}) ...", end="", flush=True)
             start = time.perf_counter()
             tokenizer = train_bpe(texts_fn(), vocab_size)
             tmp = file.with_suffix(".tmp")
             tokenizer.save(str(tmp))
             os.replace(tmp, file)
-            print(f"tokenizer: trained in {time.perf_counter() - start:.1f} s: {file}", flush=True)
+            print(f" done in {time.perf_counter() - start:.1f} s", flush=True)
     return load_tokenizer(file)
