@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from data.tokenizer import load_tokenizer  # noqa: E402
 from model import CausalLM, ModelConfig  # noqa: E402
 from model.hf import load_pretrained, save_pretrained  # noqa: E402
 from trainer.checkpoint import find_resume, load_model_weights, write_weights_only  # noqa: E402
+from trainer.export import publish, staging_dir  # noqa: E402
 
 
 def export(checkpoint: Path, out: Path, dtype: str | None, max_shard_size: str) -> Path:
@@ -35,18 +37,22 @@ def export(checkpoint: Path, out: Path, dtype: str | None, max_shard_size: str) 
     config = state["config"]
     model = load_model_weights(checkpoint, CausalLM(ModelConfig(**config["model"])))
     torch_dtype = getattr(torch, dtype or model.config.torch_dtype or "float32")
-    save_pretrained(model, out, max_shard_size=max_shard_size, dtype=torch_dtype)
+    staging = staging_dir(out)  # written whole, then put in place: never a config.json without its tokenizer
+    shutil.rmtree(staging, ignore_errors=True)
+    save_pretrained(model, staging, max_shard_size=max_shard_size, dtype=torch_dtype)
     if (checkpoint / "tokenizer.json").is_file():  # the run's own tokenizer, saved with every checkpoint
         tokenizer = load_tokenizer(checkpoint / "tokenizer.json")
     elif "data" in config:  # a checkpoint from before tokenizers were saved: rebuild it from the data config
         print("warning: the checkpoint holds no tokenizer.json; rebuilding it from the run's data config")
         tokenizer = build_tokenizer(DataConfig(**config["data"]))
     else:
+        publish(staging, out)
         return out
     # The special tokens the run trained with (its model config was fitted to its tokenizer), named in
     # tokenizer_config.json for transformers.
     tokenizer = dataclasses.replace(tokenizer, bos_id=model.config.bos_token_id, eos_id=model.config.eos_token_id)
-    tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(staging)
+    publish(staging, out)
     return out
 
 

@@ -26,6 +26,7 @@ from model import ModelConfig
 from .config import TrainConfig, register_configs, to_train_config
 from .prepare import ModelChoices, resolve_pretrained
 from .presets import CONF_DIR
+from .runlock import lock_run
 from .distributed import (
     DistEnv,
     broadcast_object,
@@ -96,8 +97,10 @@ def _task(cfg: DictConfig) -> None:
         choices = model_choices(cfg, HydraConfig.get())
         if train_cfg.trainer.dry_run:
             return dry_run(train_cfg, env, choices)
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        if env.is_main:  # held until this process ends (trainer/runlock.py)
+            lock = lock_run(run_dir, train_cfg.checkpoint.dir)  # noqa: F841
         prepared = prepare(train_cfg, env, choices)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     device = pick_device(prepared.cfg.trainer.device, env)
     init_process_group(env, device, prepared.cfg.parallel.backend, prepared.cfg.parallel.timeout_s,
                        single=prepared.cfg.uses_deepspeed)  # DeepSpeed wants a group even for one process

@@ -23,7 +23,7 @@ from .engines import build_engine
 from .evaluation import Evaluator, report, require_lm_eval
 from .expert_parallel import build_grid
 from .lora import apply_lora, lora_settings
-from .prepare import ModelChoices, fit_model_to_tokenizer, resolve_pretrained
+from .prepare import ModelChoices, fit_model_to_tokenizer, require_pretrained_tokenizer, resolve_pretrained
 
 
 def prepare_eval(cfg: TrainConfig, world_size: int, choices: ModelChoices | None
@@ -47,6 +47,7 @@ def prepare_eval(cfg: TrainConfig, world_size: int, choices: ModelChoices | None
             cfg.data.tokenizer = str(checkpoint / "tokenizer.json")  # the run's own tokenizer travels with it
     elif cfg.model.pretrained:
         cfg.model = resolve_pretrained(cfg, choices)
+        require_pretrained_tokenizer(cfg)
         cfg.lora = LoRAConfig()  # a merged LoRA export is a plain model
     else:
         raise ValueError("launch/evaluate.py evaluates a trained model: set model.pretrained=<Hugging Face directory> "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data.loader import build_tokenizer, check_inputs
 from data.sources import expand_globs
-from data.tokenizer import TextTokenizer
+from data.tokenizer import TextTokenizer, load_tokenizer
 from model import ModelConfig
 from model.hf import load_config
 
@@ -71,6 +71,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
         raise ValueError(f"parallel.world_size={cfg.parallel.world_size}, but {env.world_size} process(es) were "
                          "launched; check the launcher's node and process counts (or drop the key)")
     cfg.model = resolve_pretrained(cfg, choices)
+    require_pretrained_tokenizer(cfg)
     cfg.validate(env.world_size)
     for key, _, patterns in cfg.data.inputs():  # a wrong glob fails before the built-in BPE is trained
         expand_globs(patterns, key)
@@ -82,7 +83,7 @@ def prepare(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
     check_inputs(cfg.data, tokenizer, cfg.model.vocab_size)
     path, set_aside = choose_resume(cfg.checkpoint.dir, cfg.checkpoint.resume)
     try:
-        resume = plan(cfg, path, env)
+        resume = plan(cfg, path, env, tokenizer)
     except ValueError:
         if not (cfg.checkpoint.verify and (path / MANIFEST).is_file()):
             raise
@@ -93,16 +94,37 @@ def prepare(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
     return Prepared(cfg, tokenizer, resume, set_aside, path)
 
 
-def plan(cfg: TrainConfig, path: Path | None, env: DistEnv) -> Resume | None:
-    """What resuming from `path` restores; a checkpoint this layout or model cannot resume fails here, naming the
-    key to set."""
+def plan(cfg: TrainConfig, path: Path | None, env: DistEnv, tokenizer: TextTokenizer) -> Resume | None:
+    """What resuming from `path` restores; a checkpoint this layout, model or tokenizer cannot resume fails here,
+    naming the key to set."""
     if path is None:
         return None
     resume = plan_resume(path, cfg.layout(env.world_size), env.world_size, cfg.checkpoint.optimizer_resume,
                          cfg.checkpoint.data_resume)
     check_checkpoint_model(resume, cfg.model)
     check_fixed(cfg, resume.state)
+    check_tokenizer(resume, tokenizer)
     return resume
+
+
+def check_tokenizer(resume: Resume, tokenizer: TextTokenizer) -> None:
+    """The run's tokenizer must be the one the checkpoint was trained with, vocabulary and merges included (a
+    permuted vocabulary of the same size and BOS/EOS would train on remapped ids). Every checkpoint of a run holds
+    its tokenizer.json; a weights-only start point (an imported model) has none to compare."""
+    saved = resume.path / "tokenizer.json"
+    if resume.weights_only or not saved.is_file():
+        return
+    theirs = load_tokenizer(saved)
+    if theirs.tokenizer.to_str() == tokenizer.tokenizer.to_str():
+        return
+    mine, other = tokenizer.tokenizer.get_vocab(), theirs.tokenizer.get_vocab()
+    moved = next((t for t in sorted(other, key=other.get) if mine.get(t) != other[t]), None)
+    what = (f"{len(other)} against {len(mine)} ids" if len(other) != len(mine) else
+            f"token {moved!r} is id {other[moved]} there and {mine.get(moved)} here" if moved is not None else
+            "the same vocabulary, other merges or normalisation")
+    raise CheckpointError(f"{saved}: the checkpoint was trained with another tokenizer than this run's "
+                          f"({tokenizer.source}): {what}; resume with the checkpoint's own tokenizer "
+                          f"(data.tokenizer={saved}), or start a new run from its weights")
 
 
 def named(cfg: TrainConfig, path: Path | None) -> bool:
@@ -147,7 +169,7 @@ def verify_resume(prepared: Prepared, env: DistEnv) -> Prepared:
     if path is None or (prepared.resume is not None and prepared.resume.path == path):
         return prepared
     try:
-        resume = plan(cfg, path, env)
+        resume = plan(cfg, path, env, prepared.tokenizer)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return dataclasses.replace(prepared, resume=resume, candidate=path)
@@ -206,6 +228,17 @@ def resolve_pretrained(cfg: TrainConfig, choices: ModelChoices | None,
     kept = {f: getattr(cfg.model, f) for f in ModelConfig.TRAINING_FIELDS
             if f in explicit or (choices.preset and f not in carried)}
     return released.replace(**kept, pretrained=cfg.model.pretrained)
+
+
+def require_pretrained_tokenizer(cfg: TrainConfig) -> None:
+    """A model from `model.pretrained` trains and is judged with its own tokenizer: a directory without
+    tokenizer.json (an export stopped before it, or one that never had it) stops the run instead of falling back to
+    the built-in BPE, unless `data.tokenizer` names one."""
+    if cfg.model.pretrained and not cfg.data.tokenizer:
+        raise ValueError(f"model.pretrained={cfg.model.pretrained}: no tokenizer.json there (an export stopped "
+                         "before writing it, or a directory that never had one), and the model's token ids mean "
+                         "nothing to another tokenizer; name its tokenizer with data.tokenizer=<tokenizer.json or "
+                         "its directory>")
 
 
 def _listed(problems: list[str], shown: int = 4) -> str:

@@ -1,0 +1,122 @@
+"""One run, one directory, nothing silently different (docs/reliability.md): a second job on a run directory in use
+stops at once naming the holder, a lock left by a killed job is taken over, and a resume with another tokenizer of
+the same size and special ids is refused. Each test prints one JSON line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.faults.report import record
+from tests.trainer.test_pretrain_e2e import _ok, metrics, run_pretrain, straight  # noqa: F401
+
+HOLD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from trainer.runlock import lock_run
+from pathlib import Path
+lock = lock_run(Path({run!r}), {run!r} + "/checkpoints")
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_job_on_a_run_directory_in_use_stops_and_a_dead_holder_is_taken_over(tmp_path, cache_dir):
+    root = Path(__file__).resolve().parents[2]
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(root=str(root), run=str(run))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start = time.perf_counter()
+        second = run_pretrain(run, cache_dir, timeout=120)
+        seconds = time.perf_counter() - start
+        assert second.returncode == 2, second.stderr[-2000:]
+        line = second.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"config error: hydra.run.dir={run}: another job is using it (host ") and \
+            f"pid {holder.pid}, started " in line, line
+        assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    after = _ok(run_pretrain(run, cache_dir, "trainer.max_steps=2", "checkpoint.every=0", timeout=120))
+    assert "done: 2 steps" in after.stdout
+    record("run_lock", second_job_exit=second.returncode, second_job_s=round(seconds, 2),
+           taken_over_after_kill_9=True)
+
+
+def test_a_resume_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, cache_dir, straight):  # noqa: F811
+    """The run's BPE with two ids swapped (same size, same BOS/EOS): the relaunch stops with one line naming the
+    tokenizer file and a token whose id moved; nothing is trained."""
+    from tokenizers import Tokenizer
+    run, _ = straight
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns("step_00000006", "hf"))
+    original = resumed / "checkpoints" / "step_00000003" / "tokenizer.json"
+    data = json.loads(Tokenizer.from_file(str(original)).to_str())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    swapped = tmp_path / "swapped.json"
+    swapped.write_text(json.dumps(data))
+    proc = run_pretrain(resumed, cache_dir, f"data.tokenizer={swapped}", "trainer.max_steps=6", timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert f"{original}: the checkpoint was trained with another tokenizer" in line and \
+        f"token {a!r} is id {vocab[b]} there and {vocab[a]} here" in line, line
+    assert max(metrics(resumed)) == 3  # nothing trained
+    record("tokenizer_swapped_on_resume", exit=proc.returncode, refused=True)
+
+
+def test_an_interrupted_export_leaves_the_previous_one_whole(tmp_path, cache_dir, straight):  # noqa: F811
+    """An export that fails after its weights and config.json (here: the tokenizer's save raises) leaves the
+    previous export in place, whole; the next export replaces it. A model.pretrained directory without
+    tokenizer.json stops the run instead of training on the built-in BPE."""
+    import dataclasses
+
+    import pytest
+    import torch
+
+    from data.tokenizer import load_tokenizer
+    from model import CausalLM
+    from trainer.distributed import DistEnv
+    from trainer.expert_parallel import build_grid
+    from trainer.export import export_hf
+    from trainer.presets import model_preset
+    run, _ = straight
+    tokenizer = load_tokenizer(run / "checkpoints" / "step_00000003" / "tokenizer.json")
+    grid = build_grid(DistEnv(rank=0, world_size=1, local_rank=0), 1, 1)
+    config = model_preset("tiny_lite").replace(vocab_size=tokenizer.vocab_size, torch_dtype="float32")
+    first, second = (CausalLM(config) for _ in range(2))
+    out = tmp_path / "hf"
+    export_hf(first, tokenizer, out, grid)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    class DiskFull(OSError):
+        pass
+
+    def fail(directory):
+        raise DiskFull("No space left on device")
+    broken = dataclasses.replace(tokenizer)
+    object.__setattr__(broken, "save_pretrained", fail)
+    with pytest.raises(DiskFull):
+        export_hf(second, broken, out, grid)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export, untouched
+    export_hf(second, tokenizer, out, grid)
+    assert (out / "tokenizer.json").is_file() and not (tmp_path / ".hf.staging").exists()
+    with torch.no_grad():
+        from model.hf import load_pretrained
+        reloaded = load_pretrained(out, dtype=torch.float32)
+        assert torch.equal(reloaded.lm_head.weight, second.lm_head.weight)
+
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    proc = run_pretrain(tmp_path / "ft", cache_dir, f"model.pretrained={bare}", "trainer.max_steps=1", timeout=120)
+    assert proc.returncode == 2 and f"config error: model.pretrained={bare}: no tokenizer.json there" in proc.stderr, \
+        proc.stderr[-2000:]
+    record("interrupted_export", previous_kept=True, pretrained_without_tokenizer_exit=proc.returncode)
