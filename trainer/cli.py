@@ -284,6 +284,24 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def check_run_dir(args: list[str]) -> None:
+    """The run directory (`hydra.run.dir=`, else the default under ./outputs) must be writable: Hydra creates it
+    before anything of ours runs and would answer a read-only or impossible path with a traceback."""
+    if any(a in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-m", "--multirun") for a in args):
+        return  # Hydra makes no run directory for these (a sweep makes its own)
+    given = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.run.dir=")]
+    target = Path(given[-1].strip("'\"")) if given else Path("outputs")
+    if "${" in str(target):  # an interpolation Hydra resolves: check the part before it
+        target = Path(str(target).split("${", 1)[0] or ".")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        fail(f"config error: hydra.run.dir={target}: cannot write there ({e.strerror or e}: {e.filename or target}); "
+             "give a writable hydra.run.dir", 2)
+
+
 def main(argv: list[str] | None = None, task=None) -> None:
     """Compose the config and run `task` (default: training) with it on this rank; `launch/evaluate.py` passes its
     own task over the same tree."""
@@ -293,6 +311,8 @@ def main(argv: list[str] | None = None, task=None) -> None:
     sys.argv = [sys.argv[0]] + listify(strip_launcher_args(sys.argv[1:] if argv is None else argv))
     check_overrides(sys.argv[1:])
     env = env_from_launcher()
+    if env.rank == 0:
+        check_run_dir(sys.argv[1:])
     scratch = None
     if env.rank > 0:
         # Only rank 0 writes the run directory; the others compose in a scratch directory removed at exit.

@@ -29,9 +29,13 @@ class RunLock:
 
     def acquire(self, directory: Path, key: str) -> None:
         """Lock `directory` (created if needed) or raise ConfigError naming `key` and the job holding it."""
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # read-only, not a directory, no space: nothing of the run could be written there
+            raise ConfigError(f"{key}={directory}: cannot write there ({e.strerror or e}: {e.filename or path}); give "
+                              f"a writable {key}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -17,6 +17,7 @@ from data.loader import build_loader, check_bad_fraction, describe_sources, epoc
 from data.sources import BadRecords
 from data.tokenizer import TextTokenizer
 from model.flops import training_flops_per_token
+from model.hf import CheckpointError
 
 from .build import build_model, load_start_weights, setup_trainable
 from .changes import resume_changes
@@ -108,11 +109,16 @@ def export(cfg: TrainConfig, engine: Engine, tokenizer: TextTokenizer, run_dir: 
     Hugging Face model to `<run dir>/hf` (with LoRA, merged, unless `lora.export_merged=false`). Paths on rank 0."""
     current.at("export")
     exports = {}
-    if cfg.lora.enabled:
-        exports["adapter"] = export_adapter(engine.model, cfg.lora, cfg.model.pretrained, run_dir / "adapter",
-                                            engine.grid)
-    if cfg.checkpoint.export_hf and (cfg.lora.export_merged or not cfg.lora.enabled):
-        exports["hf"] = engine.export(run_dir / "hf", tokenizer)
+    try:
+        if cfg.lora.enabled:
+            exports["adapter"] = export_adapter(engine.model, cfg.lora, cfg.model.pretrained, run_dir / "adapter",
+                                                engine.grid)
+        if cfg.checkpoint.export_hf and (cfg.lora.export_merged or not cfg.lora.enabled):
+            exports["hf"] = engine.export(run_dir / "hf", tokenizer)
+    except OSError as e:  # a full disk, a read-only directory: the run's checkpoints are committed already
+        raise CheckpointError(f"exporting to {e.filename or run_dir} failed ({e.strerror or e}); the run's last "
+                              "checkpoint is committed, and `launch/convert.py export <that checkpoint> <dir>` "
+                              "writes the export from it") from None
     return exports
 
 
@@ -242,8 +248,13 @@ def save(cfg: TrainConfig, progress: Progress, engine: Engine, loader, env: Dist
              "schedule_steps": cfg.optim.schedule_steps or cfg.trainer.max_steps, "time": time.time()}
     if selection is not None:
         state["esft_selection"] = {str(k): v for k, v in selection.items()}
-    return save_checkpoint(cfg.checkpoint.dir, progress.step, engine, state, loader.state_dict(), env,
-                           cfg.checkpoint.keep, tokenizer=tokenizer)
+    try:
+        return save_checkpoint(cfg.checkpoint.dir, progress.step, engine, state, loader.state_dict(), env,
+                               cfg.checkpoint.keep, tokenizer=tokenizer)
+    except OSError as e:  # before the save's own guarded writes (its directory): nothing committed is touched
+        raise CheckpointError(f"checkpoint.dir={cfg.checkpoint.dir}: saving step {progress.step} failed "
+                              f"({e.strerror or e}: {e.filename}); the checkpoints committed before stay as they "
+                              "are") from None
 
 
 class Reporter:

@@ -120,3 +120,18 @@ def test_an_interrupted_export_leaves_the_previous_one_whole(tmp_path, cache_dir
     assert proc.returncode == 2 and f"config error: model.pretrained={bare}: no tokenizer.json there" in proc.stderr, \
         proc.stderr[-2000:]
     record("interrupted_export", previous_kept=True, pretrained_without_tokenizer_exit=proc.returncode)
+
+
+def test_a_run_directory_that_cannot_be_written_stops_in_one_line(tmp_path, cache_dir):
+    """A run directory that cannot exist (under a file: what a read-only mount is to root, who may write anywhere)
+    stops before Hydra's traceback, naming the path, exit 2."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    from tests.trainer.test_pretrain_e2e import PRETRAIN
+    proc = subprocess.run([sys.executable, PRETRAIN, "experiment=smoke", f"hydra.run.dir={blocker / 'run'}",
+                           f"data.cache_dir={cache_dir}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: hydra.run.dir={blocker / 'run'}: cannot write "
+                                                   "there (Not a directory"), lines
+    record("unwritable_run_dir", exit=proc.returncode, lines=len(lines))
