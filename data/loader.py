@@ -38,7 +38,8 @@ from .chat import encode_conversations, messages_extractor
 from .config import DataConfig, MixtureSource
 from .packing import ConcatPacker, ConversationPacker, ShuffleBuffer
 from .sources import (INDEXED_SUFFIXES, MAX_EXAMPLES, BadRecords, DataError, FileSource, HubSource, Position,
-                      SourceExhausted, StdlibSource, expand_globs, opened, text_extractor, what_to_fix)
+                      SourceExhausted, StdlibSource, content_changes, content_fingerprint, expand_globs, opened,
+                      text_extractor, what_to_fix)
 from .tokenizer import TextTokenizer, cached_bpe, load_tokenizer
 
 ORDER_VERSION = 2
@@ -466,6 +467,9 @@ def fingerprint(cfg: DataConfig, tokenizer: TextTokenizer, sources: list, seed: 
     if mixture:
         out["input"] = {m.name: source.identity() for m, source in zip(mixture, sources)}
         out["mixture"] = [[m.name, m.weight, m.epochs] for m in mixture]
+    # What the files held: a resume checks them (`content_changes`), so a file edited in place is not read from a
+    # saved byte offset that now means something else.
+    out["contents"] = {str(f): content_fingerprint(f) for s in sources if isinstance(s, FileSource) for f in s.files}
     return out
 
 
@@ -497,7 +501,14 @@ class StatefulLoader:
                             f"({saved.get('order', 1)}, this one reads version {ORDER_VERSION}: the shuffle buffer "
                             "is split over the shards, bad records counted once); resume with "
                             "checkpoint.data_resume=reset (restarts the data stream, keeps weights and optimizer)")
-        changed = sorted(k for k in self.fingerprint if saved.get(k) != self.fingerprint[k])
+        problems = content_changes(saved.get("contents", {}))
+        if problems:
+            raise DataError("data: the training files changed since the checkpoint, so its saved positions in them "
+                            "mean other records: " + "; ".join(problems[:3]) +
+                            (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "") +
+                            "; restore the files, or resume with checkpoint.data_resume=reset (restarts the data "
+                            "stream, keeps weights and optimizer); appending to a file is allowed")
+        changed = sorted(k for k in self.fingerprint if k != "contents" and saved.get(k) != self.fingerprint[k])
         if changed:
             raise DataError("data: the checkpoint's data position was saved with other settings; changed: " + "; ".join(
                 f"{k}: {saved.get(k)!r} -> {self.fingerprint[k]!r}" for k in changed) +

@@ -229,6 +229,42 @@ def text_extractor(field_name: str) -> Extract:
     return extract
 
 
+CONTENT_SAMPLES, CONTENT_BLOCK = 16, 4096
+"""A file's content fingerprint: this many blocks of this many bytes, spread over the fingerprinted length."""
+
+
+def content_fingerprint(path: Path, size: int | None = None) -> dict:
+    """{size, sample}: the first `size` bytes of `path` (default: all of it) summarised by a SHA-256 of
+    `CONTENT_SAMPLES` + 1 blocks spread evenly over them, the last ending at `size` (68 KiB read per file, whatever
+    its size). Recomputed at the saved size it tells a file that was only appended to (the same) from one
+    rewritten, reordered or replaced (almost surely another)."""
+    size = path.stat().st_size if size is None else size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for k in range(CONTENT_SAMPLES + 1):
+            start = min(max(0, size - CONTENT_BLOCK), k * size // CONTENT_SAMPLES)
+            f.seek(start)
+            digest.update(f.read(min(CONTENT_BLOCK, size - start)))
+    return {"size": size, "sample": digest.hexdigest()[:24]}
+
+
+def content_changes(saved: dict[str, dict]) -> list[str]:
+    """How the files of `saved` ({path: content_fingerprint}) differ now, one phrase each; appending keeps the
+    bytes a run has read, so it is not a change."""
+    problems = []
+    for name, was in saved.items():
+        path = Path(name)
+        if not path.is_file():
+            problems.append(f"{name}: gone")
+            continue
+        size = path.stat().st_size
+        if size < was["size"]:
+            problems.append(f"{name}: truncated ({was['size']:,} -> {size:,} bytes)")
+        elif content_fingerprint(path, was["size"])["sample"] != was["sample"]:
+            problems.append(f"{name}: its first {was['size']:,} bytes changed (rewritten, reordered or replaced)")
+    return problems
+
+
 class FileSource:
     """Local JSON Lines / Parquet / text files and `.bin/.idx` indexed datasets, as records in file order, shuffled
     file order per epoch. A `.bin` file's records are its documents, already token ids (numpy arrays); the others'

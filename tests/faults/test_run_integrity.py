@@ -64,12 +64,14 @@ def test_a_resume_with_another_tokenizer_of_the_same_size_is_refused(tmp_path, c
     vocab[a], vocab[b] = vocab[b], vocab[a]
     swapped = tmp_path / "swapped.json"
     swapped.write_text(json.dumps(data))
+    logged = (resumed / "metrics.jsonl").read_bytes()
     proc = run_pretrain(resumed, cache_dir, f"data.tokenizer={swapped}", "trainer.max_steps=6", timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = proc.stderr.strip().splitlines()[-1]
     assert f"{original}: the checkpoint was trained with another tokenizer" in line and \
         f"token {a!r} is id {vocab[b]} there and {vocab[a]} here" in line, line
-    assert max(metrics(resumed)) == 3  # nothing trained
+    assert (resumed / "metrics.jsonl").read_bytes() == logged  # nothing trained
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step_00000003"]
     record("tokenizer_swapped_on_resume", exit=proc.returncode, refused=True)
 
 
@@ -135,3 +137,38 @@ def test_a_run_directory_that_cannot_be_written_stops_in_one_line(tmp_path, cach
     assert len(lines) == 1 and lines[0].startswith(f"config error: hydra.run.dir={blocker / 'run'}: cannot write "
                                                    "there (Not a directory"), lines
     record("unwritable_run_dir", exit=proc.returncode, lines=len(lines))
+
+
+def test_training_files_changed_in_place_are_refused_and_an_append_is_not(tmp_path, cache_dir):
+    """A JSONL file truncated, or rewritten to the same size, between the step-2 checkpoint and the relaunch: the
+    resume stops with one line naming the file and the change (exit 2). Appended to: the run resumes."""
+    import random
+    rng = random.Random(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}) + "\n" for _ in range(400)]
+    base = tmp_path / "base"
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(lines))
+    args = ("data=files", f"data.paths=[{data}]", "trainer.max_steps=4", "checkpoint.every=2", "trainer.val_every=0")
+    _ok(run_pretrain(base, cache_dir, *args, timeout=180))
+    original = data.read_bytes()
+    edits = {"truncated": original[: len(original) // 3],
+             "rewritten": original.replace(lines[1].encode(), lines[1].encode()[::-1].replace(b"\n", b"") + b"\n"),
+             "appended": original + "".join(lines[:20]).encode()}
+    outcomes = {}
+    for name, content in edits.items():
+        run = tmp_path / name
+        shutil.copytree(base, run, ignore=shutil.ignore_patterns("step_00000004", "hf"))
+        data.write_bytes(content)
+        proc = run_pretrain(run, cache_dir, *args, timeout=180)
+        outcomes[name] = proc.returncode
+        if name == "appended":
+            assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr[-2000:]
+        else:
+            assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
+            line = proc.stderr.strip().splitlines()[-1]
+            why = "truncated (" if name == "truncated" else "bytes changed (rewritten, reordered or replaced)"
+            assert line.startswith("data error: data: the training files changed since the checkpoint") and \
+                f"{data}: " in line and why in line, line
+        data.write_bytes(original)
+    record("data_files_changed_in_place", **outcomes)
