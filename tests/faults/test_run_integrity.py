@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tests.faults.report import record
-from tests.trainer.test_pretrain_e2e import _ok, metrics, run_pretrain, straight  # noqa: F401
+from tests.trainer.test_pretrain_e2e import _ok, run_pretrain, straight  # noqa: F401
 
 HOLD = """
 import sys, time
