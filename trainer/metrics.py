@@ -8,6 +8,7 @@ import json
 import math
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,9 @@ def wandb_run_id(run_dir: Path, resumed: bool) -> str:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, cfg: LoggingConfig, max_steps: int, start_step: int, enabled: bool,
-                 config_dict: dict, progress: bool):
+                 config_dict: dict, progress: bool, resumed_from: Path | None = None):
+        """`resumed_from`: the checkpoint this launch continues from; metrics.jsonl gets a row saying so
+        (`{"resumed_from": path, "at_step": N, "time": t}`, no `step` key), so steps redone after a crash show."""
         self.enabled, self.cfg, self.max_steps = enabled, cfg, max_steps
         self.history: dict[int, list[np.ndarray]] = {}
         self.last_heatmap = start_step
@@ -98,6 +101,10 @@ class MetricsLogger:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if resumed_from is not None and start_step < max_steps:
+            self.jsonl.write(json.dumps({"resumed_from": str(resumed_from), "at_step": start_step,
+                                         "time": round(time.time(), 3)}) + "\n")
+            self.jsonl.flush()
         if progress and sys.stderr.isatty():  # a bar in a log file is only carriage returns
             try:
                 from tqdm import tqdm

@@ -80,7 +80,7 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     val_batches = held_out_batches(cfg, tokenizer, grid)
     progress = resume(prepared, engine, loader, env)
     logger = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, progress.step, env.is_main,
-                           config_dict(cfg), cfg.trainer.progress)
+                           config_dict(cfg), cfg.trainer.progress, prepared.resume.path if progress.step else None)
     announce(logger, run_dir, engine, weights, tokenizer, trainable, selection)
     for line in progress.changes:
         logger.print(line)

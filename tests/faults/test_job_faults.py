@@ -62,7 +62,8 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 def steps(run_dir: Path) -> dict[int, dict]:
-    return {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {m["step"]: m for m in rows if "step" in m}  # not the `resumed_from` rows of relaunches
 
 
 def fault_time(proc: subprocess.CompletedProcess) -> float:

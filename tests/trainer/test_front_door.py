@@ -164,3 +164,17 @@ def test_wandb_heatmaps_have_axes_when_matplotlib_is_there():
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
     assert image.shape != bare.shape  # a figure (axes, labels, colour bar), not the bare grid
     assert (image < 100).any()  # dark pixels: text and axes on the white figure
+
+
+def test_a_relaunch_is_marked_in_metrics_jsonl(tmp_path, cache_dir, straight):  # noqa: F811
+    """After a crash the redone steps are logged again: a `resumed_from` row says where the relaunch took up."""
+    run, _ = straight
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed, ignore=shutil.ignore_patterns("step_00000006", "hf"))
+    _ok(run_pretrain(resumed, cache_dir))
+    rows = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    marks = [i for i, r in enumerate(rows) if "resumed_from" in r]
+    assert len(marks) == 1 and rows[marks[0]]["at_step"] == 3, rows
+    assert rows[marks[0]]["resumed_from"].endswith("step_00000003")
+    assert [r["step"] for r in rows[marks[0] + 1:]] == [4, 5, 6]  # the redone steps follow it
+    assert [r["step"] for r in rows[:marks[0]]] == [1, 2, 3, 4, 5, 6]

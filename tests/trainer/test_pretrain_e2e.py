@@ -34,7 +34,8 @@ def run_pretrain(run_dir: Path, cache: Path, *overrides: str, nproc: int = 1, fa
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
-    return {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    rows = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    return {m["step"]: m for m in rows if "step" in m}  # not the `resumed_from` rows of relaunches
 
 
 def assert_export_matches(hf_dir: Path, checkpoint: Path, transformers_ds) -> None:
