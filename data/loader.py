@@ -501,7 +501,7 @@ class StatefulLoader:
                             f"({saved.get('order', 1)}, this one reads version {ORDER_VERSION}: the shuffle buffer "
                             "is split over the shards, bad records counted once); resume with "
                             "checkpoint.data_resume=reset (restarts the data stream, keeps weights and optimizer)")
-        problems = content_changes(saved.get("contents", {}))
+        problems = content_changes(saved.get("contents", {}), self.fingerprint.get("contents", {}))
         if problems:
             raise DataError("data: the training files changed since the checkpoint, so its saved positions in them "
                             "mean other records: " + "; ".join(problems[:3]) +

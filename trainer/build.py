@@ -66,14 +66,14 @@ def load_start_weights(cfg: TrainConfig, model: CausalLM, resume: Resume | None)
 
 
 def setup_trainable(cfg: TrainConfig, model: CausalLM, tokenizer: TextTokenizer, grid: ProcessGrid,
-                    device: torch.device, run_dir: Path, env: DistEnv, resume: Resume | None, precision: str = "fp32"
+                    device: torch.device, run_dir: Path, env: DistEnv, resume: Resume | None
                     ) -> tuple[dict[str, int], dict[int, list[int]] | None]:
     """Freeze what does not train: everything but the adapters under LoRA, `trainer.trainable` patterns and, for
     ESFT, every expert outside the selection. A resumed ESFT run keeps the selection its checkpoint holds; otherwise
     the experts are scored on the data with the weights training starts from. Returns ({trainable, total}
     parameters on this rank, the ESFT selection)."""
     if cfg.lora.enabled:
-        return apply_lora(cfg.lora, model, cfg.trainer.seed, precision), None
+        return apply_lora(cfg.lora, model, cfg.trainer.seed), None
     selection = None
     if cfg.esft.enabled:
         selection = resume.esft_selection if resume is not None else None

@@ -68,17 +68,16 @@ def dry_run(cfg: TrainConfig, env: DistEnv, choices: ModelChoices | None = None)
     world = cfg.parallel.world_size or env.world_size
     cfg.model = resolve_pretrained(cfg, choices, planning=True)
     cfg.validate(world, planning=True)
-    report = format_plan(plan(cfg, world))
     partial = trainable_slot_params(cfg, cfg.expert_parallel_size(world))
+    configured = plan(cfg, world, partial)
+    report = format_plan(configured)
     if partial is not None:  # the same run training everything, for comparison, then as configured
-        full = report.replace("memory per rank", "full fine-tuning, memory per rank", 1)
+        full = format_plan(plan(cfg, world)).replace("memory per rank", "full fine-tuning, memory per rank", 1)
         what = (f"ESFT (assuming {cfg.esft.plan_fraction:.0%} of the experts selected)" if cfg.esft.enabled
                 else f"LoRA (rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)})" if cfg.lora.enabled
                 else "trainer.trainable")
-        mine = format_plan(plan(cfg, world, partial))
-        report = full + "\n" + mine[mine.index("memory per rank"):].replace("memory per rank",
-                                                                           f"{what}, memory per rank", 1)
-    configured = plan(cfg, world, partial)
+        report = full + "\n" + report[report.index("memory per rank"):].replace("memory per rank",
+                                                                                 f"{what}, memory per rank", 1)
     if configured.peak.total_bytes > GPU_GIB * 1024 ** 3:
         report += "\n" + smallest_fit(cfg)
     if env.is_main:

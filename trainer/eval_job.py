@@ -76,7 +76,7 @@ def evaluate(cfg: TrainConfig, tokenizer: TextTokenizer, checkpoint: Path | None
     model = build_model(cfg, grid, device, precision)
     if checkpoint is not None:
         if cfg.lora.enabled:
-            apply_lora(cfg.lora, model, cfg.trainer.seed, precision)
+            apply_lora(cfg.lora, model, cfg.trainer.seed)
         load_model_weights(checkpoint, model)
         weights = f"checkpoint {checkpoint}"
     else:

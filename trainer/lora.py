@@ -21,10 +21,10 @@ from .layout import ProcessGrid, is_expert_param
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def apply_lora(cfg: LoRAConfig, model: CausalLM, seed: int, precision: str) -> dict[str, int]:
-    """Freeze this rank's part of the model, add the adapters `cfg` names, and hold the frozen weights once in the
-    training dtype (bf16 under `precision=bf16`: no fp32 copy of the base exists; adapters stay fp32, under
-    autocast). Returns {trainable, total} parameters on this rank."""
+def apply_lora(cfg: LoRAConfig, model: CausalLM, seed: int) -> dict[str, int]:
+    """Freeze this rank's part of the model and add the adapters `cfg` names (fp32, cast by autocast). The frozen
+    weights stay in the dtype `build_model` made them in: bf16 under `precision=bf16` for LoRA, so no fp32 copy of
+    the base exists. Returns {trainable, total} parameters on this rank."""
     try:
         adapted = add_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, seed)
     except ValueError as e:
@@ -32,10 +32,6 @@ def apply_lora(cfg: LoRAConfig, model: CausalLM, seed: int, precision: str) -> d
     if not adapted:
         raise ConfigError(f"lora.targets={list(cfg.targets)}: no such module in this model (its attention is "
                           f"{model.config.attention_type}; routed experts: {model.config.n_routed_experts or 0})")
-    if precision == "bf16":
-        for p in model.parameters():
-            if not p.requires_grad and p.is_floating_point():
-                p.data = p.data.to(torch.bfloat16)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trained, "total": sum(p.numel() for p in model.parameters())}
 

@@ -72,8 +72,7 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
         steps_from_epochs(cfg, tokenizer, grid, device, env)
     model = build_model(cfg, grid, device, precision)
     weights = load_start_weights(cfg, model, prepared.resume)  # before DeepSpeed copies or partitions them
-    trainable, selection = setup_trainable(cfg, model, tokenizer, grid, device, run_dir, env, prepared.resume,
-                                           precision)
+    trainable, selection = setup_trainable(cfg, model, tokenizer, grid, device, run_dir, env, prepared.resume)
     engine = build_engine(model, cfg, grid, env, device, precision)
     loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank, grid.dp,
                           vocab_limit=cfg.model.vocab_size)

@@ -65,9 +65,10 @@ def transformers_module():
     return transformers
 
 
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+def _tensors(directory: Path, pattern: str = "*.safetensors") -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors files of `directory` matching `pattern`."""
     out = {}
-    for file in sorted(directory.glob("*.safetensors")):
+    for file in sorted(directory.glob(pattern)):
         with safe_open(str(file), framework="pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out

@@ -46,7 +46,7 @@ def _ours(directory: Path, checkpoint: Path):
     from trainer.lora import apply_lora, lora_settings
     state = json.loads((checkpoint / "train_state.json").read_text())
     model = load_pretrained(directory, dtype=torch.float32)
-    apply_lora(lora_settings(state), model, seed=0, precision="fp32")
+    apply_lora(lora_settings(state), model, seed=0)
     return load_model_weights(checkpoint, model).eval()
 
 
@@ -55,12 +55,8 @@ def _factors(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def _tensors_of(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    out = {}
-    for file in sorted(checkpoint.glob("model_rank*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
+    """A checkpoint's weight entries (experts one by one, as the checkpoint names them)."""
+    return _tensors(checkpoint, "model_rank*.safetensors")
 
 
 @pytest.mark.parametrize("name", ["one", "ep2"])
@@ -121,12 +117,7 @@ def test_lora_trains_only_the_adapters(lora_runs, released):
 
 
 def _tensors_of_optimizer(checkpoint: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-    out = {}
-    for file in sorted(checkpoint.glob("optimizer_rank*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
+    return _tensors(checkpoint, "optimizer_rank*.safetensors")
 
 
 def test_lora_at_ep2_equals_one_process(lora_runs):
