@@ -4,6 +4,8 @@ config validation and the dry run see (docs/parallelism.md, "Pipeline schedules"
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from functools import cache
 
@@ -27,7 +29,58 @@ def schedule_actions(name: str, pp: int, per_rank: int, micro_batches: int) -> l
     inserts one), as the schedule class computes it for `pp` ranks, `per_rank` stages each and `micro_batches`.
     Raises ValueError where the schedule refuses the combination."""
     from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
-    return get_schedule_ops(schedule_class(name), pp, micro_batches, num_stages_per_rank=per_rank)
+    with linear_lowering():
+        return get_schedule_ops(schedule_class(name), pp, micro_batches, num_stages_per_rank=per_rank)
+
+
+# ------------------------------------------------------------------------------------ building a schedule
+# torch's multi-stage schedules lower their action lists in `__init__` (every engine start). One pass,
+# `_add_unshard_reshard` (FSDP's prefetch actions), looks ahead from every action over the rest of the rank's list
+# for the next 3 distinct stages; a rank holding fewer stages than that never stops early, so the pass is quadratic
+# in micro-batches (zbv at pp 16: 21 s for 1152 micro-batches). `linear_lowering` swaps in the same pass computed
+# backwards in one sweep; tests/trainer/test_schedules.py checks it returns torch's exact lists.
+
+def _unshard_reshard(original, compute_actions: list, max_active_stages: int = 3) -> list:
+    """torch's `_add_unshard_reshard(compute_actions, max_active_stages)`, in time linear in the list."""
+    from torch.distributed.pipelining import schedules as s
+    if any(a is not None and a.computation_type == s.OVERLAP_F_B for a in compute_actions):
+        return original(compute_actions, max_active_stages)  # overlapped pairs count their stages differently
+    ahead: list[list[int] | None] = [None] * len(compute_actions)
+    following: list[int] = []  # the first max_active_stages distinct stages from position i on, in order
+    for i in range(len(compute_actions) - 1, -1, -1):
+        action = compute_actions[i]
+        if action is not None:
+            following = [action.stage_index, *(x for x in following if x != action.stage_index)]
+            following = following[:max_active_stages]
+            ahead[i] = following
+    active: set[int] = set()
+    out = []
+    for action, next_n in zip(compute_actions, ahead):
+        if action is None:
+            continue
+        fetch = [stage for stage in next_n if stage not in active]
+        for stage in [stage for stage in active if stage not in next_n]:
+            active.remove(stage)
+            out.append(s._Action(stage, s.RESHARD, None))
+        for stage in fetch:
+            active.add(stage)
+            out.append(s._Action(stage, s.UNSHARD, None))
+        out.append(action)
+    for stage in list(active):
+        out.append(s._Action(stage, s.RESHARD, None))
+    return out
+
+
+@contextlib.contextmanager
+def linear_lowering():
+    """Inside, torch's schedules lower their action lists with `_unshard_reshard` (the same lists, linear time)."""
+    from torch.distributed.pipelining import schedules as s
+    original = s._add_unshard_reshard
+    s._add_unshard_reshard = functools.partial(_unshard_reshard, original)
+    try:
+        yield
+    finally:
+        s._add_unshard_reshard = original
 
 
 def schedule_problem(name: str, pp: int, per_rank: int, micro_batches: int) -> str | None:
@@ -49,9 +102,9 @@ def schedule_problem(name: str, pp: int, per_rank: int, micro_batches: int) -> s
 UNIT_COSTS = {"F": 1.0, "I": 1.0, "W": 1.0}
 """Default cost of each compute action; B costs I + W unless given."""
 MAX_SIMULATED_MICRO_BATCHES = 128
-"""`analyse` simulates at most this many micro-batches per step: torch builds a schedule's action list in time
-quadratic in them (pp 16, zero-bubble: about 1 s at 128, 10 s at 512). Past it the steady state repeats, each rank's
-idle time stays what it is at the cap (checked in tests/trainer/test_schedules.py), and the fraction is extended."""
+"""`analyse` simulates at most this many micro-batches per step (building and simulating a list grows with them).
+Past it the steady state repeats, each rank's idle time stays what it is at the cap (checked in
+tests/trainer/test_schedules.py), and the fraction is extended."""
 
 Op = tuple[int, str, int]
 """(stage, kind, micro-batch): kind F forward, B full backward, I input gradient, W weight gradient."""

@@ -224,3 +224,27 @@ def test_schedules_that_cannot_run_the_layout_say_why():
     rounds = plan(compose_config(*V2_LITE_8, "trainer.global_batch_size=18"), 8)  # 9 micro-batches: 2 rounds of 4
     rows = _table(format_plan(rounds))
     assert "cannot run: Interleaved 1F1B requires the number of microbatches" in rows["interleaved_1f1b"]
+
+
+@pytest.mark.parametrize("name,pp,per_rank,micro_batches", [
+    ("zbv", 4, 2, 12), ("interleaved_1f1b", 2, 2, 8), ("interleaved_zb", 4, 2, 8), ("dualpipev", 2, 2, 8),
+    ("zbv", 8, 2, 40)])
+def test_the_linear_lowering_gives_torchs_exact_action_lists(name, pp, per_rank, micro_batches):
+    """`linear_lowering` swaps torch's quadratic `_add_unshard_reshard` for `_unshard_reshard`: on every rank's
+    compute actions of each multi-stage schedule the two return equal lists (and the swap is undone after)."""
+    import functools
+    from torch.distributed.pipelining import schedules as s
+    from trainer.schedules import _unshard_reshard, linear_lowering
+    original = s._add_unshard_reshard
+    actions = schedule_actions(name, pp, per_rank, micro_batches)
+    compared = 0
+    for rank_actions in actions:
+        for keep in (3, 1, 2):
+            ours = _unshard_reshard(original, list(rank_actions), keep)
+            theirs = original(list(rank_actions), keep)
+            assert [str(a) for a in ours] == [str(a) for a in theirs], (name, keep)
+            compared += len(theirs)
+    assert compared > 0
+    with linear_lowering():
+        assert isinstance(s._add_unshard_reshard, functools.partial)
+    assert s._add_unshard_reshard is original

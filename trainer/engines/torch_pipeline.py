@@ -22,6 +22,7 @@ replicas (dense over dp, experts over edp), clipped by the norm over all stages,
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import ContextManager
 
 import torch
@@ -37,7 +38,7 @@ from ..expert_parallel import broadcast_replicas
 from ..grad_sync import GradReducer
 from ..layout import stage_part, stage_ranks, virtual_stages
 from ..optim import build_optimizer
-from ..schedules import schedule_class
+from ..schedules import linear_lowering, schedule_class
 from ..step import StepResult, StepStats, fault_scale, supervised_tokens
 from .base import Engine
 from .builtin import sum_clip_update
@@ -138,8 +139,14 @@ class TorchPipelineEngine(Engine):
                                         output_args=(outputs,), group=self.grid.pp_group))
         cls = schedule_class(self.schedule_name)
         single = self.schedule_name == "1f1b"
-        return cls(stages[0] if single else stages, n_microbatches=self.micro_batches, loss_fn=self.loss,
-                   scale_grads=False)
+        start = time.perf_counter()
+        with linear_lowering():
+            schedule = cls(stages[0] if single else stages, n_microbatches=self.micro_batches, loss_fn=self.loss,
+                           scale_grads=False)
+        if self.env.is_main:
+            print(f"pipeline schedule {self.schedule_name} built for {self.micro_batches} micro-batches of {micro} x "
+                  f"{seq} tokens in {time.perf_counter() - start:.2f} s", flush=True)
+        return schedule
 
     def _inputs(self, batches: list[dict], training: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The step's micro-batches joined along the batch dimension (the schedule splits them back into the same
