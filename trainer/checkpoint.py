@@ -19,12 +19,12 @@ the next save or prune removes). Only safetensors and JSON are read back by our 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ from .config import NonFiniteError
 from .distributed import DistEnv, barrier
 from .faults import fault
 from .integrity import digests, write_manifest
+from .tensorfile import write_tensors
 
 if TYPE_CHECKING:
     from .engines import Engine
@@ -296,8 +297,10 @@ def load_owned_tensors(directory: Path, model: torch.nn.Module,
 
     def add(into: dict, slot: Any, value: torch.Tensor, index: int | None) -> None:
         if index is None or value.ndim == 0:
-            into[slot] = value
-        else:  # experts of one parameter come in local order 0, 1, ...: stacked below
+            # A tensor read by safe_open maps its file: kept as optimizer state it would hold the whole file's
+            # mapping (and its copy-on-write pages) for the rest of the run. A copy lets the mapping go.
+            into[slot] = value.clone()
+        else:  # experts of one parameter come in local order 0, 1, ...: stacked below (a copy too)
             into.setdefault(slot, []).append(value)
 
     states: dict[torch.nn.Parameter, dict] = {}
@@ -326,109 +329,194 @@ def load_owned_tensors(directory: Path, model: torch.nn.Module,
 
 
 # ------------------------------------------------------------------------------------ save / load
+@dataclass
+class SaveJob:
+    """One checkpoint save: what each rank writes, and how it went. `files` holds the weight and optimizer tensors
+    by file stem: live CPU tensors (or the gathered ones) while a synchronous save writes them, or the host copies
+    a background save writes while training goes on (trainer/background.py)."""
+
+    root: Path
+    step: int
+    files: dict[str, dict[str, torch.Tensor]]
+    train_state: dict
+    data_state: dict
+    rng: dict
+    tokenizer: TextTokenizer | None
+    keep: int
+    digests: dict[str, dict] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    non_finite: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return step_dir(self.root, self.step)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self.files.values() for t in ts.values())
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, engine: Engine, train_state: dict, data_state: dict,
                     env: DistEnv, keep: int, tokenizer: TextTokenizer | None = None) -> Path:
-    """Collective: every rank calls it. Each rank writes the weights (and the AdamW state, in our per-entry layout)
-    it owns (`engine.owns_dense`, `engine.owns_experts`), its data position and RNG, and whatever the engine keeps
-    of its own (`engine.save_state`: DeepSpeed's partitions); rank 0 the train state and tokenizer.
+    """`save_sync`; returns the committed directory."""
+    return save_sync(root, step, engine, train_state, data_state, env, keep, tokenizer).path
 
-    The commit (docs/checkpoints.md): weights holding NaN/Inf are refused before anything is written (every rank
-    raises NonFiniteError, naming the tensor); each rank fsyncs its files and hashes them; rank 0 writes the
-    SHA-256 manifest (`integrity.json`, fsynced) and only then `COMPLETE` (fsynced), and prunes. Returns the
-    committed directory."""
-    path = step_dir(root, step)
+
+def save_sync(root: str | os.PathLike, step: int, engine: Engine, train_state: dict, data_state: dict,
+              env: DistEnv, keep: int, tokenizer: TextTokenizer | None = None) -> SaveJob:
+    """A synchronous save (collective: every rank calls it). Each rank writes the weights (and the AdamW state, in
+    our per-entry layout) it owns (`engine.owns_dense`, `engine.owns_experts`), its data position and RNG, and
+    whatever the engine keeps of its own (`engine.save_state`: DeepSpeed's partitions); rank 0 the train state and
+    tokenizer. The commit protocol is `commit`'s; `trainer/background.py` runs the same one in a thread."""
+    job = SaveJob(Path(root), step, {}, train_state, data_state, rng_state(), tokenizer, keep)
+    start = time.perf_counter()
     with engine.full_weights():  # write inside: under ZeRO-3 the gathered storage is only valid here
         weights, optim = owned_tensors(engine.model, engine.optimizer, engine.owns_dense, engine.owns_experts)
-        bad = gather_problems([p for name, t in {**weights, **optim}.items() if (p := _non_finite(name, t, env))],
-                              env)
-        if bad:
-            raise NonFiniteError(f"step {step}: the weights are not finite ({'; '.join(bad[:3])}); they were not "
-                                 f"checkpointed (the newest checkpoint in {root} is the last good one)")
+        job.files = {"model": weights, "optimizer": optim} if engine.optimizer is not None else {"model": weights}
         if env.is_main:
-            if path.exists():
-                shutil.rmtree(path)  # leftovers of an interrupted save of the same step
-            path.mkdir(parents=True)
+            _fresh_dir(job)
         barrier(env)
-        files = {"model": weights, "optimizer": optim} if engine.optimizer is not None else {"model": weights}
-        with _write_errors(path, env):
-            mine = []
-            for stem, tensors in files.items() if weights else ():
-                mine.append(path / f"{stem}_rank{env.rank:05d}.safetensors")
-                save_safetensors(tensors, mine[-1], metadata={"format": "pt"})
-                fault("save_shards", step)
-    with _write_errors(path, env):
-        mine += _write_states(path, step, train_state, data_state, env, tokenizer)
-        # DeepSpeed's files (every rank lists all of them after its barrier) are fsynced and hashed a share each.
-        mine += sorted(engine.save_state(path))[env.rank::env.world_size]
-        for file in mine:
-            _fsync_file(file)
-        local = digests(path, mine)
-    manifest = gather_digests(local, env)  # also the barrier: every rank's files are durable
+        write_tensor_files(job, env)
+    commit(job, env, engine_files=lambda: sorted(engine.save_state(job.path))[env.rank::env.world_size])
+    job.seconds["stall"] = time.perf_counter() - start
+    return job
+
+
+def _fresh_dir(job: SaveJob) -> None:
+    """Rank 0: an empty step directory (leftovers of an interrupted save of the same step removed). A failure is
+    the job's problem, reported by `commit` like any other write."""
+    try:
+        if job.path.exists():
+            shutil.rmtree(job.path)
+        job.path.mkdir(parents=True)
+    except OSError as e:
+        job.problems.append(f"rank 0: creating {job.path} failed: {e.strerror or e}")
+
+
+def write_tensor_files(job: SaveJob, env: DistEnv) -> None:
+    """This rank's weight and optimizer files, each hashed and checked for NaN/Inf as it is written
+    (trainer/tensorfile.py). Failures are recorded in the job, for `commit` to agree on."""
+    start = time.perf_counter()
+    if job.problems or not any(job.files.values()):
+        return
+    try:
+        for stem, tensors in job.files.items():
+            file = job.path / f"{stem}_rank{env.rank:05d}.safetensors"
+            written = write_tensors(tensors, file, metadata={"format": "pt"})
+            job.digests[file.name] = written.entry()
+            if written.non_finite:
+                job.non_finite.append(f"{written.non_finite} (rank {env.rank})")
+            fault("save_shards", job.step)
+    except (OSError, SafetensorError) as e:
+        job.problems.append(_write_failure(job, env, e))
+    job.seconds["write"] = time.perf_counter() - start
+
+
+def _write_failure(job: SaveJob, env: DistEnv, e: Exception) -> str:
+    file = getattr(e, "filename", None)
+    named = f" ({file})" if file and str(file) not in str(e) else ""
+    return f"rank {env.rank}: writing checkpoint {job.path} failed: {e}{named}"
+
+
+def commit(job: SaveJob, env: DistEnv, engine_files=None, group=None) -> None:
+    """Finish a save and commit it (collective over `group`, the job's ranks; docs/checkpoints.md): every rank
+    writes its states (and `engine_files()`, the engine's own, fsynced and hashed a share each) and reports its
+    problems and file digests; if any rank had one, nothing is committed, the step directory is removed and every
+    rank raises the same error (NonFiniteError for NaN/Inf in the weights, CheckpointError for a failed write).
+    Otherwise rank 0 writes the SHA-256 manifest (`integrity.json`, fsynced), then `COMPLETE` (fsynced), and prunes;
+    its outcome is shared, so every rank returns or raises alike."""
+    start = time.perf_counter()
+    if not job.problems:
+        try:
+            mine = _write_states(job, env) + (engine_files() if engine_files is not None else [])
+            for file in mine:
+                _fsync_file(file)
+            job.digests.update(digests(job.path, mine))
+        except (OSError, SafetensorError) as e:
+            job.problems.append(_write_failure(job, env, e))
+    everyone = gather_objects((job.problems, job.non_finite, job.digests), env, group)
+    problems = [p for part in everyone for p in part[0]]
+    non_finite = [p for part in everyone for p in part[1]]
+    outcome = None
     if env.is_main:
-        write_manifest(path, step, manifest, fault=lambda: fault("save_manifest", step))
-        _fsync_dir(path)
-        fault("save_marker", step)
-        with open(path / COMPLETE, "w") as f:
-            f.write(f"step {step}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(path)
-        prune(root, keep, protect=path)
-    barrier(env)
-    return path
+        if problems or non_finite:
+            shutil.rmtree(job.path, ignore_errors=True)
+            outcome = _failure(job, problems, non_finite)
+        else:
+            try:
+                _mark_complete(job, {name: entry for part in everyone for name, entry in part[2].items()})
+            except OSError as e:
+                outcome = ("CheckpointError", f"rank 0: committing checkpoint {job.path} failed "
+                                              f"({e.strerror or e}: {e.filename}); it is not committed, and the "
+                                              f"newest complete checkpoint in {job.root} is still the one to resume")
+    outcome = broadcast_object(outcome, env, group)
+    job.seconds["commit"] = time.perf_counter() - start
+    if outcome is not None:
+        kind, message = outcome
+        raise (NonFiniteError if kind == "NonFiniteError" else CheckpointError)(message)
 
 
-def _write_states(path: Path, step: int, train_state: dict, data_state: dict, env: DistEnv,
-                  tokenizer: TextTokenizer | None) -> list[Path]:
+def _failure(job: SaveJob, problems: list[str], non_finite: list[str]) -> tuple[str, str]:
+    if non_finite:
+        return "NonFiniteError", (f"step {job.step}: the weights are not finite ({'; '.join(non_finite[:3])}); they "
+                                  f"were not checkpointed (the newest checkpoint in {job.root} is the last good one)")
+    more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:3])})" if len(problems) > 1 else ""
+    return "CheckpointError", (f"{problems[0]}; it is not committed, and the newest complete checkpoint in "
+                               f"{job.root} is still the one to resume (free space, or lower checkpoint.keep){more}")
+
+
+def _mark_complete(job: SaveJob, manifest: dict[str, dict]) -> None:
+    """Rank 0, every rank's files durable: the manifest, then the commit marker, then retention."""
+    write_manifest(job.path, job.step, manifest, fault=lambda: fault("save_manifest", job.step))
+    _fsync_dir(job.path)
+    fault("save_marker", job.step)
+    with open(job.path / COMPLETE, "w") as f:
+        f.write(f"step {job.step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(job.path)
+    prune(job.root, job.keep, protect=job.path)
+
+
+def _write_states(job: SaveJob, env: DistEnv) -> list[Path]:
     """Rank 0's train state and tokenizer, and every rank's data position and RNG; returns the files written."""
-    written = []
+    path, written = job.path, []
     if env.is_main:
-        _write_json(path / "train_state.json", train_state)
+        _write_json(path / "train_state.json", job.train_state)
         written.append(path / "train_state.json")
-        if tokenizer is not None:  # the exact tokenizer of the run travels with its weights
-            tokenizer.save(path / "tokenizer.json")
+        if job.tokenizer is not None:  # the exact tokenizer of the run travels with its weights
+            job.tokenizer.save(path / "tokenizer.json")
             written.append(path / "tokenizer.json")
-    save_state(path, f"data_rank{env.rank:05d}", data_state)
-    fault("save", step)
-    save_state(path, f"rng_rank{env.rank:05d}", rng_state())
+    save_state(path, f"data_rank{env.rank:05d}", job.data_state)
+    fault("save", job.step)
+    save_state(path, f"rng_rank{env.rank:05d}", job.rng)
     for stem in (f"data_rank{env.rank:05d}", f"rng_rank{env.rank:05d}"):
         written += [path / f"{stem}.json", path / f"{stem}.safetensors"]
     return written
 
 
-@contextlib.contextmanager
-def _write_errors(path: Path, env: DistEnv):
-    """A failed write (a full disk, a quota, a lost mount) as a CheckpointError naming the rank and directory."""
-    try:
-        yield
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"rank {env.rank}: writing checkpoint {path} failed: {e}; it is not committed, and "
-                              f"the newest complete checkpoint in {path.parent} is still the one to resume (free "
-                              "space, or lower checkpoint.keep)") from None
+def gather_objects(mine: Any, env: DistEnv, group=None) -> list:
+    """Every rank's `mine`, in rank order, on every rank (collective over `group`, default the whole job)."""
+    if not env.distributed:
+        return [mine]
+    everyone: list = [None] * env.world_size
+    torch.distributed.all_gather_object(everyone, mine, group=group)
+    return everyone
 
 
-def _non_finite(name: str, tensor: torch.Tensor, env: DistEnv) -> str | None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        return f"{name} on rank {env.rank}"
-    return None
+def broadcast_object(obj: Any, env: DistEnv, group=None) -> Any:
+    """Rank 0's `obj` on every rank (collective over `group`)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, group=group)
+    return box[0]
 
 
 def gather_problems(mine: list[str], env: DistEnv) -> list[str]:
     """Every rank's problems, on every rank (collective)."""
-    if not env.distributed:
-        return mine
-    everyone: list = [None] * env.world_size
-    torch.distributed.all_gather_object(everyone, mine)
-    return [p for problems in everyone for p in problems]
-
-
-def gather_digests(mine: dict[str, dict], env: DistEnv) -> dict[str, dict]:
-    """The union of every rank's file digests, on every rank (collective)."""
-    if not env.distributed:
-        return mine
-    everyone: list = [None] * env.world_size
-    torch.distributed.all_gather_object(everyone, mine)
-    return {name: entry for part in everyone for name, entry in part.items()}
+    return [p for problems in gather_objects(mine, env) for p in problems]
 
 
 def _fsync_file(path: Path) -> None:

@@ -8,30 +8,17 @@ the job, file by file, so a large checkpoint is read once in total, in parallel.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
+from .tensorfile import scan, sha256
 
 MANIFEST = "integrity.json"
 UNLISTED = {"COMPLETE", MANIFEST}
 """Files of a checkpoint directory the manifest does not list: the marker, and the manifest itself."""
 TENSOR_STEMS = ("model_", "optimizer_")
 """Our weight and optimizer files: every floating-point tensor in them must be finite."""
-_CHUNK = 8 << 20
-
-
-def sha256(path: Path) -> tuple[str, int]:
-    """(hex digest, size in bytes) of a file, read in 8 MiB chunks."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return digest.hexdigest(), size
 
 
 def digests(directory: Path, files: list[Path]) -> dict[str, dict]:
@@ -81,29 +68,18 @@ def present_files(directory: Path) -> list[str]:
 
 
 def check_file(directory: Path, name: str, expected: dict) -> str | None:
-    """Why file `name` of the checkpoint does not match its manifest entry (or holds a non-finite tensor), or None."""
+    """Why file `name` of the checkpoint does not match its manifest entry (or holds a non-finite tensor), or None;
+    the file is read once, hashed and scanned together (trainer/tensorfile.py)."""
     path = directory / name
     if not path.is_file():
         return f"{path}: missing"
     size = path.stat().st_size
     if size != expected.get("bytes"):
         return f"{path}: {size} bytes, the manifest says {expected.get('bytes')}"
-    if sha256(path)[0] != expected.get("sha256"):
+    found = scan(path, check_finite=path.suffix == ".safetensors" and path.name.startswith(TENSOR_STEMS))
+    if found.sha256 != expected.get("sha256"):
         return f"{path}: SHA-256 differs from the manifest (the file was changed or damaged after it was written)"
-    if path.suffix == ".safetensors" and path.name.startswith(TENSOR_STEMS):
-        return non_finite_tensor(path)
-    return None
-
-
-def non_finite_tensor(path: Path) -> str | None:
-    """The first tensor of a safetensors file holding NaN or Inf, named, or None."""
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():
-            tensor = f.get_tensor(key)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                return f"{path}: tensor {key} holds {bad} non-finite value(s)"
-    return None
+    return found.non_finite
 
 
 def structural_problems(directory: Path, step: int | None) -> tuple[list[str], dict]:

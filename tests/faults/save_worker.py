@@ -4,7 +4,9 @@ production save path, with its test-only fault hook), for the save-phase and ful
     python save_worker.py <root> <keep> <step> [<step> ...]
 
 Each step trains one AdamW step first, so weights and moments change between checkpoints. With
-LATENTMOE_FILE_LIMIT=<bytes>, writes after the first checkpoint fail as on a full disk (RLIMIT_FSIZE)."""
+LATENTMOE_FILE_LIMIT=<bytes>, writes after the first checkpoint fail as on a full disk (RLIMIT_FSIZE). With
+LATENTMOE_BACKGROUND=1 the saves go through `trainer.background.BackgroundSaver` (`checkpoint.async_save`): each is
+written while the next step trains, and the last is waited for."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from model import CausalLM, ModelConfig  # noqa: E402
+from trainer.background import BackgroundSaver  # noqa: E402
 from trainer.checkpoint import save_checkpoint  # noqa: E402
 from trainer.distributed import DistEnv  # noqa: E402
 
@@ -38,6 +41,7 @@ class Engine:
                                           num_experts_per_tok=2, first_k_dense_replace=1))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
         self.owns_dense = self.owns_experts = True
+        self.device = torch.device("cpu")
 
     def train_step(self) -> None:
         ids = torch.randint(0, 64, (2, 16))
@@ -56,14 +60,20 @@ def main() -> None:
     root, keep, steps = sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3:]]
     engine, env = Engine(), DistEnv()
     limit = os.environ.get("LATENTMOE_FILE_LIMIT")
+    saver = BackgroundSaver(engine, env, timeout_s=60) if os.environ.get("LATENTMOE_BACKGROUND") else None
     for i, step in enumerate(steps):
         engine.train_step()
         if limit and i == 1:  # the disk fills up after the first checkpoint
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
         data = {"position": {"record": step}, "tokens": np.arange(step * 10, dtype=np.int32)}
-        save_checkpoint(root, step, engine, {"step": step, "world_size": 1}, data, env, keep)
+        if saver is None:
+            save_checkpoint(root, step, engine, {"step": step, "world_size": 1}, data, env, keep)
+        else:
+            saver.save(root, step, {"step": step, "world_size": 1}, data, keep, None)
         print(f"saved {step}", flush=True)
+    if saver is not None:
+        saver.wait()
 
 
 if __name__ == "__main__":

@@ -29,10 +29,12 @@ from .report import record
 WORKER = str(Path(__file__).with_name("save_worker.py"))
 
 
-def save(root: Path, *steps: int, keep: int = 3, fault: str | None = None, file_limit: int | None = None
-         ) -> subprocess.CompletedProcess:
+def save(root: Path, *steps: int, keep: int = 3, fault: str | None = None, file_limit: int | None = None,
+         background: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("LATENTMOE_FAULT", None)
+    if background:
+        env["LATENTMOE_BACKGROUND"] = "1"
     if fault:
         env["LATENTMOE_FAULT"] = fault
     if file_limit:
@@ -66,12 +68,15 @@ def resume_step(root: Path) -> int | None:
     return step_of(prepared.resume.path) if prepared.resume else None
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
 @pytest.mark.parametrize("phase", ["save_shards", "save", "save_manifest", "save_marker", "save_prune"])
-def test_kill_in_each_phase_of_a_save_leaves_the_previous_checkpoint_to_resume(tmp_path, phase):
+def test_kill_in_each_phase_of_a_save_leaves_the_previous_checkpoint_to_resume(tmp_path, phase, background):
     """T04: the process dies while saving step 6 (after checkpoints 2 and 4; keep=2, so step 6's save also prunes
-    step 2). Resume selects the newest committed checkpoint that verifies; nothing half-written counts."""
+    step 2). Resume selects the newest committed checkpoint that verifies; nothing half-written counts. The same
+    with background saves (`checkpoint.async_save`): the process dies in the writing thread while training goes
+    on."""
     root = tmp_path / "ckpt"
-    proc = save(root, 2, 4, 6, keep=2, fault=f"{phase}@6")
+    proc = save(root, 2, 4, 6, keep=2, fault=f"{phase}@6", background=background)
     assert proc.returncode == 137, proc.stderr[-2000:]
     complete, incomplete = list_checkpoints(root)
     chosen = resume_step(root)
@@ -85,11 +90,11 @@ def test_kill_in_each_phase_of_a_save_leaves_the_previous_checkpoint_to_resume(t
         assert [p.name for p in incomplete] == ["step_00000006"]
     left = None
     if phase in ("save_manifest", "save_prune"):  # the two kinds of leftovers: an incomplete and a half-deleted dir
-        cleanup = save(root, 8, keep=2)
+        cleanup = save(root, 8, keep=2, background=background)
         assert cleanup.returncode == 0, cleanup.stderr[-2000:]
         left = len(list_checkpoints(root)[1]) + sum(p.name.endswith(".deleting") for p in root.iterdir())
         assert left == 0
-    record("T04", phase=phase, selected_resume_step=chosen, expected_step=expected,
+    record("T04", phase=phase, background=background, selected_resume_step=chosen, expected_step=expected,
            complete_on_disk=len(complete), complete_verified=len(complete), incomplete_on_disk=len(incomplete),
            half_deleted=len(half_deleted), garbage_bytes=garbage, left_after_next_save=left)
 
@@ -202,16 +207,18 @@ def test_retention_never_deletes_the_newest_verified_checkpoint(saved, tmp_path)
     record("T19", selected_step=chosen, valid_remaining=len(remaining), deleted=[p.name for p in deleted])
 
 
-def test_a_full_disk_never_leaves_a_checkpoint_counted_as_complete(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_a_full_disk_never_leaves_a_checkpoint_counted_as_complete(tmp_path, background):
     """The disk fills up after the first checkpoint: the next save fails with an error, and only the first one
-    is complete (and verifies)."""
+    is complete (and verifies); a background save's error is raised in the training thread."""
     root = tmp_path / "ckpt"
-    proc = save(root, 2, 4, file_limit=20_000)
+    proc = save(root, 2, 4, file_limit=20_000, background=background)
     assert proc.returncode != 0 and "CheckpointError: rank 0: writing checkpoint" in proc.stderr, proc.stderr[-2000:]
     assert "File too large" in proc.stderr and "is not committed" in proc.stderr
     complete, incomplete = list_checkpoints(root)
     assert [p.name for p in complete] == ["step_00000002"] and not verify(complete[0], 2)
-    record("full_disk", complete=[p.name for p in complete], incomplete=[p.name for p in incomplete],
+    record("full_disk", background=background, complete=[p.name for p in complete],
+           incomplete=[p.name for p in incomplete],
            error=proc.stderr.strip().splitlines()[-1][:160])
 
 

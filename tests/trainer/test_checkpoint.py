@@ -9,6 +9,7 @@ import torch
 from trainer.checkpoint import (COMPLETE, CheckpointNotFound, choose_resume, find_resume, join_arrays,
                                 list_checkpoints, load_owned_tensors, owned_tensors, prune, set_aside_newer,
                                 split_arrays, step_dir)
+from trainer.tensorfile import scan, write_tensors
 
 
 def _make(root, step, complete=True):
@@ -128,3 +129,54 @@ def test_resume_choice_for_relaunches_rollbacks_and_fresh_starts(tmp_path):
     moved = set_aside_newer(newest)
     assert moved.parent.name == "set_aside" and (moved / COMPLETE).exists()
     assert find_resume(run, "auto") == older  # auto never returns to the abandoned timeline
+
+
+def _mapped(path) -> list[str]:
+    """Lines of /proc/self/maps that map a file under `path`."""
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        return [line for line in f if str(path) in line]
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps (Linux)")
+def test_a_loaded_checkpoint_leaves_no_file_mapped(tmp_path):
+    """safe_open maps a file; a tensor read from it and kept (as AdamW state) would keep the whole file mapped, and
+    its pages resident, for the rest of the run. After loading, nothing of the checkpoint is mapped."""
+    import gc
+    from model import next_token_labels
+    model, opt = _trained_tiny()
+    ids = torch.randint(0, 4096, (2, 16))
+    model(ids, labels=next_token_labels(ids)).loss.backward()
+    opt.step()
+    weights, optim = owned_tensors(model, opt, dense=True, experts=True)
+    write_tensors(weights, tmp_path / "model_rank00000.safetensors")
+    write_tensors(optim, tmp_path / "optimizer_rank00000.safetensors")
+    loaded, loaded_opt = _trained_tiny(seed=3)
+    load_owned_tensors(tmp_path, loaded, loaded_opt)
+    gc.collect()
+    assert _mapped(tmp_path) == []
+    p = next(loaded.parameters())
+    assert torch.equal(loaded_opt.state[p]["exp_avg"], opt.state[next(model.parameters())]["exp_avg"])
+
+
+def test_tensor_files_are_hashed_and_checked_while_written_and_verified_in_one_read(tmp_path):
+    """trainer/tensorfile.py: the file reads back through safetensors exactly, the digest written is the file's
+    SHA-256, and a NaN or Inf anywhere (here past the first 4 MiB chunk of a tensor, in fp32 and bf16) is named by
+    both the writer and the one-read scan."""
+    import hashlib
+    from safetensors import safe_open
+    tensors = {"a.weight": torch.randn(3, 5), "b": torch.randn(3 << 20), "c": torch.randn(7, dtype=torch.bfloat16),
+               "step": torch.tensor(4.0), "empty": torch.zeros(0), "flags": torch.ones(3, dtype=torch.bool)}
+    path = tmp_path / "t.safetensors"
+    written = write_tensors(tensors, path, metadata={"format": "pt"})
+    assert written.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and written.bytes == path.stat().st_size
+    assert written.non_finite is None and scan(path, check_finite=True) == written
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"} and sorted(f.keys()) == sorted(tensors)
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    for name, index, value in (("b", (2 << 20) + 3, float("nan")), ("c", 6, float("inf"))):
+        bad = {k: v.clone() for k, v in tensors.items()}
+        bad[name][index] = value
+        found = write_tensors(bad, path)
+        assert found.non_finite is not None and f"tensor {name} " in found.non_finite
+        assert f"tensor {name} " in scan(path, check_finite=True).non_finite
+        assert scan(path, check_finite=False).non_finite is None
