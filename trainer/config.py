@@ -206,6 +206,10 @@ class LoRAConfig:
     """Also write the merged model to `<run dir>/hf` (the adapter goes to `<run dir>/adapter` either way)."""
 
 
+ASYNC_SAVE_MIN_BYTES = 1 << 30
+"""`checkpoint.async_save=null` saves in the background from this much checkpointed state per rank."""
+
+
 @dataclass
 class CheckpointConfig:
     dir: str = "${hydra:runtime.output_dir}/checkpoints"
@@ -226,6 +230,13 @@ class CheckpointConfig:
     the checkpoint's per-entry optimizer files that every engine writes (a DeepSpeed checkpoint at its own layout
     restores from DeepSpeed's files instead); it refuses a DeepSpeed checkpoint written before those files existed,
     naming the missing file. `reset` loads the weights and step and starts the optimizer afresh."""
+    async_save: bool | None = None
+    """Save in the background (docs/checkpoints.md, "Background saves"): training stops only while this rank's
+    state is copied to host memory (pinned on a GPU; the copy's size is logged and in the dry run), and a thread
+    writes and commits it. null: on where it pays, a rank's training state of 1 GiB or more on the built-in and
+    torch pipeline engines (smaller saves stall training for a second or two at most, and a synchronous save is
+    committed the moment it returns); off under DeepSpeed, whose own checkpoint files DeepSpeed writes in the
+    training thread (true is refused there)."""
     data_resume: str = "strict"
     """`strict` continues the data stream exactly where the checkpoint left it, at any number of processes whose
     data-parallel size divides the rows consumed so far (docs/data.md); `reset` loads weights, optimizer and step
@@ -562,6 +573,10 @@ class TrainConfig:
             raise bad("data.tokenizer", self.data.tokenizer, "no such file or directory")
         if self.checkpoint.keep < 1:
             raise bad("checkpoint.keep", self.checkpoint.keep, "must be >= 1")
+        if self.checkpoint.async_save and self.uses_deepspeed:
+            raise bad("checkpoint.async_save", True, "DeepSpeed writes its own checkpoint files in the training "
+                      "thread, so a background save would not stop it stalling training; use the built-in engine "
+                      "(parallel.zero_stage=null) or a torch pipeline schedule, or checkpoint.async_save=null")
         if self.checkpoint.every < 0:
             raise bad("checkpoint.every", self.checkpoint.every, "must be >= 0 (0: only at the end)")
         self._validate_eval()

@@ -33,10 +33,11 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .config import TrainConfig
+from .config import ASYNC_SAVE_MIN_BYTES, TrainConfig
 from .layout import (
     PP_SCHEDULES,
     SlotParams,
@@ -48,7 +49,7 @@ from .layout import (
     stage_boundaries,
     stages_per_rank,
 )
-from .schedules import ScheduleFigures, analyse, problem, torch_schedule
+from .schedules import ScheduleFigures, analyse, problem, schedule_actions, torch_schedule
 
 ACTIVATION_BYTES_PER_HIDDEN = 34
 """Bytes of saved 16-bit activations per token, hidden unit and decoder layer (no recomputation)."""
@@ -89,6 +90,9 @@ class StagePlan:
     """Under a torch schedule: the virtual stages the pipeline rank holds."""
     adapter_bytes: int = 0
     """LoRA: the part of `weight_bytes` that is adapters (fp32); the rest is the frozen base."""
+    checkpoint_bytes: int = 0
+    """What the rank's checkpoint holds: its weights and AdamW's two fp32 moments of the trainable ones (the host
+    copy a background save makes, trainer/background.py)."""
 
     @property
     def total_bytes(self) -> int:
@@ -135,6 +139,11 @@ class Plan:
     """Every schedule at this pp and batch (pp > 1)."""
     precision_auto: bool = False
     """trainer.precision=auto: bf16 on GPUs, what the plan is for; fp32 on a CPU."""
+    saves: str = ""
+    """How checkpoints are saved (`save_mode`)."""
+    schedule_build_s: float | None = None
+    """Under a torch pipeline schedule: seconds this machine took to build its action lists for the step's
+    micro-batches, what an engine start pays."""
 
     @property
     def torch_pipeline(self) -> bool:
@@ -226,6 +235,8 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
     kinds = slot_kinds(c)
     if pp > 1:
         out.schedules = _schedule_table(cfg, pp, ep, per_step, kinds, act)
+        if out.torch_pipeline:
+            out.schedule_build_s = _build_seconds(out)
     for s, (stages, slots, in_flight, in_flight_bytes) in enumerate(_rank_slots(cfg, out, kinds, act)):
         h = SlotParams(sum(held[i].dense for i in slots), sum(held[i].expert for i in slots))
         tr = SlotParams(sum(trainable[i].dense for i in slots), sum(trainable[i].expert for i in slots))
@@ -235,8 +246,33 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
             stage=s, ranks=list(range(s * dp, (s + 1) * dp)), slots=slots, kinds=[kinds[i] for i in slots],
             params=h, weight_bytes=weights, grad_bytes=g_bytes * sharded(tr, z >= 2), adapter_bytes=4 * tr.total * lora,
             optimizer_bytes=o_bytes * sharded(tr, z >= 1), in_flight=in_flight, virtual_stages=stages,
-            activation_bytes=act.rank_bytes(in_flight_bytes, kinds, slots)))
+            activation_bytes=act.rank_bytes(in_flight_bytes, kinds, slots),
+            checkpoint_bytes=(base_bytes * h.total + 4 * tr.total if lora else 4 * h.total) + 8 * tr.total))
+    out.saves = save_mode(cfg, max(s.checkpoint_bytes for s in out.stages))
     return out
+
+
+def save_mode(cfg: TrainConfig, state_bytes: int) -> str:
+    """How checkpoints are saved (`checkpoint.async_save` resolved as trainer/background.py does), in words."""
+    if cfg.uses_deepspeed:
+        return "saved synchronously (DeepSpeed writes its own checkpoint files)"
+    if cfg.checkpoint.async_save is False:
+        return "saved synchronously (checkpoint.async_save=false)"
+    if cfg.checkpoint.async_save is None and state_bytes < ASYNC_SAVE_MIN_BYTES:
+        return (f"saved synchronously (checkpoint.async_save=null saves in the background from "
+                f"{ASYNC_SAVE_MIN_BYTES / 2**30:.0f} GiB per rank)")
+    return (f"saved in the background (checkpoint.async_save) from a copy in host memory of "
+            f"{state_bytes / 2**30:.2f} GiB per rank, pinned on GPUs")
+
+
+def _build_seconds(p: Plan) -> float | None:
+    """Seconds to build the configured schedule's action lists at the step's micro-batches (None: it refuses)."""
+    start = time.perf_counter()
+    try:
+        schedule_actions(p.schedule, p.pp, p.stages_per_rank, p.micro_batches_per_step)
+    except (ValueError, AssertionError, RuntimeError):
+        return None
+    return time.perf_counter() - start
 
 
 def _rank_slots(cfg: TrainConfig, p: Plan, kinds: list[str], act: _Activations):
@@ -419,6 +455,7 @@ def format_plan(p: Plan) -> str:
                      f"({peak.adapter_bytes // 4:,} parameters, fp32); only the adapters get gradients and AdamW "
                      "states")
     lines.append(gpu_fit(peak.total_bytes))
+    lines.append(f"checkpoint: {max(s.checkpoint_bytes for s in p.stages) / gib:.2f} GiB per rank, {p.saves}")
     if p.schedules:
         lines += _format_schedules(p)
     return "\n".join(lines)
@@ -506,4 +543,8 @@ def _format_schedules(p: Plan) -> list[str]:
                      f"{min(a) / gib:>6.2f}  {max(f.in_flight):>13}")
     lines.append("  (*: parallel.pp_schedule; deepspeed is DeepSpeed's PipelineEngine, which trains with 1F1B: "
                  "analysed as 1f1b)")
+    if p.schedule_build_s is not None:
+        lines.append(f"  building the {p.schedule} schedule for {p.micro_batches_per_step} micro-batches took "
+                     f"{p.schedule_build_s:.2f} s here: what each rank pays once at engine start (linear in "
+                     "micro-batches, trainer/schedules.py)")
     return lines

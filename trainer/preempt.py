@@ -25,6 +25,8 @@ class Preemption:
     def __init__(self, env: DistEnv, device: torch.device):
         self.env, self.device = env, device
         self.received: int | None = None
+        self.save_failed = False
+        """Set by `requested`: some rank's background checkpoint save failed (trainer/background.py)."""
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> Preemption:
@@ -45,9 +47,12 @@ class Preemption:
                   "checkpointing and exiting", flush=True)
         self.received = signum
 
-    def requested(self) -> str | None:
-        """The signal's name if any rank received one (collective: every rank calls it after every step)."""
-        flag = torch.tensor([float(self.received or 0)], device=self.device)
+    def requested(self, save_failed: bool = False) -> str | None:
+        """The signal's name if any rank received one (collective: every rank calls it after every step). The same
+        all-reduce carries whether a rank's background save failed (`save_failed`), so all of them learn it at
+        once."""
+        flags = torch.tensor([float(self.received or 0), float(save_failed)], device=self.device)
         if self.env.distributed:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return signal.Signals(int(flag.item())).name if flag.item() else None
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        signum, self.save_failed = int(flags[0].item()), bool(flags[1].item())
+        return signal.Signals(signum).name if signum else None

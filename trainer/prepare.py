@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,8 +145,13 @@ def verify_resume(prepared: Prepared, env: DistEnv) -> Prepared:
     cfg = prepared.cfg
     path, rejected = prepared.candidate, {}
     while path is not None and cfg.checkpoint.verify:
+        start = time.perf_counter()
         problems = gather_problems(verify(path, step_of(path), env.rank, env.world_size), env)
         if not problems:
+            if env.is_main:
+                gb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+                print(f"checkpoint {path.name} verified: {gb:.2f} GB in {time.perf_counter() - start:.1f} s over "
+                      f"{env.world_size} rank(s)", flush=True)
             break
         if named(cfg, path):
             raise CheckpointError(f"checkpoint.resume={cfg.checkpoint.resume}: failed verification: "

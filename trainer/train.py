@@ -21,7 +21,8 @@ from model.hf import CheckpointError
 
 from .build import build_model, load_start_weights, setup_trainable
 from .changes import resume_changes
-from .checkpoint import load_checkpoint, save_checkpoint, set_aside_newer, step_dir
+from .background import BackgroundSaver, in_background
+from .checkpoint import SaveJob, load_checkpoint, save_sync, set_aside_newer, step_dir
 from .config import NonFiniteError, TrainConfig, config_dict
 from . import faults
 from .distributed import DistEnv, barrier, current, pick_device
@@ -86,9 +87,10 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
     reporter = Reporter(cfg, engine, env, device, progress.step, loader)
     if cfg.eval.every:
         reporter.start_evaluation(tokenizer, logger, progress.step)
+    saver = BackgroundSaver(engine, env, cfg.parallel.timeout_s) if in_background(cfg, engine) else None
     try:
         stopped_by, checkpoint = loop(progress, engine, loader, logger, reporter, prepared, env, selection,
-                                      val_batches)
+                                      val_batches, saver)
         exports = {}
         if stopped_by:
             logger.print(f"preempted ({stopped_by}) after step {progress.step}: "
@@ -98,6 +100,9 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
             exports = export(cfg, engine, tokenizer, run_dir)
         barrier(env)
     finally:
+        if saver is not None and saver.in_flight:  # failing: the save in flight still commits if it can
+            logger.print(f"waiting for the background checkpoint save of step {saver.job.step} to finish")
+            saver.drain()
         loader.close()
         logger.close()
     return summarize(progress, checkpoint, run_dir, exports, logger.summary_line(), time.time() - t_start, env)
@@ -122,33 +127,38 @@ def export(cfg: TrainConfig, engine: Engine, tokenizer: TextTokenizer, run_dir: 
 
 
 def loop(progress: Progress, engine: Engine, loader, logger: MetricsLogger, reporter: Reporter, prepared: Prepared,
-         env: DistEnv, selection: dict[int, list[int]] | None, val_batches: list[dict]
-         ) -> tuple[str | None, Path | None]:
+         env: DistEnv, selection: dict[int, list[int]] | None, val_batches: list[dict],
+         saver: BackgroundSaver | None) -> tuple[str | None, Path | None]:
     """Train to `max_steps`, checkpointing every `checkpoint.every` steps and at the end, or until a preemption
-    signal: then the step just finished is checkpointed (a signal during a save ends the run after it). Returns
-    (the preemption signal's name or None, the checkpoint of the last step, None when there is none)."""
+    signal: then the step just finished is checkpointed (a signal during a save ends the run after it; a save in
+    the background is waited for first). Returns (the preemption signal's name or None, the checkpoint of the last
+    step, None when there is none), that checkpoint committed."""
     cfg = prepared.cfg
     last_saved = progress.step if prepared.resume else None
 
-    def checkpoint() -> Path:
+    def checkpoint(last: bool = False) -> Path:
         nonlocal last_saved
         if last_saved != progress.step:
             current.at("save", progress.step)
-            save(cfg, progress, engine, loader, env, prepared.tokenizer, selection)
+            save(cfg, progress, engine, loader, env, prepared.tokenizer, selection, saver, logger)
             last_saved = progress.step
+        if last and saver is not None:
+            report_save(saver.wait(), logger, background=True)
         return step_dir(cfg.checkpoint.dir, progress.step)
 
     with Preemption(env, engine.device) as preemption:
         while progress.step < cfg.trainer.max_steps:
             current.at("step", progress.step + 1)
             step(progress, engine, loader, logger, reporter, cfg, engine.grid, val_batches)
-            stopped_by = preemption.requested()
+            stopped_by = preemption.requested(saver is not None and saver.failed())
+            if preemption.save_failed:
+                saver.wait()  # every rank raises the failed save's error at this same step
             if cfg.checkpoint.every and progress.step % cfg.checkpoint.every == 0:
                 checkpoint()
                 stopped_by = stopped_by or preemption.requested()  # a signal that came during the save
             if stopped_by:
-                return stopped_by, checkpoint() if progress.step > 0 else None
-        return None, checkpoint()
+                return stopped_by, checkpoint(last=True) if progress.step > 0 else None
+        return None, checkpoint(last=True)
 
 
 def step(progress: Progress, engine: Engine, loader, logger: MetricsLogger, reporter: Reporter, cfg: TrainConfig,
@@ -240,20 +250,44 @@ def draw_batches(step: int, loader, cfg: TrainConfig, grid: ProcessGrid) -> list
 
 
 def save(cfg: TrainConfig, progress: Progress, engine: Engine, loader, env: DistEnv, tokenizer: TextTokenizer,
-         selection: dict[int, list[int]] | None) -> Path:
-    """A checkpoint of the current step (collective)."""
+         selection: dict[int, list[int]] | None, saver: BackgroundSaver | None = None,
+         logger: MetricsLogger | None = None) -> None:
+    """A checkpoint of the current step (collective): written before it returns, or with `saver` in the background
+    after the previous background save is committed (reported then)."""
     state = {"step": progress.step, "tokens_seen": progress.tokens_seen, "skipped": progress.skipped,
              "world_size": env.world_size, "layout": cfg.layout(env.world_size), "config": config_dict(cfg),
              "schedule_steps": cfg.optim.schedule_steps or cfg.trainer.max_steps, "time": time.time()}
     if selection is not None:
         state["esft_selection"] = {str(k): v for k, v in selection.items()}
     try:
-        return save_checkpoint(cfg.checkpoint.dir, progress.step, engine, state, loader.state_dict(), env,
-                               cfg.checkpoint.keep, tokenizer=tokenizer)
+        if saver is None:
+            job = save_sync(cfg.checkpoint.dir, progress.step, engine, state, loader.state_dict(), env,
+                              cfg.checkpoint.keep, tokenizer=tokenizer)
+            if logger is not None:
+                report_save(job, logger, background=False)
+            return
+        first = not saver.buffers
+        report_save(saver.wait(), logger, background=True)
+        job = saver.save(cfg.checkpoint.dir, progress.step, state, loader.state_dict(), cfg.checkpoint.keep,
+                         tokenizer)
+        if first and logger is not None:
+            logger.print(f"checkpoint.async_save: {saver.host_bytes / 2**30:.2f} GiB of host memory holds this "
+                         f"rank's copy of each save{' (pinned)' if engine.device.type == 'cuda' else ''}")
     except OSError as e:  # before the save's own guarded writes (its directory): nothing committed is touched
         raise CheckpointError(f"checkpoint.dir={cfg.checkpoint.dir}: saving step {progress.step} failed "
                               f"({e.strerror or e}: {e.filename}); the checkpoints committed before stay as they "
                               "are") from None
+
+
+def report_save(job: SaveJob | None, logger: MetricsLogger | None, background: bool) -> None:
+    """One log line for a committed save: its size on this rank, how long training stopped, how long it took."""
+    if job is None or logger is None:
+        return
+    t = job.seconds
+    took = t.get("write", 0.0) + t.get("commit", 0.0)
+    logger.print(f"checkpoint step {job.step}: {job.nbytes / 1e9:.2f} GB per rank, training stopped "
+                 f"{t['stall']:.2f} s; written, hashed and committed in {took:.1f} s"
+                 f"{' in the background' if background else ''}")
 
 
 class Reporter:

@@ -244,3 +244,58 @@ def test_a_nan_weight_is_never_checkpointed(tmp_path, cache_dir):
     assert checkpoints == ["step_00000002"] and verify(run / "checkpoints" / "step_00000002", 2) == []
     record("T14", nan_after_step=3, checkpoints_after=checkpoints, non_finite_checkpoints=0,
            exit_status=proc.returncode)
+
+
+# ------------------------------------------------------------------------------------ background saves
+BACKGROUND = "checkpoint.async_save=true"
+
+
+def test_background_saves_train_and_resume_bitwise_like_synchronous_ones(reference, tmp_path, cache_dir):
+    """`checkpoint.async_save=true` on 2 processes: the same losses as the synchronous reference run, bitwise, and
+    the same checkpoint bytes. Then a kill of rank 1 inside its writing thread while step 4 is saved (training has
+    gone on): the job ends, step 4 is never marked complete, and the relaunch resumes from step 2 bitwise."""
+    run = tmp_path / "run"
+    out = ok(launch(run, cache_dir, BACKGROUND)).stdout
+    assert "checkpoint.async_save: " in out and "in the background" in out, out[-2000:]
+    same = bitwise(steps(reference), steps(run), range(1, STEPS + 1))
+    assert same == STEPS and tensor_digests(run) == tensor_digests(reference)
+
+    killed = tmp_path / "killed"
+    crashed = launch(killed, cache_dir, BACKGROUND, fault="save_shards@4:1")
+    assert crashed.returncode != 0 and "[fault injection] exit at save_shards, step 4, rank 1" in crashed.stdout
+    marker = killed / "checkpoints" / "step_00000004" / "COMPLETE"
+    assert not marker.exists() and (killed / "checkpoints" / "step_00000002" / "COMPLETE").exists()
+    relaunched = ok(launch(killed, cache_dir, BACKGROUND)).stdout
+    assert "at step 2" in relaunched
+    equal = bitwise(steps(reference), steps(killed), range(3, STEPS + 1))
+    assert equal == STEPS - 2 and tensor_digests(killed) == tensor_digests(reference)
+    record("background_saves", bitwise_equal_steps=same, same_checkpoint_bytes=True, killed_in_write_at_step=4,
+           resumed_from=2, bitwise_equal_steps_after_relaunch=equal)
+
+
+def test_sigterm_during_a_background_save_waits_for_it_then_commits(reference, tmp_path, cache_dir):
+    """SIGTERM reaches rank 0 from inside its thread writing step 4: the save in flight is committed, the step
+    training was in is checkpointed too, every rank exits 0, and the relaunch loses no step."""
+    run = tmp_path / "run"
+    stopped = ok(launch(run, cache_dir, BACKGROUND, fault="save_shards@4:0:TERM"))
+    assert "preempted (SIGTERM) after step" in stopped.stdout, stopped.stdout[-2000:]
+    at = int(re.search(r"preempted \(SIGTERM\) after step (\d+)", stopped.stdout).group(1))
+    assert at >= 4 and all(verify(step_dir, int(step_dir.name[5:])) == [] for step_dir in
+                           [run / "checkpoints" / f"step_{s:08d}" for s in sorted({4, at})])
+    out = ok(launch(run, cache_dir, BACKGROUND)).stdout
+    assert f"at step {at}" in out
+    equal = bitwise(steps(reference), steps(run), range(at + 1, STEPS + 1))
+    assert equal == STEPS - at
+    record("background_sigterm", signal_during_save_of=4, stopped_after=at, committed=[4, at], steps_lost=0,
+           bitwise_equal_steps_after=equal)
+
+
+def test_a_nan_weight_is_never_checkpointed_in_the_background(tmp_path, cache_dir):
+    """T14 with background saves: the writing thread finds the NaN, nothing is committed, and the run stops at the
+    next step with the same error."""
+    run = tmp_path / "run"
+    proc = launch(run, cache_dir, BACKGROUND, nproc=1, fault="weights@3:0:nan")
+    assert proc.returncode == 1 and "weights are not finite" in proc.stderr, proc.stderr[-3000:]
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000002"] and verify(run / "checkpoints" / "step_00000002", 2) == []
+    record("T14-background", nan_after_step=3, checkpoints_after=checkpoints, exit_status=proc.returncode)

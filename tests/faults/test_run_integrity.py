@@ -172,3 +172,50 @@ def test_training_files_changed_in_place_are_refused_and_an_append_is_not(tmp_pa
                 f"{data}: " in line and why in line, line
         data.write_bytes(original)
     record("data_files_changed_in_place", **outcomes)
+
+
+def _tmpfs(path: Path, size: int, read_only: bool = False) -> bool:
+    """Mount a tmpfs of `size` bytes at `path` (root with CAP_SYS_ADMIN only); False where it cannot."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_and_a_read_only_checkpoint_filesystem_stop_in_one_line(tmp_path, cache_dir):
+    """checkpoint.dir on a small tmpfs that holds one checkpoint but not two: the second save fails on ENOSPC and
+    the run stops with one `checkpoint error:` line naming the path (exit 2); the first checkpoint stays complete and
+    verifies, the second is never committed. On a read-only tmpfs the run stops at once, in one line, exit 2.
+    Skipped where this process cannot mount a tmpfs."""
+    import pytest
+    from trainer.checkpoint import list_checkpoints
+    from trainer.integrity import verify
+    args = ("checkpoint.every=2", "checkpoint.keep=4", "checkpoint.export_hf=false", "trainer.val_every=0")
+    _ok(run_pretrain(tmp_path / "sized", cache_dir, *args, "trainer.max_steps=2", timeout=180))
+    args += ("trainer.max_steps=4",)
+    one = sum(f.stat().st_size for f in (tmp_path / "sized" / "checkpoints").rglob("*") if f.is_file())
+    full = tmp_path / "full"
+    if not _tmpfs(full, int(one * 1.5)):
+        pytest.skip("cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)")
+    try:
+        proc = run_pretrain(tmp_path / "run", cache_dir, *args, f"checkpoint.dir={full}", timeout=180)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert lines[0].startswith(f"checkpoint error: rank 0: writing checkpoint {full / 'step_00000004'} failed") \
+            and "No space left on device" in lines[0], lines
+        complete, incomplete = list_checkpoints(full)
+        assert [p.name for p in complete] == ["step_00000002"] and verify(complete[0], 2) == []
+    finally:
+        subprocess.run(["umount", str(full)], check=False)
+    read_only = tmp_path / "ro"
+    assert _tmpfs(read_only, 1 << 20, read_only=True)
+    try:
+        ro = run_pretrain(tmp_path / "ro_run", cache_dir, *args, f"checkpoint.dir={read_only}", timeout=180)
+        ro_lines = ro.stderr.strip().splitlines()
+        assert ro.returncode == 2 and len(ro_lines) == 1 and str(read_only) in ro_lines[0] and \
+            "Read-only file system" in ro_lines[0], ro.stderr[-3000:]
+    finally:
+        subprocess.run(["umount", str(read_only)], check=False)
+    record("full_and_read_only_filesystems", checkpoint_bytes=one, tmpfs_bytes=int(one * 1.5),
+           full_exit=proc.returncode, full_line=lines[0][:160], read_only_exit=ro.returncode,
+           read_only_line=ro_lines[0][:160])

@@ -187,6 +187,8 @@ def test_batch_ramp_grows_in_whole_micro_batches():
     (2, ["parallel.pp=2", "trainer.trainable=[mlp]"], "partial fine-tuning is not supported across pipeline"),
     (4, ["parallel.zero_stage=2", "parallel.ep=2", "esft.enabled=true"], "use parallel.ep=1, parallel.zero_stage=0"),
     (1, ["parallel.zero_stage=5"], "allowed: null (built-in engine), 0, 1, 2, 3"),
+    (2, ["parallel.zero_stage=2", "checkpoint.async_save=true"],
+     "DeepSpeed writes its own checkpoint files in the training thread"),
 ])
 def test_combinations_deepspeed_cannot_run_are_refused_with_what_to_use(world, overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -238,3 +238,22 @@ def test_a_plan_that_does_not_fit_names_the_smallest_layout_that_does(tmp_path):
     smaller = int(match.group(1)) // 2
     assert "fits an 80 GB GPU" not in _cli(tmp_path, "model=v2_lite", f"parallel.world_size={smaller}",
                                           "parallel.zero_stage=3", "trainer.micro_batch_size=8").stdout
+
+
+def test_the_plan_says_how_checkpoints_are_saved_and_what_a_background_save_holds_in_host_memory():
+    """checkpoint.async_save resolved as the trainer does: on from 1 GiB of checkpointed state per rank (weights
+    and AdamW's two moments, 12 bytes a parameter in fp32), off for a smaller one, off under DeepSpeed."""
+    from trainer.plan import format_plan
+    lite = compose_config("model=v2_lite", "parallel.world_size=8", "trainer.micro_batch_size=2")
+    p = plan(lite, 8)
+    assert p.stages[0].checkpoint_bytes == 12 * p.stages[0].params.total
+    line = format_plan(p).splitlines()[-1]
+    gib = p.stages[0].checkpoint_bytes / 2**30
+    assert line.startswith(f"checkpoint: {gib:.2f} GiB per rank, saved in the background") and \
+        f"host memory of {gib:.2f} GiB per rank" in line, line
+    assert "synchronously (checkpoint.async_save=null saves in the background from 1 GiB" in format_plan(
+        plan(compose_config(), 1))
+    lite.parallel.zero_stage = 1
+    assert "synchronously (DeepSpeed writes its own" in format_plan(plan(lite, 8))
+    lite.parallel.zero_stage, lite.checkpoint.async_save = None, False
+    assert "synchronously (checkpoint.async_save=false)" in format_plan(plan(lite, 8))
