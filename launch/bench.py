@@ -41,6 +41,12 @@ identical generations), then seconds for each and the line `ratio hf / ours seco
 
     python launch/bench.py eval --hf outputs/<date>/<time>/hf            # the built-in tasks
 
+checkpoint (trainer/checkpoint_bench.py): the training stall of a checkpoint save, synchronous against background
+(`checkpoint.async_save`), on a model whose state passes 1 GB; save, verify and load seconds per GB; resumed against
+fresh memory.
+
+    python launch/bench.py checkpoint --json checkpoint.json
+
 gpu: the one-shot GPU check (launch/gpu_check.py, docs/benchmarks.md#the-one-shot-gpu-check).
 
     python launch/bench.py gpu --out gpu_check.json
@@ -718,6 +724,10 @@ if __name__ == "__main__":
         data_main(sys.argv[2:])
     elif sys.argv[1:2] == ["ep"]:
         ep_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["checkpoint"]:
+        from trainer.checkpoint_bench import main as checkpoint_main
+
+        checkpoint_main(sys.argv[2:])
     elif sys.argv[1:2] == ["eval"]:
         from trainer.eval_bench import main as eval_main
 

@@ -245,3 +245,16 @@ def test_gpu_check_runs_its_cpu_sections_on_cpu(tmp_path, transformers_ds):
     checkpointed = runs["compile=off activation_checkpointing=true"]
     assert checkpointed["status"] == "ok" and checkpointed["trainer"]["activation_checkpointing"] is True
     assert runs["compile=on activation_checkpointing=false"]["status"] == "skipped"
+
+
+def test_checkpoint_bench_measures_both_saves_of_the_same_state(tmp_path):
+    """`bench.py checkpoint` on a small model: the synchronous and the background save of the same step write the
+    same tensor bytes (the host copy is the step's state), and every figure the closing notes quote is there."""
+    result = _bench(tmp_path, "checkpoint", "--hidden", "64", "--experts", "8", "--expert-width", "32",
+                    "--layers", "2", "--saves", "2", "--steps-between", "2", "--state-gb", "0",
+                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result["same_tensor_bytes"] is True
+    assert 0 < result["async_stall_s"] and 0 < result["sync_stall_s"] and result["ratio"] > 0
+    assert result["checkpoint_gb"] > 0 and result["verify_s"] > 0 and result["load_s"] > 0
+    assert result["host_copy_gib"] * 2**30 >= 0.9 * result["state_gb"] * 1e9
+    assert 0.5 < result["resumed_over_fresh"] < 2
