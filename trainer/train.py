@@ -230,7 +230,10 @@ def resume(prepared: Prepared, engine: Engine, loader, env: DistEnv) -> Progress
     if prepared.resume is None:
         return Progress()
     current.at("resume")
+    start = time.perf_counter()
     data_state = load_checkpoint(prepared.resume, engine, env)
+    if env.is_main:
+        print(f"checkpoint {prepared.resume.path.name} loaded in {time.perf_counter() - start:.1f} s", flush=True)
     if data_state is not None:
         loader.load_state_dict(data_state)
     elif not prepared.resume.weights_only and env.is_main:
