@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -153,6 +155,86 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor | BlockMask
     return (same & causal).unsqueeze(1)
 
 
+# ------------------------------------------------------------------------------------ context parallelism
+@dataclass
+class ContextMask:
+    """The attention layout of one micro-batch whose sequences are split over context-parallel ranks (docs/
+    parallelism.md, "Context parallelism"), passed to the layers in place of a mask. Built by the trainer's exchange
+    (trainer/context_parallel.py), so the model stays free of torch.distributed: `gather` is the only communication.
+
+    Causality is by `q_index`/`k_index`, each token's index in its whole sequence (RoPE positions may restart inside
+    packed documents); with `q_doc`/`k_doc` a token attends within its document only."""
+
+    gather: Callable[[torch.Tensor], torch.Tensor]
+    """(B, S, ...) this rank's tokens -> (B, T, ...) every rank's, in rank order; its backward sends each rank its
+    tokens' gradients (summed over the ranks that used them)."""
+    q_index: torch.Tensor
+    """(S,) index in the sequence of each local token."""
+    k_index: torch.Tensor
+    """(T,) index in the sequence of each gathered token."""
+    q_chunks: list[tuple[int, int]]
+    """Local token ranges that are contiguous in the sequence (the rank's chunks)."""
+    k_chunks: list[tuple[int, int]]
+    """Gathered token ranges contiguous in the sequence (every rank's chunks, in rank order)."""
+    q_doc: torch.Tensor | None = None
+    """(B, S) document of each local token (packed documents), or None."""
+    k_doc: torch.Tensor | None = None
+    """(B, T) document of each gathered token, or None."""
+    reduce_stats: Callable | None = None
+    """RoutingStats -> the same summed over the ranks sharing the sequences (for the per-sequence balance losses)."""
+
+    def pairs(self) -> list[tuple[tuple[int, int], tuple[int, int], bool]]:
+        """(query range, key range, needs the causal mask) of every block with at least one allowed pair: a key
+        chunk wholly after a query chunk is skipped, one wholly before it needs no causal mask."""
+        out = []
+        q_first, k_first = self.q_index, self.k_index
+        for qa, qb in self.q_chunks:
+            q_lo, q_hi = int(q_first[qa]), int(q_first[qb - 1])
+            for ka, kb in self.k_chunks:
+                k_lo, k_hi = int(k_first[ka]), int(k_first[kb - 1])
+                if k_lo <= q_hi:
+                    out.append(((qa, qb), (ka, kb), k_hi > q_lo))
+        return out
+
+
+def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                     allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of attention in fp32: (output (B, H, Sq, dv), log-sum-exp of its scores (B, H, Sq)). `allowed`
+    (B or 1, 1, Sq, Sk) bool; a row with nothing allowed gets output 0 and log-sum-exp -inf."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Sq, Sk): one block, never S x S
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse.unsqueeze(-1).clamp(min=torch.finfo(torch.float32).min))
+    return torch.matmul(weights, v.float()), lse
+
+
+def context_attention(q: torch.Tensor, k_of: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], scale: float,
+                      layout: ContextMask) -> torch.Tensor:
+    """Attention of this rank's queries q (B, H, S, dqk) over the keys and values of every rank's tokens, one block
+    of (query chunk, key chunk) at a time, merged by their log-sum-exps (the flash-attention recurrence at chunk
+    granularity): no S x T matrix is formed, and each block is recomputed in the backward pass instead of stored.
+    `k_of(a, b)`: the keys and values (B, H, b - a, ...) of gathered tokens a..b."""
+    blocks: dict[tuple[int, int], list] = {}
+    for (qa, qb), (ka, kb), causal in layout.pairs():
+        allowed = None
+        if causal:
+            allowed = (layout.k_index[ka:kb][None, :] <= layout.q_index[qa:qb][:, None])[None, None]
+        if layout.q_doc is not None:
+            same = (layout.q_doc[:, qa:qb, None] == layout.k_doc[:, None, ka:kb]).unsqueeze(1)
+            allowed = same if allowed is None else allowed & same
+        k, v = k_of(ka, kb)
+        part = torch.utils.checkpoint.checkpoint(_block_attention, q[:, :, qa:qb], k, v, scale, allowed,
+                                                 use_reentrant=False)
+        blocks.setdefault((qa, qb), []).append(part)
+    outputs = []
+    for (qa, qb), parts in sorted(blocks.items()):
+        lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)  # (B, H, Sq)
+        merged = sum(torch.exp(p[1] - lse).unsqueeze(-1) * p[0] for p in parts)
+        outputs.append(merged)
+    return torch.cat(outputs, dim=2).to(q.dtype)
+
+
 class LatentCache:
     """MLA's inference cache for one layer: the compressed latent c^KV (after its norm) and the shared RoPE key
     (rotated), r + dr numbers per token instead of H x (dn + dr + dv) (paper §2.1.2). Keys and values of the heads
@@ -199,8 +281,11 @@ class MultiHeadLatentAttention(nn.Module):
         self.scale = softmax_scale(qk_dim, config.rope_scaling)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | BlockMask | None = None, cache: LatentCache | None = None) -> torch.Tensor:
-        """With `cache` (generation): x holds the new positions only, which attend to the cached ones too."""
+                mask: torch.Tensor | BlockMask | ContextMask | None = None, cache: LatentCache | None = None
+                ) -> torch.Tensor:
+        """With `cache` (generation): x holds the new positions only, which attend to the cached ones too. With a
+        `ContextMask` (context parallelism) x holds this rank's chunks of the sequences: the latent and the shared
+        RoPE key, r + dr numbers a token, are exchanged, and each rank expands the keys and values it needs."""
         B, S, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -212,6 +297,11 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)  # (B,S,r), (B,S,dr)
         latent = self.kv_a_layernorm(latent)
         k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin)  # (B, 1, S, dr): one RoPE key for all heads
+        q_pe = apply_rope(q_pe, cos, sin)  # (B, H, S, dr)
+        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, H, S, dn + dr)
+        if isinstance(mask, ContextMask):
+            out = self._context_attention(q, latent, k_pe, mask)
+            return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim))
         past = cache.length if cache is not None else 0
         if cache is not None:
             latent, k_pe = cache.append(latent, k_pe)  # (B, T, r), (B, 1, T, dr) with T = past + S
@@ -219,9 +309,6 @@ class MultiHeadLatentAttention(nn.Module):
         kv = self.kv_b_proj(latent)
         kv = kv.view(B, T, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)  # (B, H, T, dn + dv)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-
-        q_pe = apply_rope(q_pe, cos, sin)  # (B, H, S, dr)
-        q = torch.cat((q_nope, q_pe), dim=-1)  # (B, H, S, dn + dr)
         k = torch.cat((k_nope, k_pe.expand(-1, self.n_heads, -1, -1)), dim=-1)  # (B, H, T, dn + dr)
 
         if past and mask is None:  # new position i (absolute past + i) sees keys 0 .. past + i
@@ -229,6 +316,26 @@ class MultiHeadLatentAttention(nn.Module):
             mask = mask[None, None]
         out = _causal_attention(q, k, v, self.scale, mask)  # (B, H, S, dv)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.v_dim))
+
+
+    def _context_attention(self, q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
+                           layout: ContextMask) -> torch.Tensor:
+        """q (B, H, S, dn + dr) of this rank's tokens over every rank's: one exchange of [latent | k_pe] (B, S, r +
+        dr), then kv_b_proj on each key chunk a local query needs (recomputed here, never sent)."""
+        B = q.shape[0]
+        exchanged = layout.gather(torch.cat((latent, k_pe.squeeze(1)), dim=-1))  # (B, T, r + dr)
+        expanded: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def k_of(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if (a, b) not in expanded:
+                part_latent, part_pe = exchanged[:, a:b].split([self.kv_rank, self.rope_dim], dim=-1)
+                kv = self.kv_b_proj(part_latent).view(B, b - a, self.n_heads, self.nope_dim + self.v_dim)
+                k_nope, v = kv.transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)
+                k = torch.cat((k_nope, part_pe.unsqueeze(1).expand(-1, self.n_heads, -1, -1)), dim=-1)
+                expanded[(a, b)] = (k, v)
+            return expanded[(a, b)]
+
+        return context_attention(q, k_of, self.scale, layout)  # (B, H, S, dv)
 
 
 class GroupedQueryAttention(nn.Module):

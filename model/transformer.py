@@ -15,7 +15,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .attention import LatentCache, build_attention, document_causal_mask, rope_dim
+from .attention import ContextMask, LatentCache, build_attention, document_causal_mask, rope_dim
 from .balance import BALANCE_TERMS, balance_coefficients, balance_losses
 from .config import ModelConfig
 from .layers import MLP, RMSNorm
@@ -125,6 +125,9 @@ class CausalLM(nn.Module):
         self.config = config
         self.init_seed = weight_seed()  # drawn before any submodule consumes the global RNG
         self.no_drop_fraction = 0.1  # sequences exempt from token dropping (paper: about 10%)
+        self.context = None
+        """Context parallelism (set from trainer/context_parallel.py): an object whose `layout(batch, seq_len,
+        device, document_ids)` returns this micro-batch's `ContextMask`; None: each rank holds whole sequences."""
         layers = range(config.num_hidden_layers) if layers is None else layers
         if layers and not 0 <= layers[0] <= layers[-1] < config.num_hidden_layers:
             raise ValueError(f"layers={layers}: outside the model's {config.num_hidden_layers} layers")
@@ -212,14 +215,19 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids) if self.model.embed_tokens is not None else hidden_states  # (B, S, D)
         B, S = x.shape[:2]
         past = cache.length if cache is not None else 0
+        mask = None
+        if self.context is not None and cache is None and attention_mask is None:
+            mask = self.context.layout(B, S, x.device, document_ids)  # this rank's chunks of the sequences
+            if position_ids is None:
+                position_ids = mask.q_index.expand(B, S)
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=x.device).expand(B, S)
         if attention_mask is not None:
             if document_ids is not None:
                 raise ValueError("give document_ids (packed documents) or attention_mask (padding), not both")
             mask = padding_causal_mask(attention_mask.bool(), past, S)
-        else:
-            mask = document_causal_mask(document_ids) if document_ids is not None else None
+        elif mask is None and document_ids is not None:
+            mask = document_causal_mask(document_ids)
         if exempt is None and self.training and any(m.capacity_factor for m in self.moe_layers()):
             if input_ids is None:
                 raise ValueError("token dropping in a part without the embedding needs `exempt` from the first part")
@@ -240,6 +248,8 @@ class CausalLM(nn.Module):
             if labels is not None:
                 out.loss = self.loss_fn(out.logits.flatten(0, 1), labels.flatten())
         if self.training and routing:
+            if isinstance(mask, ContextMask) and mask.reduce_stats is not None:
+                routing = [mask.reduce_stats(stats) for stats in routing]  # whole sequences' statistics
             out.aux_loss, out.balance = self._balance(routing)
         return out
 
