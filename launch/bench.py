@@ -47,6 +47,11 @@ fresh memory.
 
     python launch/bench.py checkpoint --json checkpoint.json
 
+cp (trainer/cp_bench.py): context parallelism's exchange counted at torch.distributed's calls, MLA's latent against
+what a full-heads exchange would send; prints `ratio full-heads / latent bytes (<preset>): N.Nx` per preset.
+
+    python launch/bench.py cp --cp 2 --seq 4096
+
 gpu: the one-shot GPU check (launch/gpu_check.py, docs/benchmarks.md#the-one-shot-gpu-check).
 
     python launch/bench.py gpu --out gpu_check.json
@@ -724,6 +729,10 @@ if __name__ == "__main__":
         data_main(sys.argv[2:])
     elif sys.argv[1:2] == ["ep"]:
         ep_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["cp"]:
+        from trainer.cp_bench import main as cp_main
+
+        cp_main(sys.argv[2:])
     elif sys.argv[1:2] == ["checkpoint"]:
         from trainer.checkpoint_bench import main as checkpoint_main
 

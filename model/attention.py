@@ -172,10 +172,11 @@ class ContextMask:
     """(S,) index in the sequence of each local token."""
     k_index: torch.Tensor
     """(T,) index in the sequence of each gathered token."""
-    q_chunks: list[tuple[int, int]]
-    """Local token ranges that are contiguous in the sequence (the rank's chunks)."""
-    k_chunks: list[tuple[int, int]]
-    """Gathered token ranges contiguous in the sequence (every rank's chunks, in rank order)."""
+    q_spans: list[tuple[int, int, int]]
+    """(start, end, sequence index of start) of local token ranges contiguous in the sequence: the attention's query
+    tiles."""
+    k_spans: list[tuple[int, int, int]]
+    """The same for the gathered tokens: the key tiles."""
     q_doc: torch.Tensor | None = None
     """(B, S) document of each local token (packed documents), or None."""
     k_doc: torch.Tensor | None = None
@@ -184,23 +185,23 @@ class ContextMask:
     """RoutingStats -> the same summed over the ranks sharing the sequences (for the per-sequence balance losses)."""
 
     def pairs(self) -> list[tuple[tuple[int, int], tuple[int, int], bool]]:
-        """(query range, key range, needs the causal mask) of every block with at least one allowed pair: a key
-        chunk wholly after a query chunk is skipped, one wholly before it needs no causal mask."""
+        """(query range, key range, needs the causal mask) of every tile pair with at least one allowed pair: a key
+        tile wholly after a query tile is skipped, one wholly before it needs no causal mask."""
         out = []
-        q_first, k_first = self.q_index, self.k_index
-        for qa, qb in self.q_chunks:
-            q_lo, q_hi = int(q_first[qa]), int(q_first[qb - 1])
-            for ka, kb in self.k_chunks:
-                k_lo, k_hi = int(k_first[ka]), int(k_first[kb - 1])
+        for qa, qb, q_lo in self.q_spans:
+            q_hi = q_lo + qb - qa - 1
+            for ka, kb, k_lo in self.k_spans:
                 if k_lo <= q_hi:
-                    out.append(((qa, qb), (ka, kb), k_hi > q_lo))
+                    out.append(((qa, qb), (ka, kb), k_lo + kb - ka - 1 > q_lo))
         return out
 
 
-def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+def _block_attention(q: torch.Tensor, keys: torch.Tensor, expand: Callable, scale: float,
                      allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block of attention in fp32: (output (B, H, Sq, dv), log-sum-exp of its scores (B, H, Sq)). `allowed`
-    (B or 1, 1, Sq, Sk) bool; a row with nothing allowed gets output 0 and log-sum-exp -inf."""
+    """One block of attention in fp32: (output (B, H, Sq, dv), log-sum-exp of its scores (B, H, Sq)). `keys`: the
+    block's exchanged tokens, which `expand` turns into keys and values (B, H, Sk, ...); `allowed` (B or 1, 1, Sq,
+    Sk) bool; a row with nothing allowed gets output 0 and log-sum-exp -inf."""
+    k, v = expand(keys)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, H, Sq, Sk): one block, never S x S
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
@@ -209,12 +210,13 @@ def _block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return torch.matmul(weights, v.float()), lse
 
 
-def context_attention(q: torch.Tensor, k_of: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]], scale: float,
+def context_attention(q: torch.Tensor, keys: torch.Tensor, expand: Callable, scale: float,
                       layout: ContextMask) -> torch.Tensor:
-    """Attention of this rank's queries q (B, H, S, dqk) over the keys and values of every rank's tokens, one block
-    of (query chunk, key chunk) at a time, merged by their log-sum-exps (the flash-attention recurrence at chunk
-    granularity): no S x T matrix is formed, and each block is recomputed in the backward pass instead of stored.
-    `k_of(a, b)`: the keys and values (B, H, b - a, ...) of gathered tokens a..b."""
+    """Attention of this rank's queries q (B, H, S, dqk) over every rank's tokens `keys` (B, T, ...: what was
+    exchanged), one block of (query chunk, key chunk) at a time, merged by their log-sum-exps (the flash-attention
+    recurrence at chunk granularity). `expand` turns a block's exchanged tokens into its keys and values inside the
+    block, and each block is recomputed in the backward pass instead of stored: no S x T matrix is formed and no
+    expanded keys or values are kept, only the exchanged tokens."""
     blocks: dict[tuple[int, int], list] = {}
     for (qa, qb), (ka, kb), causal in layout.pairs():
         allowed = None
@@ -223,15 +225,13 @@ def context_attention(q: torch.Tensor, k_of: Callable[[int, int], tuple[torch.Te
         if layout.q_doc is not None:
             same = (layout.q_doc[:, qa:qb, None] == layout.k_doc[:, None, ka:kb]).unsqueeze(1)
             allowed = same if allowed is None else allowed & same
-        k, v = k_of(ka, kb)
-        part = torch.utils.checkpoint.checkpoint(_block_attention, q[:, :, qa:qb], k, v, scale, allowed,
-                                                 use_reentrant=False)
+        part = torch.utils.checkpoint.checkpoint(_block_attention, q[:, :, qa:qb], keys[:, ka:kb], expand, scale,
+                                                 allowed, use_reentrant=False)
         blocks.setdefault((qa, qb), []).append(part)
     outputs = []
     for (qa, qb), parts in sorted(blocks.items()):
         lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)  # (B, H, Sq)
-        merged = sum(torch.exp(p[1] - lse).unsqueeze(-1) * p[0] for p in parts)
-        outputs.append(merged)
+        outputs.append(sum(torch.exp(p[1] - lse).unsqueeze(-1) * p[0] for p in parts))
     return torch.cat(outputs, dim=2).to(q.dtype)
 
 
@@ -321,21 +321,17 @@ class MultiHeadLatentAttention(nn.Module):
     def _context_attention(self, q: torch.Tensor, latent: torch.Tensor, k_pe: torch.Tensor,
                            layout: ContextMask) -> torch.Tensor:
         """q (B, H, S, dn + dr) of this rank's tokens over every rank's: one exchange of [latent | k_pe] (B, S, r +
-        dr), then kv_b_proj on each key chunk a local query needs (recomputed here, never sent)."""
-        B = q.shape[0]
+        dr), then kv_b_proj inside each block on the key chunk a local query needs (recomputed here, never sent)."""
         exchanged = layout.gather(torch.cat((latent, k_pe.squeeze(1)), dim=-1))  # (B, T, r + dr)
-        expanded: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        return context_attention(q, exchanged, self._expand, self.scale, layout)  # (B, H, S, dv)
 
-        def k_of(a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-            if (a, b) not in expanded:
-                part_latent, part_pe = exchanged[:, a:b].split([self.kv_rank, self.rope_dim], dim=-1)
-                kv = self.kv_b_proj(part_latent).view(B, b - a, self.n_heads, self.nope_dim + self.v_dim)
-                k_nope, v = kv.transpose(1, 2).split([self.nope_dim, self.v_dim], dim=-1)
-                k = torch.cat((k_nope, part_pe.unsqueeze(1).expand(-1, self.n_heads, -1, -1)), dim=-1)
-                expanded[(a, b)] = (k, v)
-            return expanded[(a, b)]
-
-        return context_attention(q, k_of, self.scale, layout)  # (B, H, S, dv)
+    def _expand(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exchanged [latent | rotated k_pe] (B, T, r + dr) -> keys (B, H, T, dn + dr) and values (B, H, T, dv)."""
+        B, T, _ = tokens.shape
+        latent, k_pe = tokens.split([self.kv_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(latent).view(B, T, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        return torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, self.n_heads, -1, -1)), dim=-1), v
 
 
 class GroupedQueryAttention(nn.Module):

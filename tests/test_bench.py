@@ -258,3 +258,15 @@ def test_checkpoint_bench_measures_both_saves_of_the_same_state(tmp_path):
     assert result["checkpoint_gb"] > 0 and result["verify_s"] > 0 and result["load_s"] > 0
     assert result["host_copy_gib"] * 2**30 >= 0.9 * result["state_gb"] * 1e9
     assert 0.5 < result["resumed_over_fresh"] < 2
+
+
+def test_cp_bench_counts_the_latent_exchange_and_the_ratios(tmp_path):
+    """`bench.py cp`: on 2 gloo processes the bytes handed to all_gather are exactly the latent's, r + dr numbers a
+    token and layer to the other rank, the backward returns as many, and the full-heads figure is H (dqk + dv) for
+    the same tokens: 320 / 48 for tiny; V2's computed ratio clears the issue's 30x."""
+    result = _bench(tmp_path, "cp", "--cp", "2", "--seq", "256", env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result["forward_bytes"] == result["latent_bytes_expected"] > 0
+    assert result["backward_bytes"] == result["forward_bytes"]
+    assert result["ratio_measured"] == pytest.approx(320 / 48)
+    assert result["ratios"]["v2"] == pytest.approx(40960 / 576) and result["ratios"]["v2"] >= 30
+    assert result["ratios"]["v2_lite"] == pytest.approx(5120 / 576)

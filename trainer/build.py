@@ -16,6 +16,7 @@ from model.hf import load_pretrained
 
 from .checkpoint import Resume, load_model_weights
 from .config import TrainConfig
+from .context_parallel import LatentExchange
 from .distributed import DistEnv
 from .esft import apply_trainable, esft_selection
 from .expert_parallel import attach_dispatchers
@@ -48,6 +49,8 @@ def build_model(cfg: TrainConfig, grid: ProcessGrid, device: torch.device, preci
     model.init_weights()
     if grid.ep > 1:
         attach_dispatchers(model, grid)
+    if grid.cp > 1:  # sequences split over the group; MLA exchanges its latent (trainer/context_parallel.py)
+        model.context = LatentExchange(grid.cp_group, grid.cp, grid.cp_rank)
     model.set_token_dropping(cfg.moe.capacity_factor, cfg.moe.no_drop_fraction)
     model.activation_checkpointing = cfg.trainer.activation_checkpointing
     model.train()

@@ -87,6 +87,10 @@ class ParallelConfig:
     """Expert-parallel size: routed experts sharded over `ep` consecutive data-parallel ranks and replicated over
     dp / ep. Must divide the data-parallel size and model.n_routed_experts. Default (null): the largest size dividing
     both, and model.n_group under device-limited routing (1 turns expert parallelism off)."""
+    cp: int = 1
+    """Context parallelism (docs/parallelism.md, "Context parallelism"): each sequence split over `cp` consecutive
+    data-parallel ranks, zigzag, MLA exchanging its latent. They count as data-parallel ranks for gradients and
+    expert parallelism; the loader reads dp / cp different sequences at once. Built-in engine, MLA, pp=1."""
     pp: int = 1
     """Pipeline ranks (world = pp x dp), through the engine `pp_schedule` names (needs zero_stage 0 or 1; null picks
     1, the paper's ZeRO-1)."""
@@ -334,6 +338,8 @@ class TrainConfig:
             layout["schedule"] = self.parallel.pp_schedule
         elif pp > 1:
             layout["pipeline"] = 2
+        if self.parallel.cp > 1:
+            layout["cp"] = self.parallel.cp
         return layout
 
     def resolved_zero_stage(self) -> int | None:
@@ -342,6 +348,33 @@ class TrainConfig:
         if self.parallel.zero_stage is None and self.parallel.pp > 1:
             return 1
         return self.parallel.zero_stage
+
+    def _validate_context(self, world_size: int) -> None:
+        """parallel.cp: what context parallelism runs with (docs/parallelism.md, "Context parallelism")."""
+        cp, dp = self.parallel.cp, self.data_parallel_size(world_size)
+        if cp < 1 or dp % cp:
+            raise ValueError(f"parallel.cp={cp}: must be >= 1 and divide the data-parallel size {dp}")
+        if cp == 1:
+            return
+        why = None
+        if self.model.attention_type != "mla":
+            why = (f"model.attention_type={self.model.attention_type}: context parallelism exchanges MLA's latent; "
+                   "the MHA/GQA baselines have none (use attention_type=mla or parallel.cp=1)")
+        elif self.parallel.pp > 1:
+            why = ("context parallelism runs without a pipeline (parallel.pp=1): on the built-in engine or DeepSpeed "
+                   "ZeRO (parallel.zero_stage), with expert parallelism and activation checkpointing for memory")
+        elif self.data.seq_len % (2 * cp):
+            why = (f"data.seq_len={self.data.seq_len} does not split into 2 x parallel.cp = {2 * cp} equal chunks "
+                   f"(use a multiple of {2 * cp})")
+        elif self.moe.capacity_factor is not None:
+            why = ("moe.capacity_factor: token dropping decides per rank from the tokens it holds, which under "
+                   "context parallelism are chunks of sequences; leave dropping off (null)")
+        elif self.trainer.compile:
+            why = "trainer.compile: the context-parallel attention runs eagerly; leave trainer.compile null or false"
+        elif self.esft.enabled:
+            why = "esft.enabled: expert scoring reads whole sequences on each rank; score without parallel.cp"
+        if why:
+            raise ValueError(f"parallel.cp={cp}: {why}")
 
     def _validate_engine(self, world_size: int) -> None:
         """The combinations DeepSpeed refuses, named with what to use instead."""
@@ -530,7 +563,8 @@ class TrainConfig:
                              "reset")
         if self.checkpoint.data_resume not in ("strict", "reset"):
             raise ValueError(f"checkpoint.data_resume={self.checkpoint.data_resume!r}: allowed: strict, reset")
-        world_size = self.data_parallel_size(world_size)  # batch sizes count data-parallel ranks
+        self._validate_context(world_size)
+        world_size = self.data_parallel_size(world_size) // self.parallel.cp  # batch sizes count data ranks
 
         def bad(key: str, value, why: str) -> ValueError:
             return ValueError(f"{key}={value!r}: {why}")

@@ -23,6 +23,9 @@ from model.moe import RoutingStats
 
 SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "document_ids")
 """The (B, L) entries of a micro-batch that are split along the sequence."""
+TILE = 1024
+"""Tokens of a query or key tile of the block attention: each (query tile, key tile) pair forms one tile x tile
+score matrix per head, recomputed in backward (B x H x 1024 x 1024 x 4 bytes: 0.5 GiB at V2's 128 heads)."""
 
 
 def zigzag_chunks(cp: int, rank: int) -> tuple[int, int]:
@@ -96,8 +99,8 @@ class _SumOverGroup(torch.autograd.Function):
 class LatentExchange:
     """`CausalLM.context` for one rank of a context-parallel group: builds each micro-batch's `ContextMask`."""
 
-    def __init__(self, group, cp: int, rank: int):
-        self.group, self.cp, self.rank = group, cp, rank
+    def __init__(self, group, cp: int, rank: int, tile: int = TILE):
+        self.group, self.cp, self.rank, self.tile = group, cp, rank, tile
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """(B, S, ...) -> (B, cp S, ...) in rank order, differentiable (its backward returns each rank's share)."""
@@ -112,10 +115,20 @@ class LatentExchange:
             parts = [torch.empty_like(document_ids) for _ in range(self.cp)]
             dist.all_gather(parts, document_ids.contiguous(), group=self.group)
             k_doc = torch.cat(parts, dim=1)
+        mine = zigzag_chunks(self.cp, self.rank)
+        everyone = [c for r in range(self.cp) for c in zigzag_chunks(self.cp, r)]
         return ContextMask(gather=self.gather, q_index=chunk_index(self.cp, self.rank, chunk, device),
-                           k_index=k_index, q_chunks=[(0, chunk), (chunk, seq_len)],
-                           k_chunks=[(i * chunk, (i + 1) * chunk) for i in range(2 * self.cp)],
+                           k_index=k_index, q_spans=self.tiles(mine, chunk), k_spans=self.tiles(everyone, chunk),
                            q_doc=document_ids, k_doc=k_doc, reduce_stats=self.reduce_stats)
+
+    def tiles(self, chunks: tuple[int, ...] | list[int], chunk: int) -> list[tuple[int, int, int]]:
+        """(start, end, sequence index of start) of tiles of at most `tile` tokens over `chunks` laid end to end."""
+        out = []
+        for position, c in enumerate(chunks):
+            for offset in range(0, chunk, self.tile):
+                n = min(self.tile, chunk - offset)
+                out.append((position * chunk + offset, position * chunk + offset + n, c * chunk + offset))
+        return out
 
     def reduce_stats(self, stats: RoutingStats) -> RoutingStats:
         """One MoE layer's per-sequence statistics over the whole sequences: copies and tokens summed over the

@@ -24,9 +24,9 @@ from .distributed import DistEnv, all_reduce_sum
 from .layout import ProcessGrid, is_expert_param
 
 
-def build_grid(env: DistEnv, pp: int, ep: int) -> ProcessGrid:
+def build_grid(env: DistEnv, pp: int, ep: int, cp: int = 1) -> ProcessGrid:
     """Create the process groups (collective: every rank creates every group, in the same order)."""
-    grid = ProcessGrid(rank=env.rank, world=env.world_size, pp=pp, ep=ep)
+    grid = ProcessGrid(rank=env.rank, world=env.world_size, pp=pp, ep=ep, cp=cp)
     if not env.distributed:
         return grid
     dp, edp = grid.dp, grid.edp
@@ -51,6 +51,12 @@ def build_grid(env: DistEnv, pp: int, ep: int) -> ProcessGrid:
             group = dist.new_group(ranks)
             if env.rank in ranks:
                 grid.pp_group = group
+    if cp > 1:
+        for first in range(0, env.world_size, cp):
+            ranks = list(range(first, first + cp))
+            group = dist.new_group(ranks)
+            if env.rank in ranks:
+                grid.cp_group = group
     return grid
 
 

@@ -35,6 +35,25 @@ class ProcessGrid:
     edp_group: object = None
     pp_group: object = None
     """The `pp` ranks of this rank's pipeline (same data-parallel rank, every stage); created for pp > 1."""
+    cp: int = 1
+    """Context parallelism: `cp` consecutive data-parallel ranks share each sequence (trainer/context_parallel.py).
+    They count as data-parallel ranks for gradient sums and expert parallelism; the loader sees dp / cp ranks."""
+    cp_group: object = None
+    """The `cp` ranks sharing this rank's sequences; created for cp > 1."""
+
+    @property
+    def cp_rank(self) -> int:
+        return self.dp_rank % self.cp
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's data-parallel rank as the loader sees it (its context-parallel group's)."""
+        return self.dp_rank // self.cp
+
+    @property
+    def data_size(self) -> int:
+        """Data-parallel ranks that read different sequences: dp / cp."""
+        return self.dp // self.cp
 
     @property
     def dp(self) -> int:

@@ -141,6 +141,8 @@ class Plan:
     """trainer.precision=auto: bf16 on GPUs, what the plan is for; fp32 on a CPU."""
     saves: str = ""
     """How checkpoints are saved (`save_mode`)."""
+    context: list[str] = field(default_factory=list)
+    """Under context parallelism: the dry run's lines on the split and the exchange (`context_lines`)."""
     schedule_build_s: float | None = None
     """Under a torch pipeline schedule: seconds this machine took to build its action lists for the step's
     micro-batches, what an engine start pays."""
@@ -215,11 +217,15 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
     # LoRA: the frozen base once in the training dtype, fp32 adapters (`trainable`) with their gradients and states
     base_bytes = 4 if t.precision == "fp32" else 2
     act_scale = 2 if t.precision == "fp32" else 1
-    per_step = t.global_batch_size // (t.micro_batch_size * dp)
-    tokens = t.micro_batch_size * cfg.data.seq_len
+    cp = par.cp
+    per_step = t.global_batch_size // (t.micro_batch_size * dp // cp)
+    tokens = t.micro_batch_size * cfg.data.seq_len // cp  # a rank's share of its micro-batch
     layer = tokens * c.hidden_size * ACTIVATION_BYTES_PER_HIDDEN * act_scale
-    act = _Activations(per_layer=tokens * c.hidden_size * 2 * act_scale if t.activation_checkpointing else layer,
-                       working=layer if t.activation_checkpointing else 0, logits=tokens * c.vocab_size * 4)
+    exchanged, tile_work = context_bytes(cfg, act_scale) if cp > 1 else (0, 0)
+    act = _Activations(per_layer=(tokens * c.hidden_size * 2 * act_scale if t.activation_checkpointing
+                                  else layer + exchanged),
+                       working=layer + exchanged + tile_work if t.activation_checkpointing else tile_work,
+                       logits=tokens * c.vocab_size * 4)
 
     def sharded(p: SlotParams, divide: bool) -> int:
         return _ceil_div(p.dense, dp) + _ceil_div(p.expert, edp) if divide else p.total
@@ -249,7 +255,36 @@ def plan(cfg: TrainConfig, world_size: int, trainable: Sequence[SlotParams] | No
             activation_bytes=act.rank_bytes(in_flight_bytes, kinds, slots),
             checkpoint_bytes=(base_bytes * h.total + 4 * tr.total if lora else 4 * h.total) + 8 * tr.total))
     out.saves = save_mode(cfg, max(s.checkpoint_bytes for s in out.stages))
+    if cp > 1:
+        out.context = context_lines(cfg, act_scale)
     return out
+
+
+def context_bytes(cfg: TrainConfig, act_scale: int) -> tuple[int, int]:
+    """Context parallelism's extra activations per MLA layer and rank: the exchanged latent of the whole micro-batch
+    (kept for the backward), and the working memory of one attention tile pair (its fp32 scores and weights,
+    per head; trainer/context_parallel.py `TILE`)."""
+    from .context_parallel import TILE
+    c, micro = cfg.model, cfg.trainer.micro_batch_size
+    exchanged = micro * cfg.data.seq_len * (c.kv_lora_rank + c.qk_rope_head_dim) * 2 * act_scale
+    tile = min(TILE, cfg.data.seq_len // (2 * cfg.parallel.cp))
+    return exchanged, 2 * micro * c.num_attention_heads * tile * tile * 4
+
+
+def context_lines(cfg: TrainConfig, act_scale: int) -> list[str]:
+    """What the dry run says about context parallelism: the split, and the exchange per layer against full heads."""
+    from .cp_bench import per_token
+    c, cp, micro, seq = cfg.model, cfg.parallel.cp, cfg.trainer.micro_batch_size, cfg.data.seq_len
+    latent, heads = per_token(c)
+    mine = micro * seq // cp
+    element = 2 * act_scale
+    sent, full = mine * latent * element * (cp - 1), mine * heads * element * (cp - 1)
+    mib = 2 ** 20
+    return [f"context parallelism: cp {cp}, each sequence of {seq:,} tokens split zigzag into {2 * cp} chunks of "
+            f"{seq // (2 * cp):,}, {mine:,} tokens per rank and micro-batch",
+            f"  exchange per MLA layer and micro-batch, each way: {sent / mib:,.1f} MiB sent per rank (the latent, "
+            f"{latent} numbers a token); a full-heads exchange would send {full / mib:,.1f} MiB ({heads} numbers): "
+            f"{heads / latent:.1f}x more"]
 
 
 def save_mode(cfg: TrainConfig, state_bytes: int) -> str:
@@ -456,6 +491,7 @@ def format_plan(p: Plan) -> str:
                      "states")
     lines.append(gpu_fit(peak.total_bytes))
     lines.append(f"checkpoint: {max(s.checkpoint_bytes for s in p.stages) / gib:.2f} GiB per rank, {p.saves}")
+    lines += p.context
     if p.schedules:
         lines += _format_schedules(p)
     return "\n".join(lines)

@@ -24,6 +24,7 @@ from .changes import resume_changes
 from .background import BackgroundSaver, in_background
 from .checkpoint import SaveJob, load_checkpoint, save_sync, set_aside_newer, step_dir
 from .config import NonFiniteError, TrainConfig, config_dict
+from .context_parallel import split_sequences
 from . import faults
 from .distributed import DistEnv, barrier, current, pick_device
 from .engines import Engine, build_engine
@@ -68,15 +69,15 @@ def train(prepared: Prepared, run_dir: Path, env: DistEnv) -> dict:
         "bf16" if device.type == "cuda" else "fp32")
     random.seed(cfg.trainer.seed)
     torch.manual_seed(cfg.trainer.seed)  # the base seed of every weight's own generator
-    grid = build_grid(env, cfg.parallel.pp, cfg.expert_parallel_size(env.world_size))
+    grid = build_grid(env, cfg.parallel.pp, cfg.expert_parallel_size(env.world_size), cfg.parallel.cp)
     if cfg.trainer.epochs is not None:
         steps_from_epochs(cfg, tokenizer, grid, device, env)
     model = build_model(cfg, grid, device, precision)
     weights = load_start_weights(cfg, model, prepared.resume)  # before DeepSpeed copies or partitions them
     trainable, selection = setup_trainable(cfg, model, tokenizer, grid, device, run_dir, env, prepared.resume)
     engine = build_engine(model, cfg, grid, env, device, precision)
-    loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank, grid.dp,
-                          vocab_limit=cfg.model.vocab_size)
+    loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.data_rank,
+                          grid.data_size, vocab_limit=cfg.model.vocab_size)
     val_batches = held_out_batches(cfg, tokenizer, grid)
     progress = resume(prepared, engine, loader, env)
     logger = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, progress.step, env.is_main,
@@ -197,10 +198,11 @@ def steps_from_epochs(cfg: TrainConfig, tokenizer: TextTokenizer, grid: ProcessG
                       env: DistEnv) -> None:
     """`trainer.epochs`: max_steps from one counted pass over the training data (read and tokenized once, the
     canonical shards shared out over the data-parallel ranks; packed rows per global batch)."""
-    rows = torch.tensor(float(epoch_rows(cfg.data, tokenizer, cfg.trainer.seed, grid.dp_rank, grid.dp)),
+    rows = torch.tensor(float(epoch_rows(cfg.data, tokenizer, cfg.trainer.seed, grid.data_rank, grid.data_size)),
                         device=device)
     if grid.world > 1:  # each rank counted the canonical shards it owns: the sum is the whole pass
         torch.distributed.all_reduce(rows, group=grid.dp_group)
+        rows /= grid.cp  # the ranks of a context-parallel group read the same shards
     per_epoch = max(1, int(rows) // cfg.trainer.global_batch_size)
     cfg.trainer.max_steps = max(1, int(cfg.trainer.epochs * per_epoch))
     if env.is_main:
@@ -211,12 +213,12 @@ def held_out_batches(cfg: TrainConfig, tokenizer: TextTokenizer, grid: ProcessGr
     """This rank's validation micro-batches (the same every time), or none when validation is off."""
     if not cfg.trainer.val_every:
         return []
-    loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.dp_rank, grid.dp,
-                          split="val", vocab_limit=cfg.model.vocab_size)
+    loader = build_loader(cfg.data, tokenizer, cfg.trainer.micro_batch_size, cfg.trainer.seed, grid.data_rank,
+                          grid.data_size, split="val", vocab_limit=cfg.model.vocab_size)
     if loader is None:
         return []
     try:
-        return [next(loader) for _ in range(cfg.trainer.val_batches)]
+        return [rank_part(next(loader), grid) for _ in range(cfg.trainer.val_batches)]
     finally:
         loader.close()
 
@@ -248,8 +250,15 @@ def resume(prepared: Prepared, engine: Engine, loader, env: DistEnv) -> Progress
 
 def draw_batches(step: int, loader, cfg: TrainConfig, grid: ProcessGrid) -> list[dict]:
     """This rank's micro-batches of optimizer step `step` (more of them while the batch size ramps up)."""
-    accumulation = global_batch_at(step, cfg.trainer, grid.dp) // (cfg.trainer.micro_batch_size * grid.dp)
-    return [next(loader) for _ in range(accumulation)]
+    accumulation = global_batch_at(step, cfg.trainer, grid.data_size) // (cfg.trainer.micro_batch_size *
+                                                                          grid.data_size)
+    return [rank_part(next(loader), grid) for _ in range(accumulation)]
+
+
+def rank_part(batch: dict, grid: ProcessGrid) -> dict:
+    """A micro-batch as this rank trains on it: whole sequences, or its zigzag chunks of them under context
+    parallelism (trainer/context_parallel.py)."""
+    return batch if grid.cp == 1 else split_sequences(batch, grid.cp, grid.cp_rank)
 
 
 def save(cfg: TrainConfig, progress: Progress, engine: Engine, loader, env: DistEnv, tokenizer: TextTokenizer,
@@ -374,7 +383,8 @@ class Reporter:
                    "mfu": self.flops_per_token * tokens_per_s / (self.peak * 1e12 * self.env.world_size)
                    if self.peak else None,
                    "peak_mem_gib": peak_memory_gib(self.device), "skipped_steps": progress.skipped,
-                   "bad_records": result.bad_records, "global_batch": global_batch_at(step - 1, t, self.engine.grid.dp),
+                   "bad_records": result.bad_records,
+                   "global_batch": global_batch_at(step - 1, t, self.engine.grid.data_size),
                    "dropped_copies": self.dropped,
                    "eta_s": (time.time() - self.loop_start) / (step - self.first_step) * (t.max_steps - step)}
         self.dropped = 0
@@ -399,13 +409,14 @@ def announce(logger: MetricsLogger, run_dir: Path, engine: Engine, weights: str,
         data = f"a mixture of {len(d.mixture)} sources"
     logger.print(f"run dir   {run_dir}\n"
                  f"layout    {grid.world} process(es) on {engine.device} ({engine.precision}, {engine.name}), pipeline "
-                 f"{grid.pp} x data-parallel {grid.dp} x expert-parallel {grid.ep}\n"
+                 f"{grid.pp} x data-parallel {grid.dp} x expert-parallel {grid.ep}"
+                 f"{f' (context-parallel {grid.cp}: sequences split over {grid.cp} ranks)' if grid.cp > 1 else ''}\n"
                  f"weights   {weights}\n"
                  f"tokenizer {tokenizer.source} ({tokenizer.vocab_size} ids)\n"
                  f"data      {'chat SFT from ' if d.kind == 'sft' else ''}{data}, {d.seq_len}-token sequences")
     if d.mixture:
         t = engine.cfg.trainer
-        rows = sum(global_batch_at(s, t, grid.dp) for s in range(t.max_steps))
+        rows = sum(global_batch_at(s, t, grid.data_size) for s in range(t.max_steps))
         for line in describe_sources(d, rows):
             logger.print(line)
     if trainable["trainable"] != trainable["total"]:

@@ -54,13 +54,14 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
 
 
-def run_case(name: str, cp: int, rank: int, L: int, checkpointing: bool, documents: bool, worst: dict) -> None:
+def run_case(name: str, cp: int, rank: int, L: int, checkpointing: bool, documents: bool, worst: dict,
+             tile: int) -> None:
     torch.manual_seed(0)
     whole = CausalLM(model_preset("tiny")).train()
     split = CausalLM(model_preset("tiny")).train()
     split.load_state_dict(whole.state_dict())
     whole.activation_checkpointing = split.activation_checkpointing = checkpointing
-    split.context = LatentExchange(dist.group.WORLD, cp, rank)
+    split.context = LatentExchange(dist.group.WORLD, cp, rank, tile=tile)
     g = torch.Generator().manual_seed(1)
     B = 2
     ids = torch.randint(3, whole.config.vocab_size, (B, L), generator=g)
@@ -106,6 +107,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--cases", default="causal,documents,checkpointing")
+    p.add_argument("--tile", type=int, default=1024, help="tokens per attention tile (smaller: more, partial tiles)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     env = init_gloo(timeout_s=60)
@@ -122,7 +124,8 @@ def main() -> None:
     cases = {"causal": (False, False), "documents": (False, True), "checkpointing": (True, True)}
     for name in args.cases.split(","):
         checkpointing, documents = cases[name]
-        run_case(name, cp, rank, args.seq, checkpointing=checkpointing, documents=documents, worst=worst)
+        run_case(name, cp, rank, args.seq, checkpointing=checkpointing, documents=documents, worst=worst,
+                 tile=args.tile)
     dist.all_gather = original
     worst["floating_bytes_sent_rank0"] = sent["bytes"]
     finish(env, args.out, worst)

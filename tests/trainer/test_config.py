@@ -336,7 +336,8 @@ def to_train_config_from(*overrides: str) -> TrainConfig:
 
 
 TWINS = {"cpt_v2_lite": "cpt_tiny", "sft_v2_lite": "sft_tiny", "sft_v2": "sft_tiny_v2",
-         "long_context_v2_lite": "long_context_tiny", "esft_v2_lite": "esft_tiny", "lora_v2_lite": "lora_tiny"}
+         "long_context_v2_lite": "long_context_tiny", "esft_v2_lite": "esft_tiny", "lora_v2_lite": "lora_tiny",
+         "long_context_v2": "long_context_tiny_v2"}
 
 
 def test_every_full_size_experiment_has_a_tiny_twin_with_the_same_recipe():
@@ -365,3 +366,26 @@ def test_a_single_value_for_a_list_key_is_a_one_element_list():
                               "trainer.trainable=[gate]", "+data.paths=[/y]", *given[5:]]
     check_overrides(listify(["data=files", "data.paths=/d/*.jsonl"]))  # composes: no SystemExit
     assert compose_config(*listify(["data=files", "data.paths=/d/*.jsonl"])).data.paths == ["/d/*.jsonl"]
+
+
+@pytest.mark.parametrize("world,overrides,message", [
+    (3, ["parallel.cp=2"], "must be >= 1 and divide the data-parallel size 3"),
+    (2, ["parallel.cp=2", "model.attention_type=mha"], "exchanges MLA's latent; the MHA/GQA baselines have none"),
+    (4, ["parallel.cp=2", "parallel.pp=2"], "context parallelism runs without a pipeline (parallel.pp=1)"),
+    (2, ["parallel.cp=2", "data.seq_len=6"], "does not split into 2 x parallel.cp = 4 equal chunks"),
+    (2, ["parallel.cp=2", "moe.capacity_factor=1.0"], "token dropping decides per rank"),
+    (2, ["parallel.cp=2", "trainer.compile=true"], "the context-parallel attention runs eagerly"),
+    (2, ["parallel.cp=2", "esft.enabled=true"], "expert scoring reads whole sequences"),
+    (4, ["parallel.cp=2", "trainer.global_batch_size=6", "trainer.micro_batch_size=2"],
+     "must be a multiple of trainer.micro_batch_size x data-parallel ranks = 2 x 2 = 4"),
+])
+def test_context_parallelism_refuses_what_it_cannot_run_with_the_reason(world, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compose_config(*overrides, world_size=world)
+
+
+def test_context_parallel_batches_count_sequences_not_ranks():
+    """With parallel.cp=2 on 4 processes, 2 ranks read different sequences: a global batch of 4 at micro-batch 2
+    is valid (it would not be at dp 4), and the layout checkpoints record cp."""
+    cfg = compose_config("parallel.cp=2", "trainer.global_batch_size=4", "trainer.micro_batch_size=2", world_size=4)
+    assert cfg.layout(4)["cp"] == 2

@@ -23,7 +23,7 @@ def build_engine(model: CausalLM, cfg: TrainConfig, grid: ProcessGrid, env: Dist
     `trainer.compile` says so (after partial training is set: ESFT layers keep their split path eager)."""
     compile_on = cfg.trainer.compile
     if compile_on is None:  # the device's default, never under ZeRO-3 (see TrainConfig validation)
-        compile_on = (compile_default(device) and cfg.resolved_zero_stage() != 3
+        compile_on = (compile_default(device) and cfg.resolved_zero_stage() != 3 and cfg.parallel.cp == 1
                       and not (cfg.torch_pipeline and cfg.parallel.pp_schedule in SPLIT_BACKWARD))
     apply_compile(model, compile_on, device)
     if cfg.torch_pipeline:

@@ -51,7 +51,8 @@ class ZeroEngine(DeepSpeedState, DataParallelEngine):
         self.name = f"DeepSpeed ZeRO-{self.zero_stage}"
         mark_expert_params(model, grid)
         create_expert_groups(grid)
-        self.per_term = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size  # accumulation x dp
+        # accumulation x dp: under context parallelism cp ranks share each micro-batch's sequences
+        self.per_term = cfg.trainer.global_batch_size // cfg.trainer.micro_batch_size * grid.cp
         self.ds = initialize(EngineModel(model, grid.ep, grid.pp), model, cfg, grid,
                              self.per_term // grid.dp, self.precision)
         self.optimizer = deepspeed_param_states(self.ds)  # our per-entry files read and write it
