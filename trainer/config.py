@@ -349,6 +349,18 @@ class TrainConfig:
             return 1
         return self.parallel.zero_stage
 
+    def _validate_checkpoint(self) -> None:
+        c = self.checkpoint
+        if c.optimizer_resume not in ("strict", "reset"):
+            raise ValueError(f"checkpoint.optimizer_resume={c.optimizer_resume!r}: allowed: strict, reset")
+        if c.data_resume not in ("strict", "reset"):
+            raise ValueError(f"checkpoint.data_resume={c.data_resume!r}: allowed: strict, reset")
+        if c.async_save and self.uses_deepspeed:
+            raise ValueError("checkpoint.async_save=True: DeepSpeed writes its own checkpoint files in the training "
+                             "thread, so a background save would not stop it stalling training; use the built-in "
+                             "engine (parallel.zero_stage=null) or a torch pipeline schedule, or "
+                             "checkpoint.async_save=null")
+
     def _validate_context(self, world_size: int) -> None:
         """parallel.cp: what context parallelism runs with (docs/parallelism.md, "Context parallelism")."""
         cp, dp = self.parallel.cp, self.data_parallel_size(world_size)
@@ -558,11 +570,7 @@ class TrainConfig:
         if self.optim.schedule_steps is not None and self.optim.schedule_steps < 1:
             raise ValueError(f"optim.schedule_steps={self.optim.schedule_steps}: must be >= 1 (null: "
                              "trainer.max_steps)")
-        if self.checkpoint.optimizer_resume not in ("strict", "reset"):
-            raise ValueError(f"checkpoint.optimizer_resume={self.checkpoint.optimizer_resume!r}: allowed: strict, "
-                             "reset")
-        if self.checkpoint.data_resume not in ("strict", "reset"):
-            raise ValueError(f"checkpoint.data_resume={self.checkpoint.data_resume!r}: allowed: strict, reset")
+        self._validate_checkpoint()
         self._validate_context(world_size)
         world_size = self.data_parallel_size(world_size) // self.parallel.cp  # batch sizes count data ranks
 
@@ -607,10 +615,6 @@ class TrainConfig:
             raise bad("data.tokenizer", self.data.tokenizer, "no such file or directory")
         if self.checkpoint.keep < 1:
             raise bad("checkpoint.keep", self.checkpoint.keep, "must be >= 1")
-        if self.checkpoint.async_save and self.uses_deepspeed:
-            raise bad("checkpoint.async_save", True, "DeepSpeed writes its own checkpoint files in the training "
-                      "thread, so a background save would not stop it stalling training; use the built-in engine "
-                      "(parallel.zero_stage=null) or a torch pipeline schedule, or checkpoint.async_save=null")
         if self.checkpoint.every < 0:
             raise bad("checkpoint.every", self.checkpoint.every, "must be >= 0 (0: only at the end)")
         self._validate_eval()

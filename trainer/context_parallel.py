@@ -28,6 +28,12 @@ TILE = 1024
 score matrix per head, recomputed in backward (B x H x 1024 x 1024 x 4 bytes: 0.5 GiB at V2's 128 heads)."""
 
 
+def per_token(config) -> tuple[int, int]:
+    """(latent, full-heads) numbers a token sends per MLA layer: r + dr against H (dqk + dv)."""
+    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    return config.kv_lora_rank + config.qk_rope_head_dim, config.num_attention_heads * (qk + config.v_head_dim)
+
+
 def zigzag_chunks(cp: int, rank: int) -> tuple[int, int]:
     """The two chunks (of 2 cp) rank `rank` holds: the r-th from the start and the r-th from the end."""
     return rank, 2 * cp - 1 - rank

@@ -22,11 +22,7 @@ from pathlib import Path
 
 import torch
 
-
-def per_token(config) -> tuple[int, int]:
-    """(latent, full-heads) numbers a token sends per MLA layer: r + dr against H (dqk + dv)."""
-    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
-    return config.kv_lora_rank + config.qk_rope_head_dim, config.num_attention_heads * (qk + config.v_head_dim)
+from trainer.context_parallel import per_token
 
 
 def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:

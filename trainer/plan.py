@@ -273,7 +273,7 @@ def context_bytes(cfg: TrainConfig, act_scale: int) -> tuple[int, int]:
 
 def context_lines(cfg: TrainConfig, act_scale: int) -> list[str]:
     """What the dry run says about context parallelism: the split, and the exchange per layer against full heads."""
-    from .cp_bench import per_token
+    from .context_parallel import per_token
     c, cp, micro, seq = cfg.model, cfg.parallel.cp, cfg.trainer.micro_batch_size, cfg.data.seq_len
     latent, heads = per_token(c)
     mine = micro * seq // cp
