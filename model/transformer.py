@@ -171,6 +171,7 @@ class CausalLM(nn.Module):
         decoder.norm = self.model.norm if head else None
         decoder.rotary_emb = self.model.rotary_emb
         part.config, part.init_seed, part.no_drop_fraction = self.config, self.init_seed, self.no_drop_fraction
+        part.context = self.context
         part.model, part.lm_head = decoder, self.lm_head if head else None
         if "loss_fn" in self.__dict__:  # a compiled loss (trainer.compile)
             part.loss_fn = self.loss_fn

@@ -55,7 +55,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_case(name: str, cp: int, rank: int, L: int, checkpointing: bool, documents: bool, worst: dict,
-             tile: int) -> None:
+             tile: int, B: int) -> None:
     torch.manual_seed(0)
     whole = CausalLM(model_preset("tiny")).train()
     split = CausalLM(model_preset("tiny")).train()
@@ -63,7 +63,6 @@ def run_case(name: str, cp: int, rank: int, L: int, checkpointing: bool, documen
     whole.activation_checkpointing = split.activation_checkpointing = checkpointing
     split.context = LatentExchange(dist.group.WORLD, cp, rank, tile=tile)
     g = torch.Generator().manual_seed(1)
-    B = 2
     ids = torch.randint(3, whole.config.vocab_size, (B, L), generator=g)
     batch = {"input_ids": ids, "labels": next_token_labels(ids)}
     if documents:
@@ -106,6 +105,7 @@ def run_case(name: str, cp: int, rank: int, L: int, checkpointing: bool, documen
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--batch", type=int, default=2)
     p.add_argument("--cases", default="causal,documents,checkpointing")
     p.add_argument("--tile", type=int, default=1024, help="tokens per attention tile (smaller: more, partial tiles)")
     p.add_argument("--out", required=True)
@@ -125,7 +125,7 @@ def main() -> None:
     for name in args.cases.split(","):
         checkpointing, documents = cases[name]
         run_case(name, cp, rank, args.seq, checkpointing=checkpointing, documents=documents, worst=worst,
-                 tile=args.tile)
+                 tile=args.tile, B=args.batch)
     dist.all_gather = original
     worst["floating_bytes_sent_rank0"] = sent["bytes"]
     finish(env, args.out, worst)

@@ -4,36 +4,59 @@ and 4 ranks, exchanging MLA's latent, against the whole sequences in one process
 from __future__ import annotations
 
 import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from tests.distributed.torchrun import run_check
 
 
-@pytest.mark.parametrize("nproc,seq,cases,tile", [(2, 64, "causal,documents,checkpointing", 1024),
-                                                  (4, 64, "causal,documents,checkpointing", 3),
-                                                  (2, 4096, "causal", 1024)])
-def test_context_parallel_model_matches_whole_sequences(tmp_path, nproc, seq, cases, tile):
+@pytest.mark.parametrize("nproc,seq,batch,cases,tile", [(2, 64, 2, "causal,documents,checkpointing", 1024),
+                                                        (4, 64, 2, "causal,documents,checkpointing", 3),
+                                                        (2, 4096, 1, "causal", 1024)])
+def test_context_parallel_model_matches_whole_sequences(tmp_path, nproc, seq, batch, cases, tile):
     """Logits at each rank's tokens, the summed loss, the balance losses (their statistics summed over the group)
     and every gradient summed over the ranks equal the whole run's within 1e-5 relative (measured at most 1.6e-6
     for gradients, 6.4e-7 for logits): plain causal sequences, packed documents crossing chunk boundaries with
     positions restarting, and with activation checkpointing; at 4096 tokens too. The exchange is the latent: each
     rank hands all_gather (r + dr) x 4 bytes per token and layer to each other rank. At cp=4 the attention's tiles are
     3 tokens, so chunks of 8 end in partial tiles and most tile pairs are off the diagonal."""
-    result = run_check("cp_check.py", nproc, "--seq", str(seq), "--cases", cases, "--tile", str(tile),
-                       out=tmp_path / "result.json", timeout=300)
+    result = run_check("cp_check.py", nproc, "--seq", str(seq), "--batch", str(batch), "--cases", cases,
+                       "--tile", str(tile), out=tmp_path / "result.json", timeout=300)
     print(json.dumps(result, indent=1))
     for case in cases.split(","):
         assert result[f"grads_checked:{case}"] >= 50 and result[f"grad:{case}"] < 1e-5
     assert result["logits"] < 1e-5 and result["loss"] < 1e-5 and result["aux"] < 1e-5
-    # tiny: r + dr = 32 + 16 numbers a token, 4 layers, batch 2, seq / nproc tokens a rank, fp32, to nproc - 1 ranks
-    per_forward = 2 * (seq // nproc) * (32 + 16) * 4 * 4 * (nproc - 1)
+    # tiny: r + dr = 32 + 16 numbers a token, 4 layers, seq / nproc tokens a rank, fp32, to nproc - 1 ranks
+    per_forward = batch * (seq // nproc) * (32 + 16) * 4 * 4 * (nproc - 1)
     forwards = {"causal": 1, "documents": 1, "checkpointing": 2}  # checkpointing recomputes each layer once
     assert result["floating_bytes_sent_rank0"] == per_forward * sum(forwards[c] for c in cases.split(","))
 
 
 # ------------------------------------------------------------------------------------ through launch/pretrain.py
-def _metrics(run) -> dict[int, dict]:
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
+
+
+def _pretrain(run: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    """launch/pretrain.py on `nproc` processes (one: no launcher), run directory `run`; fails the test unless it
+    exits 0."""
+    from tests.faults.test_job_faults import environment
+    from tests.trainer.test_pretrain_e2e import PRETRAIN
+    head = [sys.executable, PRETRAIN] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", PRETRAIN,
+        "parallel.timeout_s=60"]
+    proc = subprocess.run([*head, *args, f"hydra.run.dir={run}", "checkpoint.export_hf=false",
+                           "trainer.progress=false"], capture_output=True, text=True, timeout=300,
+                          env=environment(), cwd=run.parent)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _metrics(run: Path) -> dict[int, dict]:
     rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
     return {m["step"]: m for m in rows if "step" in m}
 
@@ -43,71 +66,50 @@ def _close(a: dict[int, dict], b: dict[int, dict], steps: range) -> float:
     return max(abs(a[s][k] - b[s][k]) / abs(b[s][k]) for s in steps for k in ("loss", "grad_norm"))
 
 
-def test_long_context_experiment_with_cp_2_trains_like_one_process_and_resumes_bitwise(tmp_path, cache_dir):
-    """`experiment=long_context_tiny` (YaRN, activation checkpointing) on 2 processes with parallel.cp=2 against
-    1 process: loss and gradient norm of 4 AdamW steps within 1e-5 relative (measured 1.4e-7 on the tiny preset);
-    then the run resumed from its step-2 checkpoint trains steps 3-4 bitwise like the uninterrupted one."""
-    import random
-    import shutil
+def _compare(tmp_path: Path, args: list[str], steps: int, *runs: tuple[str, int, list[str]]) -> float:
+    """Run each (name, processes, overrides) and return the largest relative difference of the later ones from the
+    first over `steps` steps."""
+    metrics = []
+    for name, nproc, extra in runs:
+        _pretrain(tmp_path / name, nproc, *args, *extra)
+        metrics.append(_metrics(tmp_path / name))
+    return max(_close(m, metrics[0], range(1, steps + 1)) for m in metrics[1:])
 
-    from tests.faults.test_job_faults import environment
-    from tests.trainer.test_pretrain_e2e import PRETRAIN
-    import subprocess
-    import sys
+
+def test_long_context_experiment_with_cp_2_trains_like_one_process_and_resumes_bitwise(tmp_path, cache_dir):
+    """`experiment=long_context_tiny` (YaRN, activation checkpointing) on 2 processes with parallel.cp=2 and on 4
+    with parallel.cp=4 against 1 process: loss and gradient norm of 4 AdamW steps within 1e-5 relative (measured
+    1.4e-7 at cp 2); then the cp=2 run resumed from its step-2 checkpoint trains steps 3-4 bitwise like the
+    uninterrupted one."""
     rng = random.Random(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(300))}) + "\n"
+    data.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(300))}) + "\n"
                             for _ in range(200)))
     args = ["experiment=long_context_tiny", f"data.paths=[{data}]", f"data.cache_dir={cache_dir}",
-            "trainer.max_steps=4", "checkpoint.every=2", "checkpoint.export_hf=false", "trainer.progress=false"]
-
-    def launch(run, nproc: int, *extra: str) -> subprocess.CompletedProcess:
-        head = [sys.executable, PRETRAIN] if nproc == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", PRETRAIN,
-            "parallel.timeout_s=60"]
-        proc = subprocess.run([*head, *args, f"hydra.run.dir={run}", *extra], capture_output=True, text=True,
-                              timeout=300, env=environment(), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        return proc
-
-    launch(tmp_path / "one", 1)
-    split = launch(tmp_path / "cp2", 2, "parallel.cp=2")
-    assert "context-parallel 2: sequences split over 2 ranks" in split.stdout
-    one, cp2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "cp2")
-    worst = _close(cp2, one, range(1, 5))
+            "trainer.max_steps=4", "checkpoint.every=2"]
+    worst = _compare(tmp_path, args, 4, ("one", 1, []), ("cp2", 2, ["parallel.cp=2"]), ("cp4", 4, ["parallel.cp=4"]))
     assert worst < 1e-5, worst
+    out = tmp_path / "cp2"
+    cp2 = _metrics(out)
     resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "cp2" / "checkpoints", resumed / "checkpoints",
-                    ignore=shutil.ignore_patterns("step_00000004"))
-    again = launch(resumed, 2, "parallel.cp=2")
+    shutil.copytree(out / "checkpoints", resumed / "checkpoints", ignore=shutil.ignore_patterns("step_00000004"))
+    again = _pretrain(resumed, 2, *args, "parallel.cp=2")
     assert "resumed from" in again.stdout and "at step 2" in again.stdout
+    assert "context-parallel 2: sequences split over 2 ranks" in again.stdout
     after = _metrics(resumed)
     assert all(after[s]["loss"].hex() == cp2[s]["loss"].hex() and
                after[s]["grad_norm"].hex() == cp2[s]["grad_norm"].hex() for s in (3, 4))
     print(json.dumps({"max_rel_diff_cp2_vs_one": worst, "resumed_bitwise_steps": [3, 4]}))
 
 
-def test_cp_with_expert_parallelism_trains_like_expert_parallelism_alone(tmp_path, cache_dir):
+def test_cp_with_expert_parallelism_at_4096_tokens_trains_like_expert_parallelism_alone(tmp_path, cache_dir):
     """parallel.cp=2 x parallel.ep=2 on 4 processes (2 sequences read at once, each split over 2 ranks; experts
     sharded over 2) against ep=2 on 2 processes, the tiny preset (device-limited routing, all three balance
-    losses): 3 steps within 1e-5 relative."""
-    import subprocess
-    import sys
-
-    from tests.faults.test_job_faults import environment
-    from tests.trainer.test_pretrain_e2e import PRETRAIN
-    args = ["experiment=smoke", "model=tiny", "data.seq_len=128", "trainer.max_steps=3", "trainer.val_every=0",
-            "checkpoint.export_hf=false", "trainer.progress=false", f"data.cache_dir={cache_dir}",
-            "parallel.ep=2", "parallel.timeout_s=60"]
-    runs = {}
-    for name, nproc, extra in (("ep2", 2, []), ("cp2_ep2", 4, ["parallel.cp=2"])):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc_per_node={nproc}", PRETRAIN, *args, f"hydra.run.dir={tmp_path / name}",
-                               *extra], capture_output=True, text=True, timeout=300, env=environment(), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        runs[name] = _metrics(tmp_path / name)
-    worst = _close(runs["cp2_ep2"], runs["ep2"], range(1, 4))
+    losses) at 4096-token sequences: 2 steps within 1e-5 relative."""
+    args = ["experiment=smoke", "model=tiny", "data.seq_len=4096", "model.max_position_embeddings=4096",
+            "trainer.micro_batch_size=1", "trainer.global_batch_size=2", "trainer.max_steps=2",
+            "trainer.val_every=0", f"data.cache_dir={cache_dir}", "parallel.ep=2"]
+    worst = _compare(tmp_path, args, 2, ("ep2", 2, []), ("cp2_ep2", 4, ["parallel.cp=2"]))
     assert worst < 1e-5, worst
     print(json.dumps({"max_rel_diff_cp2_ep2_vs_ep2": worst}))
 
@@ -116,30 +118,15 @@ def test_packed_sft_documents_with_cp_2_train_like_one_process(tmp_path, cache_d
     """`experiment=sft_tiny`: chat turns packed into 64-token rows (document ids, positions restarting per
     document), split over 2 ranks with parallel.cp=2 so documents cross the chunk boundaries: 4 steps within 1e-5
     relative of one process (measured 2.5e-7)."""
-    import random
-    import subprocess
-    import sys
-
-    from tests.faults.test_job_faults import environment
-    from tests.trainer.test_pretrain_e2e import PRETRAIN
     rng = random.Random(0)
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))},
-        {"role": "assistant", "content": " ".join(rng.choice(words) for _ in range(rng.randint(3, 20)))}]}) + "\n"
+        {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))},
+        {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20)))}]}) + "\n"
         for _ in range(80)))
     args = ["experiment=sft_tiny", f"data.paths=[{data}]", "trainer.epochs=null", "trainer.max_steps=4",
-            "checkpoint.export_hf=false", "trainer.progress=false", f"data.cache_dir={cache_dir}"]
-    runs = {}
-    for name, head in (("one", [sys.executable, PRETRAIN]),
-                       ("cp2", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                PRETRAIN, "parallel.cp=2", "parallel.timeout_s=60"])):
-        proc = subprocess.run([*head, *args, f"hydra.run.dir={tmp_path / name}"], capture_output=True, text=True,
-                              timeout=300, env=environment(), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        runs[name] = _metrics(tmp_path / name)
-    worst = _close(runs["cp2"], runs["one"], range(1, 5))
+            f"data.cache_dir={cache_dir}"]
+    worst = _compare(tmp_path, args, 4, ("one", 1, []), ("cp2", 2, ["parallel.cp=2"]))
     assert worst < 1e-5, worst
     print(json.dumps({"max_rel_diff_sft_cp2_vs_one": worst}))
 
@@ -147,23 +134,10 @@ def test_packed_sft_documents_with_cp_2_train_like_one_process(tmp_path, cache_d
 def test_cp_under_zero_counts_its_micro_batches(tmp_path, cache_dir):
     """DeepSpeed ZeRO-1 with parallel.cp=2 on 2 processes against ZeRO-1 data parallelism on 2: DeepSpeed's
     accumulation counts the micro-batches each rank runs (global / micro x cp per dp), so it updates only at the
-    step's end; 2 steps within 1e-5 relative (measured 1.4e-7; counted wrongly, step 1 was 0.1% off)."""
+    step's end; 2 steps within 1e-5 relative (measured 5.7e-8; counted wrongly, step 1 was 0.1% off)."""
     pytest.importorskip("deepspeed")
-    import subprocess
-    import sys
-
-    from tests.faults.test_job_faults import environment
-    from tests.trainer.test_pretrain_e2e import PRETRAIN
     args = ["experiment=smoke", "model=tiny", "data.seq_len=128", "trainer.max_steps=2", "trainer.val_every=0",
-            "checkpoint.export_hf=false", "trainer.progress=false", f"data.cache_dir={cache_dir}",
-            "parallel.zero_stage=1", "parallel.ep=1", "parallel.timeout_s=60"]
-    runs = {}
-    for name, extra in (("dp2", []), ("cp2", ["parallel.cp=2"])):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               PRETRAIN, *args, f"hydra.run.dir={tmp_path / name}", *extra], capture_output=True,
-                              text=True, timeout=300, env=environment(), cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        runs[name] = _metrics(tmp_path / name)
-    worst = _close(runs["cp2"], runs["dp2"], range(1, 3))
+            f"data.cache_dir={cache_dir}", "parallel.zero_stage=1", "parallel.ep=1"]
+    worst = _compare(tmp_path, args, 2, ("dp2", 2, []), ("cp2", 2, ["parallel.cp=2"]))
     assert worst < 1e-5, worst
     print(json.dumps({"max_rel_diff_zero1_cp2_vs_dp2": worst}))
