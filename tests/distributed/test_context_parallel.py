@@ -3,6 +3,7 @@ and 4 ranks, exchanging MLA's latent, against the whole sequences in one process
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import shutil
@@ -79,8 +80,8 @@ def _compare(tmp_path: Path, args: list[str], steps: int, *runs: tuple[str, int,
 def test_long_context_experiment_with_cp_2_trains_like_one_process_and_resumes_bitwise(tmp_path, cache_dir):
     """`experiment=long_context_tiny` (YaRN, activation checkpointing) on 2 processes with parallel.cp=2 and on 4
     with parallel.cp=4 against 1 process: loss and gradient norm of 4 AdamW steps within 1e-5 relative (measured
-    1.4e-7 at cp 2); then the cp=2 run resumed from its step-2 checkpoint trains steps 3-4 bitwise like the
-    uninterrupted one."""
+    1.4e-7 at cp 2); with DeepSpeed ZeRO-1 within 1e-4; then the cp=2 run resumed from its step-2 checkpoint trains
+    steps 3-4 bitwise like the uninterrupted one."""
     rng = random.Random(0)
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(300))}) + "\n"
@@ -89,6 +90,14 @@ def test_long_context_experiment_with_cp_2_trains_like_one_process_and_resumes_b
             "trainer.max_steps=4", "checkpoint.every=2"]
     worst = _compare(tmp_path, args, 4, ("one", 1, []), ("cp2", 2, ["parallel.cp=2"]), ("cp4", 4, ["parallel.cp=4"]))
     assert worst < 1e-5, worst
+    if importlib.util.find_spec("deepspeed") is not None:
+        # ZeRO-1: DeepSpeed's accumulation must count a rank's micro-batches (global / micro x cp per dp) or it
+        # updates mid-step (then step 1 was 0.1% off). ZeRO differs from the built-in engine by its own rounding
+        # (4.8e-5 measured here), hence 1e-4.
+        _pretrain(tmp_path / "zero1", 2, *args, "parallel.cp=2", "parallel.zero_stage=1")
+        zero = _close(_metrics(tmp_path / "zero1"), _metrics(tmp_path / "one"), range(1, 5))
+        print(json.dumps({"max_rel_diff_zero1_cp2_vs_one": zero}))
+        assert zero < 1e-4, zero
     out = tmp_path / "cp2"
     cp2 = _metrics(out)
     resumed = tmp_path / "resumed"
@@ -99,17 +108,16 @@ def test_long_context_experiment_with_cp_2_trains_like_one_process_and_resumes_b
     after = _metrics(resumed)
     assert all(after[s]["loss"].hex() == cp2[s]["loss"].hex() and
                after[s]["grad_norm"].hex() == cp2[s]["grad_norm"].hex() for s in (3, 4))
-    print(json.dumps({"max_rel_diff_cp2_vs_one": worst, "resumed_bitwise_steps": [3, 4]}))
+    print(json.dumps({"max_rel_diff_cp2_cp4_vs_one": worst, "resumed_bitwise_steps": [3, 4]}))
 
 
-def test_cp_with_expert_parallelism_at_4096_tokens_trains_like_expert_parallelism_alone(tmp_path, cache_dir):
+def test_cp_with_expert_parallelism_trains_like_expert_parallelism_alone(tmp_path, cache_dir):
     """parallel.cp=2 x parallel.ep=2 on 4 processes (2 sequences read at once, each split over 2 ranks; experts
     sharded over 2) against ep=2 on 2 processes, the tiny preset (device-limited routing, all three balance
-    losses) at 4096-token sequences: 2 steps within 1e-5 relative."""
-    args = ["experiment=smoke", "model=tiny", "data.seq_len=4096", "model.max_position_embeddings=4096",
-            "trainer.micro_batch_size=1", "trainer.global_batch_size=2", "trainer.max_steps=2",
-            "trainer.val_every=0", f"data.cache_dir={cache_dir}", "parallel.ep=2"]
-    worst = _compare(tmp_path, args, 2, ("ep2", 2, []), ("cp2_ep2", 4, ["parallel.cp=2"]))
+    losses): 3 steps within 1e-5 relative (measured 9.1e-8). (4096-token sequences: the model-level test.)"""
+    args = ["experiment=smoke", "model=tiny", "data.seq_len=128", "trainer.max_steps=3", "trainer.val_every=0",
+            f"data.cache_dir={cache_dir}", "parallel.ep=2"]
+    worst = _compare(tmp_path, args, 3, ("ep2", 2, []), ("cp2_ep2", 4, ["parallel.cp=2"]))
     assert worst < 1e-5, worst
     print(json.dumps({"max_rel_diff_cp2_ep2_vs_ep2": worst}))
 
@@ -129,15 +137,3 @@ def test_packed_sft_documents_with_cp_2_train_like_one_process(tmp_path, cache_d
     worst = _compare(tmp_path, args, 4, ("one", 1, []), ("cp2", 2, ["parallel.cp=2"]))
     assert worst < 1e-5, worst
     print(json.dumps({"max_rel_diff_sft_cp2_vs_one": worst}))
-
-
-def test_cp_under_zero_counts_its_micro_batches(tmp_path, cache_dir):
-    """DeepSpeed ZeRO-1 with parallel.cp=2 on 2 processes against ZeRO-1 data parallelism on 2: DeepSpeed's
-    accumulation counts the micro-batches each rank runs (global / micro x cp per dp), so it updates only at the
-    step's end; 2 steps within 1e-5 relative (measured 5.7e-8; counted wrongly, step 1 was 0.1% off)."""
-    pytest.importorskip("deepspeed")
-    args = ["experiment=smoke", "model=tiny", "data.seq_len=128", "trainer.max_steps=2", "trainer.val_every=0",
-            f"data.cache_dir={cache_dir}", "parallel.zero_stage=1", "parallel.ep=1"]
-    worst = _compare(tmp_path, args, 2, ("dp2", 2, []), ("cp2", 2, ["parallel.cp=2"]))
-    assert worst < 1e-5, worst
-    print(json.dumps({"max_rel_diff_zero1_cp2_vs_dp2": worst}))
