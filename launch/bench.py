@@ -673,9 +673,7 @@ def _ep_worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
 
 
 def ep_main(argv: list[str]) -> list[dict]:
-    import socket
-
-    import torch.multiprocessing as mp
+    from trainer.distributed import spawn_local
 
     p = argparse.ArgumentParser(prog="bench.py ep", description="MoE layer: expert parallel vs local")
     p.add_argument("--ep", type=int, default=2)
@@ -685,17 +683,7 @@ def ep_main(argv: list[str]) -> list[dict]:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_ep_worker, args=(r, args, port, queue)) for r in range(args.ep)]
-    for proc in procs:
-        proc.start()
-    results = sorted((queue.get(timeout=600) for _ in procs), key=lambda r: r["rank"])
-    for proc in procs:
-        proc.join()
+    results = spawn_local(_ep_worker, args.ep, args)
     slowest = max(r["ep_s"] for r in results)
     local = statistics.median(r["local_s"] for r in results)
     sent = statistics.mean(r["bytes_per_token"] for r in results)

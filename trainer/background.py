@@ -12,6 +12,7 @@ that agreement, so every rank raises its error at the same step.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from pathlib import Path
@@ -42,17 +43,6 @@ def in_background(cfg: TrainConfig, engine: Engine) -> bool:
     return not cfg.uses_deepspeed and state_bytes(engine.model) >= ASYNC_SAVE_MIN_BYTES
 
 
-def copy_state(data_state):
-    """The loader's state, detached from the live loader (its tensors cloned, containers rebuilt)."""
-    if isinstance(data_state, torch.Tensor):
-        return data_state.clone()
-    if isinstance(data_state, dict):
-        return {k: copy_state(v) for k, v in data_state.items()}
-    if isinstance(data_state, (list, tuple)):
-        return type(data_state)(copy_state(v) for v in data_state)
-    return data_state
-
-
 class BackgroundSaver:
     """Saves checkpoints of `engine` in a thread. Create it on every rank (it makes a process group: collective)."""
 
@@ -80,7 +70,7 @@ class BackgroundSaver:
                  for stem, tensors in files.items()}
         if engine.device.type == "cuda":
             torch.cuda.synchronize(engine.device)  # the non-blocking copies into pinned memory are done
-        job = SaveJob(Path(root), step, files, train_state, copy_state(data_state), rng_state(), tokenizer, keep)
+        job = SaveJob(Path(root), step, files, train_state, copy.deepcopy(data_state), rng_state(), tokenizer, keep)
         job.seconds["stall"] = time.perf_counter() - start
         self.job, self.error = job, None
         self.thread = threading.Thread(target=self._run, args=(job,), name=f"checkpoint-{step}", daemon=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -72,8 +71,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int, queue) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch.multiprocessing as mp
-
+    from trainer.distributed import spawn_local
     from trainer.presets import model_preset
 
     p = argparse.ArgumentParser(prog="bench.py cp", description=__doc__.split("\n\n")[0])
@@ -83,19 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="tiny", help="the model measured (its attention must be MLA)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, args, port, queue)) for r in range(args.cp)]
-    for proc in procs:
-        proc.start()
-    results = sorted((queue.get(timeout=600) for _ in procs), key=lambda r: r["rank"])
-    for proc in procs:
-        proc.join()
-        if proc.exitcode:
-            raise SystemExit(f"a cp worker failed (exit {proc.exitcode})")
+    results = spawn_local(_worker, args.cp, args)
     config = model_preset(args.preset)
     latent, heads = per_token(config)
     layers, element = config.num_hidden_layers, 4  # fp32 on CPU

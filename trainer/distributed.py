@@ -183,3 +183,26 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def spawn_local(target, world: int, args) -> list[dict]:
+    """Run `target(rank, args, port, queue)` in `world` spawned processes on this machine (the benchmarks' gloo
+    workers; `port` is a free one for their process group) and return what each put on `queue`, by "rank"."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, args, port, queue)) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    results = sorted((queue.get(timeout=600) for _ in procs), key=lambda r: r["rank"])
+    for proc in procs:
+        proc.join()
+        if proc.exitcode:
+            raise SystemExit(f"a worker process failed (exit {proc.exitcode})")
+    return results

@@ -63,7 +63,9 @@ def main() -> None:
     saver = BackgroundSaver(engine, env, timeout_s=60) if os.environ.get("LATENTMOE_BACKGROUND") else None
     for i, step in enumerate(steps):
         engine.train_step()
-        if limit and i == 1:  # the disk fills up after the first checkpoint
+        if limit and i == 1:  # the disk fills up after the first checkpoint (committed: a background one waited for)
+            if saver is not None:
+                saver.wait()
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
         data = {"position": {"record": step}, "tokens": np.arange(step * 10, dtype=np.int32)}
